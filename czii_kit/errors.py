@@ -1,0 +1,42 @@
+"""Exceptions raised by czii_kit.
+
+Every error about user input derives from :class:`CziiKitError`; the CLI turns these into one clear
+line and exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CziiKitError(Exception):
+    """Base class of every error czii_kit raises on purpose."""
+
+
+class DataError(CziiKitError, ValueError):
+    """A file or folder is missing or malformed.
+
+    Parameters
+    ----------
+    path : path-like or None
+        The offending file or folder; it is named at the start of the message.
+    message : str
+        What is wrong with it.
+    """
+
+    def __init__(self, path: str | Path | None, message: str):
+        self.path = None if path is None else Path(path)
+        self.message = message
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class UnknownParticleError(CziiKitError, ValueError):
+    """A particle type name that is not in the catalog."""
+
+
+class SubmissionError(DataError):
+    """A submission file or table that does not follow ``id,experiment,particle_type,x,y,z``."""
+
+
+class FileExistsNoForce(CziiKitError, FileExistsError):
+    """An output file exists and the caller did not ask to overwrite it."""

@@ -1,0 +1,161 @@
+"""Find runs, tomograms and picks in a dataset laid out like Kaggle's download (= copick's filesystem).
+
+::
+
+    {root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/{tomogram}.zarr
+    {root}/{split}/overlay/ExperimentRuns/{run}/Picks/{particle}.json            (Kaggle names)
+    {root}/{split}/overlay/ExperimentRuns/{run}/Picks/{user}_{session}_{particle}.json  (copick names)
+
+:func:`find_runs` accepts the dataset root, a split folder, a static or overlay root, an
+``ExperimentRuns`` folder, or one run folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from czii_kit.errors import DataError
+
+RUNS_DIR = "ExperimentRuns"
+PICKS_DIR = "Picks"
+_SPACING_RE = re.compile(r"^VoxelSpacing(\d+(?:\.\d+)?)$")
+
+
+@dataclass
+class Run:
+    """One experiment run: where its tomograms and picks live.
+
+    Attributes
+    ----------
+    name : str
+        Run name, e.g. ``"TS_5_4"``; the ``experiment`` column of picks and submissions.
+    split : str or None
+        ``"train"``/``"test"``/... when the run was found under a split folder.
+    dirs : list of Path
+        The run folders (static and/or overlay) that hold this run.
+    """
+
+    name: str
+    split: str | None = None
+    dirs: list[Path] = field(default_factory=list)
+
+    def tomograms(self) -> dict[str, Path]:
+        """Tomogram name (``"denoised"``, ``"wbp"``, ...) -> zarr path, at the finest voxel spacing."""
+        found: dict[str, tuple[float, Path]] = {}
+        for d in self.dirs:
+            for vs_dir in sorted(d.glob("VoxelSpacing*")):
+                m = _SPACING_RE.match(vs_dir.name)
+                if not m or not vs_dir.is_dir():
+                    continue
+                spacing = float(m.group(1))
+                for z in sorted(vs_dir.glob("*.zarr")):
+                    name = z.name[: -len(".zarr")]
+                    if name not in found or spacing < found[name][0]:
+                        found[name] = (spacing, z)
+        return {k: v[1] for k, v in sorted(found.items())}
+
+    def tomogram_path(self, name: str = "denoised") -> Path:
+        """Path of one tomogram; :class:`DataError` naming the run folder when it is missing."""
+        tomos = self.tomograms()
+        if name not in tomos:
+            where = ", ".join(str(d) for d in self.dirs) or self.name
+            have = ", ".join(tomos) or "none"
+            raise DataError(where, f"run {self.name!r} has no tomogram {name!r} (found: {have})")
+        return tomos[name]
+
+    def pick_files(self) -> list[Path]:
+        """All picks JSON files of the run (Kaggle or copick names)."""
+        files: list[Path] = []
+        for d in self.dirs:
+            p = d / PICKS_DIR
+            if p.is_dir():
+                files.extend(sorted(p.glob("*.json")))
+        return files
+
+
+def _is_run_dir(p: Path) -> bool:
+    return p.is_dir() and p.parent.name == RUNS_DIR
+
+
+def _runs_in(experiment_runs: Path, split: str | None, into: dict) -> None:
+    for d in sorted(experiment_runs.iterdir()):
+        if d.is_dir() and not d.name.startswith("."):
+            run = into.setdefault((split, d.name), Run(d.name, split))
+            run.dirs.append(d)
+
+
+def find_runs(path: str | Path, split: str | None = None) -> list[Run]:
+    """Discover the runs under ``path``.
+
+    Parameters
+    ----------
+    path : path-like
+        Dataset root (holding ``train/``, ``test/``), split folder (holding ``static/``,
+        ``overlay/``), static or overlay root (holding ``ExperimentRuns/``), ``ExperimentRuns``
+        itself, or one run folder.
+    split : str, optional
+        Keep only runs of this split (when ``path`` is a dataset root).
+
+    Returns
+    -------
+    list of Run
+        Sorted by split then name; static and overlay folders of one run are merged.
+
+    Raises
+    ------
+    DataError
+        If ``path`` does not exist or holds no runs.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(root, "no such file or folder")
+    if not root.is_dir():
+        raise DataError(root, "expected a dataset folder, got a file")
+    runs: dict[tuple[str | None, str], Run] = {}
+    if _is_run_dir(root):
+        inferred = _split_of(root.parent.parent)
+        runs[(inferred, root.name)] = Run(root.name, inferred, [root])
+    elif root.name == RUNS_DIR:
+        _runs_in(root, _split_of(root.parent), runs)
+    elif (root / RUNS_DIR).is_dir():
+        _runs_in(root / RUNS_DIR, _split_of(root), runs)
+    else:
+        for split_dir in _split_dirs(root):
+            name = split_dir.name if split_dir != root else _split_of(root / "static")
+            for kind in ("static", "overlay"):
+                er = split_dir / kind / RUNS_DIR
+                if er.is_dir():
+                    _runs_in(er, name, runs)
+    out = [r for r in runs.values() if split is None or r.split == split]
+    if not out:
+        what = f"no runs of split {split!r}" if split and runs else "no runs"
+        raise DataError(
+            root,
+            f"{what} found (expected {{split}}/static/{RUNS_DIR}/{{run}}/..., "
+            f"{{split}}/overlay/{RUNS_DIR}/{{run}}/Picks, or a run folder)",
+        )
+    return sorted(out, key=lambda r: (r.split or "", r.name))
+
+
+def _split_dirs(root: Path) -> list[Path]:
+    if (root / "static").is_dir() or (root / "overlay").is_dir():
+        return [root]
+    return [d for d in sorted(root.iterdir()) if d.is_dir() and ((d / "static").is_dir() or (d / "overlay").is_dir())]
+
+
+def _split_of(kind_root: Path) -> str | None:
+    """The split name of a static/overlay root, e.g. ``.../train/static`` -> ``"train"``."""
+    if kind_root.name in ("static", "overlay"):
+        return kind_root.parent.name or None
+    return None
+
+
+def get_run(path: str | Path, name: str, split: str | None = None) -> Run:
+    """The run called ``name`` under ``path``; :class:`DataError` listing known runs if absent."""
+    runs = find_runs(path, split)
+    for r in runs:
+        if r.name == name:
+            return r
+    raise DataError(path, f"no run {name!r} (found: {', '.join(r.name for r in runs)})")

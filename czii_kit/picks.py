@@ -1,0 +1,212 @@
+"""Read and write particle picks in the copick JSON schema (the Kaggle ``overlay`` files).
+
+A picks table is a DataFrame with columns ``experiment, particle_type, x, y, z`` (Å, in the
+tomogram frame). File names may be Kaggle's ``{particle}.json`` or copick's
+``{user_id}_{session_id}_{particle}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from czii_kit.atomic import atomic_write_text
+from czii_kit.catalog import PARTICLE_NAMES
+from czii_kit.errors import DataError
+from czii_kit.layout import PICKS_DIR, RUNS_DIR, find_runs
+
+PICK_COLUMNS = ["experiment", "particle_type", "x", "y", "z"]
+_IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+
+
+def empty_picks() -> pd.DataFrame:
+    """An empty picks table with the right columns and dtypes."""
+    return pd.DataFrame(
+        {"experiment": pd.Series(dtype=str), "particle_type": pd.Series(dtype=str),
+         "x": pd.Series(dtype=float), "y": pd.Series(dtype=float), "z": pd.Series(dtype=float)}
+    )
+
+
+def parse_pick_filename(path: str | Path) -> tuple[str | None, str | None, str]:
+    """``(user_id, session_id, particle)`` from a picks file name (user/session ``None`` for Kaggle names)."""
+    stem = Path(path).stem
+    if stem in PARTICLE_NAMES:
+        return None, None, stem
+    parts = stem.split("_")
+    if len(parts) >= 3:
+        return "_".join(parts[:-2]), parts[-2], parts[-1]
+    return None, None, stem
+
+
+def read_picks_file(path: str | Path, run_name: str | None = None) -> pd.DataFrame:
+    """Read one picks JSON file.
+
+    Parameters
+    ----------
+    path : path-like
+        A copick picks file.
+    run_name : str, optional
+        Experiment name; defaults to ``run_name`` in the file, else the run folder's name.
+
+    Raises
+    ------
+    DataError
+        Unreadable JSON, unknown particle name, or a point without finite x, y, z.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DataError(path, "expected a JSON object with 'pickable_object_name' and 'points'")
+    particle = doc.get("pickable_object_name") or parse_pick_filename(path)[2]
+    if particle not in PARTICLE_NAMES:
+        raise DataError(path, f"unknown particle type {particle!r}; known: {', '.join(PARTICLE_NAMES)}")
+    if run_name is None:
+        run_name = doc.get("run_name") or (path.parent.parent.name if path.parent.name == PICKS_DIR else None)
+    if not run_name:
+        raise DataError(path, "cannot tell which run the picks belong to (no 'run_name', not in a Picks folder)")
+    points = doc.get("points") or []
+    if not isinstance(points, list):
+        raise DataError(path, "'points' must be a list")
+    unit = doc.get("unit", "angstrom")
+    if unit not in (None, "angstrom"):
+        raise DataError(path, f"unit {unit!r} is not supported (expected 'angstrom')")
+    xyz = np.empty((len(points), 3))
+    for i, p in enumerate(points):
+        try:
+            loc = p["location"]
+            xyz[i] = [float(loc["x"]), float(loc["y"]), float(loc["z"])]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(path, f"point {i} has no numeric location x, y, z ({exc!r})") from None
+    if not np.isfinite(xyz).all():
+        bad = int(np.flatnonzero(~np.isfinite(xyz).all(axis=1))[0])
+        raise DataError(path, f"point {bad} has a NaN or infinite coordinate")
+    df = pd.DataFrame(xyz, columns=["x", "y", "z"])
+    df.insert(0, "particle_type", particle)
+    df.insert(0, "experiment", str(run_name))
+    return df
+
+
+def read_picks(
+    path: str | Path,
+    split: str | None = None,
+    runs: Iterable[str] | None = None,
+    user_id: str | None = None,
+) -> pd.DataFrame:
+    """Read every picks file under a dataset root, split, overlay root or run folder (or one JSON file).
+
+    Parameters
+    ----------
+    path : path-like
+        Anything :func:`czii_kit.layout.find_runs` accepts, or a single ``.json`` file.
+    split : str, optional
+        Only runs of this split.
+    runs : iterable of str, optional
+        Only these run names.
+    user_id : str, optional
+        Only copick files of this user (Kaggle-named files have no user and are always read).
+
+    Returns
+    -------
+    DataFrame
+        ``experiment, particle_type, x, y, z`` (Å), sorted by experiment then particle type.
+    """
+    path = Path(path)
+    if path.is_file():
+        return read_picks_file(path)
+    keep = None if runs is None else set(runs)
+    frames = []
+    for run in find_runs(path, split):
+        if keep is not None and run.name not in keep:
+            continue
+        for f in run.pick_files():
+            user, _, _ = parse_pick_filename(f)
+            if user_id is not None and user is not None and user != user_id:
+                continue
+            frames.append(read_picks_file(f, run.name))
+    if not frames:
+        return empty_picks()
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values(["experiment", "particle_type"], kind="stable").reset_index(drop=True)
+
+
+def picks_document(points_xyz, particle: str, run_name: str, user_id: str = "curation",
+                   session_id: str = "0") -> dict:
+    """The copick JSON document for ``points_xyz`` ``(N, 3)`` in Å."""
+    if particle not in PARTICLE_NAMES:
+        raise ValueError(f"unknown particle type {particle!r}")
+    pts = np.asarray(points_xyz, dtype=float).reshape(-1, 3)
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{run_name}/{particle}: points contain NaN or infinite coordinates")
+    return {
+        "pickable_object_name": particle,
+        "user_id": user_id,
+        "session_id": str(session_id),
+        "run_name": run_name,
+        "voxel_spacing": None,
+        "unit": "angstrom",
+        "points": [
+            {"location": {"x": float(x), "y": float(y), "z": float(z)},
+             "transformation_": _IDENTITY, "instance_id": 0}
+            for x, y, z in pts
+        ],
+        "trust_orientation": True,
+    }
+
+
+def write_picks(
+    picks: pd.DataFrame,
+    overlay_root: str | Path,
+    naming: str = "kaggle",
+    user_id: str = "curation",
+    session_id: str = "0",
+    runs: Iterable[str] | None = None,
+    particle_types: Iterable[str] = PARTICLE_NAMES,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write picks as ``{overlay_root}/ExperimentRuns/{run}/Picks/*.json`` (one file per run and type).
+
+    Parameters
+    ----------
+    picks : DataFrame
+        ``experiment, particle_type, x, y, z`` in Å.
+    overlay_root : path-like
+        The overlay folder (e.g. ``root/train/overlay``).
+    naming : {"kaggle", "copick"}
+        ``{particle}.json`` or ``{user_id}_{session_id}_{particle}.json``.
+    runs : iterable of str, optional
+        Runs to write (default: those in ``picks``); a run without points of a type gets an empty file.
+    particle_types : iterable of str
+        Types to write a file for, even when empty.
+    overwrite : bool
+        Replace existing files; otherwise :class:`FileExistsNoForce`.
+    """
+    if naming not in ("kaggle", "copick"):
+        raise ValueError(f"naming must be 'kaggle' or 'copick', got {naming!r}")
+    missing = [c for c in PICK_COLUMNS if c not in picks.columns]
+    if missing:
+        raise ValueError(f"picks table lacks columns {missing}")
+    unknown = sorted(set(picks["particle_type"]) - set(PARTICLE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown particle types {unknown}")
+    run_names = sorted(set(picks["experiment"]) if runs is None else set(runs))
+    types = list(dict.fromkeys([*particle_types, *sorted(set(picks["particle_type"]))]))
+    groups = {k: g for k, g in picks.groupby(["experiment", "particle_type"])}
+    written = []
+    for run in run_names:
+        for particle in types:
+            g = groups.get((run, particle))
+            pts = np.empty((0, 3)) if g is None else g[["x", "y", "z"]].to_numpy(float)
+            name = f"{particle}.json" if naming == "kaggle" else f"{user_id}_{session_id}_{particle}.json"
+            dest = Path(overlay_root) / RUNS_DIR / run / PICKS_DIR / name
+            doc = picks_document(pts, particle, run, user_id, session_id)
+            written.append(atomic_write_text(dest, json.dumps(doc, indent=1), overwrite=overwrite))
+    return written
