@@ -205,3 +205,28 @@ def save_figure(fig, path, dpi: int = 110, overwrite: bool = True):
     out = atomic_write(path, _write, overwrite=overwrite)
     _plt().close(fig)
     return out
+
+
+def slice_browser(volume, picks: pd.DataFrame | None = None, voxel_size: float = 10.012444, figsize=(7, 7)):
+    """An ipywidgets z-slider over x-y slices with picks circled; ``None`` when ipywidgets is unavailable.
+
+    In a notebook, display the returned widget; outside one, fall back to :func:`show_slice`.
+    """
+    try:
+        import ipywidgets
+    except ImportError:
+        return None
+    plt = _plt()
+    out = ipywidgets.Output()
+    slider = ipywidgets.IntSlider(value=volume.shape[0] // 2, min=0, max=volume.shape[0] - 1, description="z")
+
+    def _draw(change=None):
+        with out:
+            out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=figsize)
+            show_slice(ax, volume, slider.value, picks, voxel_size)
+            plt.show()
+
+    slider.observe(_draw, names="value")
+    _draw()
+    return ipywidgets.VBox([slider, out])
