@@ -7,7 +7,7 @@
     {root}/{split}/overlay/ExperimentRuns/{run}/Picks/{user}_{session}_{particle}.json  (copick names)
 
 :func:`find_runs` accepts the dataset root, a split folder, a static or overlay root, an
-``ExperimentRuns`` folder, or one run folder.
+``ExperimentRuns`` folder, one run folder, or a run's ``Picks`` folder.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def find_runs(path: str | Path, split: str | None = None) -> list[Run]:
     if not root.is_dir():
         raise DataError(root, "expected a dataset folder, got a file")
     runs: dict[tuple[str | None, str], Run] = {}
+    if root.name == PICKS_DIR and _is_run_dir(root.parent):
+        root = root.parent  # a run's Picks folder stands for the run
     if _is_run_dir(root):
         inferred = _split_of(root.parent.parent)
         runs[(inferred, root.name)] = Run(root.name, inferred, [root])
@@ -150,6 +152,26 @@ def _split_of(kind_root: Path) -> str | None:
     if kind_root.name in ("static", "overlay"):
         return kind_root.parent.name or None
     return None
+
+
+def spacing_folder(voxel_spacing: float = 10.0) -> str:
+    """Folder name of a voxel spacing as Kaggle and copick spell it: ``10.0 -> "VoxelSpacing10.000"``."""
+    return f"VoxelSpacing{float(voxel_spacing):.3f}"
+
+
+def tomogram_location(kind_root: str | Path, run: str, name: str = "denoised", voxel_spacing: float = 10.0) -> Path:
+    """Where tomogram ``name`` of ``run`` goes under a static (or overlay) root.
+
+    ``{kind_root}/ExperimentRuns/{run}/VoxelSpacing{voxel_spacing:.3f}/{name}.zarr``. The folder
+    name is nominal (Kaggle's says 10.000 for 10.012444 Å); the true voxel size lives in the zarr
+    metadata.
+    """
+    return Path(kind_root) / RUNS_DIR / run / spacing_folder(voxel_spacing) / f"{name}.zarr"
+
+
+def picks_location(kind_root: str | Path, run: str) -> Path:
+    """``{kind_root}/ExperimentRuns/{run}/Picks``: the folder holding a run's picks JSON files."""
+    return Path(kind_root) / RUNS_DIR / run / PICKS_DIR
 
 
 def get_run(path: str | Path, name: str, split: str | None = None) -> Run:

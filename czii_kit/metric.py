@@ -16,7 +16,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from czii_kit.catalog import PARTICLE_NAMES, PARTICLES
-from czii_kit.errors import UnknownParticleError
+from czii_kit.errors import DataError, UnknownParticleError
 
 BETA = 4.0
 DISTANCE_MULTIPLIER = 0.5
@@ -65,14 +65,23 @@ def f_beta(tp: float, fp: float, fn: float, beta: float = BETA) -> tuple[float, 
     return float(precision), float(recall), float(f)
 
 
-def _check_table(df: pd.DataFrame, what: str) -> pd.DataFrame:
+def _check_columns(df: pd.DataFrame, what: str) -> None:
     missing = [c for c in ("experiment", "particle_type", "x", "y", "z") if c not in df.columns]
     if missing:
-        raise ValueError(f"{what} lacks columns {missing}")
+        raise DataError(None, f"{what} lacks columns {missing}")
+
+
+def _check_values(df: pd.DataFrame, what: str) -> None:
     unknown = sorted(set(df["particle_type"].astype(str)) - set(PARTICLE_NAMES))
     if unknown:
         raise UnknownParticleError(f"{what} has unknown particle types {unknown}; known: {', '.join(PARTICLE_NAMES)}")
-    return df
+    try:
+        xyz = df[["x", "y", "z"]].to_numpy(float)
+    except (TypeError, ValueError) as exc:
+        raise DataError(None, f"{what} has non-numeric coordinates ({exc})") from None
+    if not np.isfinite(xyz).all():
+        bad = int(np.flatnonzero(~np.isfinite(xyz).all(axis=1))[0])
+        raise DataError(None, f"{what} row {bad} has a NaN or infinite coordinate")
 
 
 def score(
@@ -87,7 +96,11 @@ def score(
     ----------
     solution, submission : DataFrame
         Columns ``experiment, particle_type, x, y, z`` (Å). Submission rows of experiments absent
-        from the solution are ignored.
+        from the solution are ignored (and, as on Kaggle, not checked).
+    beta : float
+        F-beta's beta (4 on Kaggle).
+    distance_multiplier : float
+        A candidate matches a reference within ``distance_multiplier * radius`` (0.5 on Kaggle).
 
     Returns
     -------
@@ -97,14 +110,24 @@ def score(
     Raises
     ------
     UnknownParticleError
-        If either table names a particle type outside the catalog.
+        If the solution, or a submission row of a solution experiment, names a particle type
+        outside the catalog.
+    DataError
+        Missing columns, non-numeric or NaN coordinates.
     """
-    _check_table(solution, "solution")
-    _check_table(submission, "submission")
-    experiments = set(solution["experiment"].astype(str))
+    _check_columns(solution, "solution")
+    _check_columns(submission, "submission")
+    solution = solution.assign(experiment=solution["experiment"].astype(str))
+    experiments = sorted(set(solution["experiment"]))
     sub = submission[submission["experiment"].astype(str).isin(experiments)]
-    sol_groups = {k: g[["x", "y", "z"]].to_numpy(float) for k, g in solution.groupby(["experiment", "particle_type"])}
-    sub_groups = {k: g[["x", "y", "z"]].to_numpy(float) for k, g in sub.groupby(["experiment", "particle_type"])}
+    sub = sub.assign(experiment=sub["experiment"].astype(str))
+    _check_values(solution, "solution")
+    _check_values(sub, "submission")
+
+    def groups(df: pd.DataFrame) -> dict:
+        return {k: g[["x", "y", "z"]].to_numpy(float) for k, g in df.groupby(["experiment", "particle_type"])}
+
+    sol_groups, sub_groups = groups(solution), groups(sub)
     rows = {}
     for p in PARTICLES:
         tp = fp = fn = 0
@@ -130,5 +153,5 @@ def format_table(result: ScoreResult) -> str:
             f"{name:<22}{r['weight']:>7g}{int(r['tp']):>7d}{int(r['fp']):>7d}{int(r['fn']):>7d}"
             f"{r['precision']:>11.3f}{r['recall']:>9.3f}{r['f_beta']:>8.3f}"
         )
-    lines.append(f"{'final (weighted F4)':<22}{'':>56}{result.final:>8.4f}")
+    lines.append(f"{'final (weighted F4)':<22}{'':>48}{result.final:>8.4f}")
     return "\n".join(lines)

@@ -16,8 +16,8 @@ import pandas as pd
 
 from czii_kit.atomic import atomic_write_text
 from czii_kit.catalog import PARTICLE_NAMES
-from czii_kit.errors import DataError
-from czii_kit.layout import PICKS_DIR, RUNS_DIR, find_runs
+from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.layout import PICKS_DIR, find_runs, picks_location
 
 PICK_COLUMNS = ["experiment", "particle_type", "x", "y", "z"]
 _IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
@@ -142,10 +142,10 @@ def picks_document(points_xyz, particle: str, run_name: str, user_id: str = "cur
                    session_id: str = "0") -> dict:
     """The copick JSON document for ``points_xyz`` ``(N, 3)`` in Å."""
     if particle not in PARTICLE_NAMES:
-        raise ValueError(f"unknown particle type {particle!r}")
+        raise DataError(None, f"unknown particle type {particle!r}; known: {', '.join(PARTICLE_NAMES)}")
     pts = np.asarray(points_xyz, dtype=float).reshape(-1, 3)
     if not np.isfinite(pts).all():
-        raise ValueError(f"{run_name}/{particle}: points contain NaN or infinite coordinates")
+        raise DataError(None, f"{run_name}/{particle}: points contain NaN or infinite coordinates")
     return {
         "pickable_object_name": particle,
         "user_id": user_id,
@@ -187,26 +187,50 @@ def write_picks(
     particle_types : iterable of str
         Types to write a file for, even when empty.
     overwrite : bool
-        Replace existing files; otherwise :class:`FileExistsNoForce`.
+        Replace existing files; otherwise :class:`FileExistsNoForce` (checked for every file before
+        any is written).
+
+    Returns
+    -------
+    list of Path
+        The files written, one per run and particle type.
+
+    Raises
+    ------
+    DataError
+        Missing columns, unknown particle types, or NaN/infinite coordinates.
     """
     if naming not in ("kaggle", "copick"):
         raise ValueError(f"naming must be 'kaggle' or 'copick', got {naming!r}")
+    if naming == "copick" and ("_" in str(session_id) or not user_id):
+        raise ValueError("copick names need a non-empty user_id and a session_id without '_'")
     missing = [c for c in PICK_COLUMNS if c not in picks.columns]
     if missing:
-        raise ValueError(f"picks table lacks columns {missing}")
-    unknown = sorted(set(picks["particle_type"]) - set(PARTICLE_NAMES))
+        raise DataError(None, f"picks table lacks columns {missing}")
+    unknown = sorted(set(picks["particle_type"].astype(str)) - set(PARTICLE_NAMES))
     if unknown:
-        raise ValueError(f"unknown particle types {unknown}")
-    run_names = sorted(set(picks["experiment"]) if runs is None else set(runs))
+        raise DataError(None, f"unknown particle types {unknown}; known: {', '.join(PARTICLE_NAMES)}")
+    xyz = picks[["x", "y", "z"]].to_numpy(float) if len(picks) else np.empty((0, 3))
+    if not np.isfinite(xyz).all():
+        bad = int(np.flatnonzero(~np.isfinite(xyz).all(axis=1))[0])
+        raise DataError(None, f"picks row {bad} has a NaN or infinite coordinate")
+    run_names = sorted(str(r) for r in (set(picks["experiment"]) if runs is None else set(runs)))
     types = list(dict.fromkeys([*particle_types, *sorted(set(picks["particle_type"]))]))
-    groups = {k: g for k, g in picks.groupby(["experiment", "particle_type"])}
-    written = []
+    groups = {(str(k[0]), str(k[1])): g for k, g in picks.groupby(["experiment", "particle_type"])}
+    jobs = []
     for run in run_names:
         for particle in types:
             g = groups.get((run, particle))
             pts = np.empty((0, 3)) if g is None else g[["x", "y", "z"]].to_numpy(float)
             name = f"{particle}.json" if naming == "kaggle" else f"{user_id}_{session_id}_{particle}.json"
-            dest = Path(overlay_root) / RUNS_DIR / run / PICKS_DIR / name
-            doc = picks_document(pts, particle, run, user_id, session_id)
-            written.append(atomic_write_text(dest, json.dumps(doc, indent=1), overwrite=overwrite))
+            jobs.append((picks_location(overlay_root, run) / name, pts, particle, run))
+    if not overwrite:
+        exists = [dest for dest, *_ in jobs if dest.exists()]
+        if exists:
+            more = f" (and {len(exists) - 1} more)" if len(exists) > 1 else ""
+            raise FileExistsNoForce(f"{exists[0]}: already exists{more} (use --force / overwrite=True to replace)")
+    written = []
+    for dest, pts, particle, run in jobs:
+        doc = picks_document(pts, particle, run, user_id, session_id)
+        written.append(atomic_write_text(dest, json.dumps(doc, indent=1), overwrite=overwrite))
     return written

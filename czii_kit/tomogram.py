@@ -110,6 +110,8 @@ def read_multiscales(path: str | Path) -> list[tuple[str, float]]:
         raise DataError(path, "not a zarr group (no .zgroup or zarr.json)")
     attrs = _read_attrs(path)
     ms = attrs.get("multiscales")
+    if not ms and isinstance(attrs.get("ome"), dict):  # OME-NGFF 0.5 nests it under "ome"
+        ms = attrs["ome"].get("multiscales")
     if not ms:
         raise DataError(path, "no OME-NGFF 'multiscales' metadata: cannot tell the voxel size")
     out = []
@@ -119,6 +121,11 @@ def read_multiscales(path: str | Path) -> list[tuple[str, float]]:
             out.append((str(ds["path"]), float(scale[-1])))
     except (KeyError, IndexError, TypeError, StopIteration, ValueError) as exc:
         raise DataError(path, f"malformed 'multiscales' metadata ({exc!r})") from exc
+    if not out:
+        raise DataError(path, "'multiscales' metadata lists no datasets")
+    bad = [(k, vs) for k, vs in out if not (vs > 0 and vs < float("inf"))]
+    if bad:
+        raise DataError(path, f"'multiscales' level {bad[0][0]!r} has a non-positive voxel size {bad[0][1]!r}")
     return sorted(out, key=lambda t: t[1])
 
 
