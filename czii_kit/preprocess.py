@@ -1,0 +1,186 @@
+"""Per-tomogram intensity normalisation and 2.5D slice stacking (pure numpy/scipy).
+
+A 2.5D image for slice ``z`` has one channel per entry of ``offsets``: channel ``c`` is slice
+``z + offsets[c]`` (or the mean of a slab of ``slab`` slices centred there), clamped at the volume
+edges. Intensities are mapped through a robust per-tomogram window ``[vmin, vmax]`` (percentiles
+computed on a strided subsample, so any scale or offset of the input works) to uint8 ``0..255`` or
+float32 ``0..1``. Arrays are ``[z, y, x]``; images come out ``(ny, nx, channels)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from czii_kit.errors import DataError
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How slices become images; recorded in datasets and beside weights so inference matches training.
+
+    Attributes
+    ----------
+    offsets : tuple of int
+        z offsets of the channels (``(-2, 0, 2)``: slices z-2, z, z+2).
+    slab : int
+        Slices averaged per channel (odd; 1 = single slice).
+    lo, hi : float
+        Percentiles (0-100) mapped to 0 and 255.
+    sample_step : int
+        Stride of the subsample used for the percentiles (along each axis).
+    denoise_sigma : float
+        Gaussian sigma in pixels applied to each channel image (0 = off).
+    dtype : str
+        ``"uint8"`` (0..255) or ``"float32"`` (0..1).
+    invert : bool
+        Flip contrast (particles are dark in cryo-ET; ``False`` keeps the data as is).
+    """
+
+    offsets: tuple[int, ...] = (-2, 0, 2)
+    slab: int = 1
+    lo: float = 0.5
+    hi: float = 99.5
+    sample_step: int = 4
+    denoise_sigma: float = 0.0
+    dtype: str = "uint8"
+    invert: bool = False
+
+    def __post_init__(self):
+        if len(self.offsets) < 1:
+            raise ValueError("offsets must name at least one slice")
+        if self.slab < 1 or self.slab % 2 == 0:
+            raise ValueError(f"slab must be a positive odd number, got {self.slab}")
+        if not 0 <= self.lo < self.hi <= 100:
+            raise ValueError(f"need 0 <= lo < hi <= 100, got lo={self.lo}, hi={self.hi}")
+        if self.dtype not in ("uint8", "float32"):
+            raise ValueError(f"dtype must be 'uint8' or 'float32', got {self.dtype!r}")
+        if self.sample_step < 1:
+            raise ValueError("sample_step must be >= 1")
+        object.__setattr__(self, "offsets", tuple(int(o) for o in self.offsets))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["offsets"] = list(self.offsets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> PreprocessConfig:
+        """Build from a (possibly partial) dict; unknown keys are ignored."""
+        d = dict(d or {})
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "offsets" in kw:
+            kw["offsets"] = tuple(kw["offsets"])
+        return cls(**kw)
+
+
+@dataclass
+class Window:
+    """Intensity window: values ``<= vmin`` -> 0, ``>= vmax`` -> 1 (or 255)."""
+
+    vmin: float
+    vmax: float
+    invert: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def apply(self, x: np.ndarray, dtype: str = "uint8") -> np.ndarray:
+        """Map ``x`` (any shape) through the window to uint8 0..255 or float32 0..1."""
+        scale = 1.0 / (self.vmax - self.vmin)
+        y = (np.asarray(x, dtype=np.float32) - np.float32(self.vmin)) * np.float32(scale)
+        np.clip(y, 0.0, 1.0, out=y)
+        if self.invert:
+            np.subtract(1.0, y, out=y)
+        if dtype == "uint8":
+            return (y * 255.0 + 0.5).astype(np.uint8)
+        return y
+
+
+def robust_window(volume: np.ndarray, lo: float = 0.5, hi: float = 99.5, step: int = 4,
+                  invert: bool = False, source=None) -> Window:
+    """Percentile window of a ``[z, y, x]`` volume from a strided subsample.
+
+    Parameters
+    ----------
+    volume : ndarray ``(nz, ny, nx)``
+        Any real intensity scale or offset.
+    lo, hi : float
+        Percentiles (0-100).
+    step : int
+        Subsample stride along every axis (``4`` reads 1/64 of the voxels).
+    source : path-like, optional
+        Named in the error when the volume is constant or not finite.
+
+    Raises
+    ------
+    DataError
+        If the subsample holds NaN/inf or has no contrast.
+    """
+    v = np.asarray(volume)
+    if v.ndim != 3:
+        raise ValueError(f"volume must be 3D [z, y, x], got shape {v.shape}")
+    sub = np.asarray(v[:: max(1, step // 2), ::step, ::step], dtype=np.float32).ravel()
+    if sub.size == 0:
+        raise DataError(source, "empty volume")
+    if not np.isfinite(sub).all():
+        raise DataError(source, "volume contains NaN or infinite values")
+    vmin, vmax = (float(t) for t in np.percentile(sub, [lo, hi]))
+    if not vmax > vmin:
+        vmin, vmax = float(sub.min()), float(sub.max())
+        if not vmax > vmin:
+            raise DataError(source, f"volume has no contrast (all values {vmin:g})")
+    return Window(vmin, vmax, invert)
+
+
+def _channel(volume: np.ndarray, z: int, slab: int) -> np.ndarray:
+    nz = volume.shape[0]
+    if slab == 1:
+        return volume[min(max(z, 0), nz - 1)]
+    half = slab // 2
+    idx = np.clip(np.arange(z - half, z + half + 1), 0, nz - 1)
+    return volume[idx].mean(axis=0, dtype=np.float32)
+
+
+def stack_slice(volume: np.ndarray, z: int, window: Window, config: PreprocessConfig = PreprocessConfig()
+                ) -> np.ndarray:
+    """The 2.5D image of slice ``z``: ``(ny, nx, len(offsets))`` uint8 (or float32 0..1).
+
+    Channel ``c`` is slice ``z + offsets[c]`` (slab-averaged, clamped to ``0..nz-1``), optionally
+    Gaussian-smoothed, mapped through ``window``.
+    """
+    nz = volume.shape[0]
+    if not 0 <= z < nz:
+        raise IndexError(f"slice {z} outside 0..{nz - 1}")
+    chans = []
+    for off in config.offsets:
+        img = _channel(volume, z + off, config.slab)
+        if config.denoise_sigma > 0:
+            from scipy.ndimage import gaussian_filter
+
+            img = gaussian_filter(np.asarray(img, dtype=np.float32), config.denoise_sigma)
+        chans.append(window.apply(img, config.dtype))
+    return np.stack(chans, axis=-1)
+
+
+def slice_indices(nz: int, z_stride: int = 1, z_start: int | None = None) -> np.ndarray:
+    """Slices visited with stride ``z_stride``, centred in the volume (``0..nz-1``)."""
+    if z_stride < 1:
+        raise ValueError(f"z_stride must be >= 1, got {z_stride}")
+    if z_start is None:
+        z_start = ((nz - 1) % z_stride) // 2
+    return np.arange(z_start, nz, z_stride)
+
+
+def iter_stacks(volume: np.ndarray, window: Window, config: PreprocessConfig = PreprocessConfig(),
+                z_indices: Sequence[int] | None = None, batch: int = 16
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(z_batch (B,), images (B, ny, nx, C))`` for the requested slices, ``batch`` at a time.
+
+    Only one batch of preprocessed images exists at any time.
+    """
+    z_all = np.arange(volume.shape[0]) if z_indices is None else np.asarray(z_indices, dtype=int)
+    for i in range(0, len(z_all), batch):
+        zs = z_all[i : i + batch]
+        yield zs, np.stack([stack_slice(volume, int(z), window, config) for z in zs])

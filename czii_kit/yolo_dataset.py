@@ -1,0 +1,327 @@
+"""Turn a dataset root (tomograms + picks) into an ultralytics YOLO detection dataset.
+
+Geometry: a particle of radius ``r`` (voxels) centred at fractional voxel index ``(z0, y0, x0)``
+cuts slice ``z`` in a disc of radius ``sqrt(r^2 - (z - z0)^2)``; its label on that slice is the
+square box of that half-side around ``(x0, y0)``. Slices where the half-side is below
+``min_frac * r`` are skipped (the particle is barely visible there).
+
+Pixel convention: image pixel ``i`` covers ``[i, i + 1)`` in ultralytics' box coordinates, so the
+centre of voxel index ``x`` sits at box coordinate ``x + 0.5``. :mod:`czii_kit.infer` undoes this
+(``voxel index = box centre - 0.5``).
+
+Layout written::
+
+    out/images/{train,val}/{run}_z{z:03d}[_c{k}].png     (2.5D stacks, uint8, channels = z offsets)
+    out/labels/{train,val}/{run}_z{z:03d}[_c{k}].txt     (YOLO: class cx cy w h, normalised)
+    out/data.yaml                                        (absolute path, names from the catalog)
+    out/czii_kit_dataset.json                            (config, runs, counts: read back by training)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from czii_kit import __version__
+from czii_kit.catalog import class_names, get_particle
+from czii_kit.coords import angstrom_to_voxel
+from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.layout import find_runs
+from czii_kit.picks import read_picks
+from czii_kit.preprocess import PreprocessConfig, robust_window, slice_indices, stack_slice
+from czii_kit.tomogram import open_tomogram
+
+MANIFEST = "czii_kit_dataset.json"
+
+
+@dataclass
+class Boxes:
+    """Boxes on one image: ``cls (N,)`` int, ``xyxy (N, 4)`` float pixel coordinates."""
+
+    cls: np.ndarray
+    xyxy: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+    def yolo_lines(self, width: int, height: int) -> list[str]:
+        """``"class cx cy w h"`` lines normalised by the image size."""
+        out = []
+        for c, (x0, y0, x1, y1) in zip(self.cls, self.xyxy, strict=True):
+            out.append(
+                f"{int(c)} {(x0 + x1) / 2 / width:.6f} {(y0 + y1) / 2 / height:.6f} "
+                f"{(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}"
+            )
+        return out
+
+
+def box_half_side(radius: np.ndarray, dz: np.ndarray) -> np.ndarray:
+    """Half side ``sqrt(r^2 - dz^2)`` of the box of a sphere of radius ``r`` at depth offset ``dz`` (0 outside)."""
+    r = np.asarray(radius, dtype=float)
+    d = np.asarray(dz, dtype=float)
+    return np.sqrt(np.clip(r**2 - d**2, 0.0, None))
+
+
+def slice_boxes(centres_zyx: np.ndarray, radii: np.ndarray, classes: np.ndarray, z: int,
+                shape_yx: tuple[int, int], min_frac: float = 0.3) -> Boxes:
+    """Boxes of every particle cutting slice ``z``.
+
+    Parameters
+    ----------
+    centres_zyx : ndarray ``(N, 3)``
+        Particle centres as fractional voxel indices ``(z, y, x)``.
+    radii : ndarray ``(N,)``
+        Radii in voxels.
+    classes : ndarray ``(N,)``
+        YOLO class ids.
+    z : int
+        Slice index.
+    shape_yx : (ny, nx)
+        Image size; boxes are clipped to it, fully outside ones dropped.
+    min_frac : float
+        Skip a particle on this slice when its half-side is below ``min_frac * r``.
+    """
+    c = np.asarray(centres_zyx, dtype=float).reshape(-1, 3)
+    r = np.asarray(radii, dtype=float).reshape(-1)
+    half = box_half_side(r, z - c[:, 0])
+    keep = (half > 0) & (half >= min_frac * r)
+    cx, cy, h = c[keep, 2] + 0.5, c[keep, 1] + 0.5, half[keep]
+    xyxy = np.stack([cx - h, cy - h, cx + h, cy + h], axis=1) if keep.any() else np.empty((0, 4))
+    return clip_boxes(Boxes(np.asarray(classes)[keep].astype(int), xyxy), 0, 0, shape_yx[1], shape_yx[0], 0.0)
+
+
+def clip_boxes(boxes: Boxes, x0: float, y0: float, x1: float, y1: float, min_visible: float = 0.4) -> Boxes:
+    """Boxes clipped to the window ``[x0, x1) x [y0, y1)`` and shifted to its origin.
+
+    Boxes keeping less than ``min_visible`` of their area (or none) are dropped.
+    """
+    if len(boxes) == 0:
+        return Boxes(np.empty(0, int), np.empty((0, 4)))
+    b = boxes.xyxy
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    cb = np.stack([np.clip(b[:, 0], x0, x1), np.clip(b[:, 1], y0, y1),
+                   np.clip(b[:, 2], x0, x1), np.clip(b[:, 3], y0, y1)], axis=1)
+    vis = (cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])
+    keep = (vis > 0) & (vis >= min_visible * np.maximum(area, 1e-9))
+    cb = cb[keep] - np.array([x0, y0, x0, y0], dtype=float)
+    return Boxes(boxes.cls[keep], cb)
+
+
+def particle_table(picks: pd.DataFrame, voxel_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(centres_zyx (N,3), radii_vox (N,), classes (N,))`` from a picks table of one run."""
+    if len(picks) == 0:
+        return np.empty((0, 3)), np.empty(0), np.empty(0, int)
+    centres = angstrom_to_voxel(picks[["x", "y", "z"]].to_numpy(float), voxel_size)
+    parts = [get_particle(t) for t in picks["particle_type"]]
+    radii = np.array([p.radius for p in parts]) / voxel_size
+    classes = np.array([p.class_id for p in parts], dtype=int)
+    return centres, radii, classes
+
+
+def _imwrite(path: Path, img: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), img):
+        raise OSError(f"{path}: cannot write image")
+
+
+def choose_val_runs(run_names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> list[str]:
+    """A seeded choice of validation runs: ``round(val_fraction * n)`` runs, at least 1 when there are 2+."""
+    names = sorted(run_names)
+    if len(names) < 2:
+        return []
+    k = min(len(names) - 1, max(1, int(round(val_fraction * len(names)))))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(names, size=k, replace=False).tolist())
+
+
+def build_dataset(
+    root: str | Path,
+    out_dir: str | Path,
+    split: str = "train",
+    tomogram: str = "denoised",
+    runs: Sequence[str] | None = None,
+    val_runs: Sequence[str] | None = None,
+    val_fraction: float = 0.2,
+    crop: int | None = None,
+    crops_per_slice: int = 1,
+    full_slices: bool | None = None,
+    z_stride: int = 1,
+    min_frac: float = 0.3,
+    min_visible: float = 0.4,
+    preprocess: PreprocessConfig | dict | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build a YOLO detection dataset from a dataset root; return the path of ``data.yaml``.
+
+    Parameters
+    ----------
+    root : path-like
+        Dataset root (Kaggle layout) with tomograms and picks.
+    out_dir : path-like
+        New dataset folder (written to a temporary sibling, renamed at the end).
+    split : str
+        Split of ``root`` to read (``"train"``).
+    tomogram : str
+        Tomogram name (``"denoised"``, ``"wbp"``, ...).
+    runs : sequence of str, optional
+        Restrict to these runs.
+    val_runs : sequence of str, optional
+        Validation runs; default a seeded ``val_fraction`` of the runs. With a single run the
+        training images double as validation images.
+    crop : int, optional
+        Side of random square crops (pixels); ``None`` = full slices.
+    crops_per_slice : int
+        Random crops per slice.
+    full_slices : bool, optional
+        Also write full slices when cropping (default: only when ``crop`` is None).
+    z_stride : int
+        Use every ``z_stride``-th slice.
+    min_frac : float
+        Skip a particle on a slice where its box half-side is below ``min_frac * r``.
+    min_visible : float
+        Drop a cropped box keeping less than this fraction of its area.
+    preprocess : PreprocessConfig or dict, optional
+        Normalisation/stacking (recorded in the manifest; training copies it beside the weights).
+    seed : int
+        Same seed, same dataset.
+    overwrite : bool
+        Replace an existing ``out_dir``; otherwise :class:`FileExistsNoForce`.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir).absolute()
+    cfg = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsNoForce(f"{out_dir}: already exists (use --force / overwrite=True to replace it)")
+    if crop is not None and crop < 32:
+        raise ValueError(f"crop must be >= 32 pixels, got {crop}")
+    if full_slices is None:
+        full_slices = crop is None
+    if not full_slices and crop is None:
+        raise ValueError("nothing to write: full_slices=False and no crop")
+    all_runs = find_runs(root, split)
+    if runs is not None:
+        wanted = set(runs)
+        missing = wanted - {r.name for r in all_runs}
+        if missing:
+            raise DataError(root, f"no run(s) {sorted(missing)} in split {split!r}")
+        all_runs = [r for r in all_runs if r.name in wanted]
+    names = [r.name for r in all_runs]
+    if val_runs is None:
+        val = choose_val_runs(names, val_fraction, seed)
+    else:
+        val = sorted(set(val_runs))
+        missing = set(val) - set(names)
+        if missing:
+            raise DataError(root, f"validation run(s) {sorted(missing)} not among the runs {names}")
+    picks = read_picks(root, split=split, runs=names)
+    rng = np.random.default_rng(seed)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    counts = {"train": {"images": 0, "boxes": 0}, "val": {"images": 0, "boxes": 0}}
+    per_class = {n: 0 for n in class_names().values()}
+    voxel_sizes, shapes = {}, {}
+    try:
+        for sub in ("train", "val"):
+            (tmp / "images" / sub).mkdir(parents=True)
+            (tmp / "labels" / sub).mkdir(parents=True)
+        tomos = {r.name: open_tomogram(r.tomogram_path(tomogram)) for r in all_runs}
+        total = sum(len(slice_indices(t.shape[0], z_stride)) for t in tomos.values())
+        bar = tqdm(total=total, desc="build-dataset", unit="slice", disable=not progress)
+        for run in all_runs:
+            sub = "val" if run.name in val else "train"
+            tomo = tomos[run.name]
+            vol = tomo.read()
+            voxel_sizes[run.name], shapes[run.name] = tomo.voxel_size, tomo.shape
+            window = robust_window(vol, cfg.lo, cfg.hi, cfg.sample_step, cfg.invert, source=tomo.path)
+            centres, radii, classes = particle_table(picks[picks["experiment"] == run.name], tomo.voxel_size)
+            ny, nx = tomo.shape[1:]
+            if crop is not None and (crop > ny or crop > nx):
+                raise DataError(tomo.path, f"crop {crop} is larger than the slice {ny}x{nx}")
+            for z in slice_indices(tomo.shape[0], z_stride):
+                img = stack_slice(vol, int(z), window, cfg)
+                if cfg.dtype != "uint8":
+                    img = (img * 255.0 + 0.5).astype(np.uint8)
+                boxes = slice_boxes(centres, radii, classes, int(z), (ny, nx), min_frac)
+                items = []
+                if full_slices:
+                    items.append((f"{run.name}_z{z:03d}", img, boxes))
+                if crop is not None:
+                    for k in range(crops_per_slice):
+                        y0 = int(rng.integers(0, ny - crop + 1))
+                        x0 = int(rng.integers(0, nx - crop + 1))
+                        cb = clip_boxes(boxes, x0, y0, x0 + crop, y0 + crop, min_visible)
+                        items.append((f"{run.name}_z{z:03d}_c{k}", img[y0 : y0 + crop, x0 : x0 + crop], cb))
+                for stem, im, bx in items:
+                    h, w = im.shape[:2]
+                    _imwrite(tmp / "images" / sub / f"{stem}.png", np.ascontiguousarray(im))
+                    lines = bx.yolo_lines(w, h)
+                    (tmp / "labels" / sub / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+                    counts[sub]["images"] += 1
+                    counts[sub]["boxes"] += len(bx)
+                    for c in bx.cls:
+                        per_class[class_names()[int(c)]] += 1
+                bar.update(1)
+            del vol
+        bar.close()
+        val_dir = "images/val" if counts["val"]["images"] else "images/train"
+        yaml_text = (
+            f"# written by czii_kit {__version__} (czii_kit.yolo_dataset.build_dataset)\n"
+            f"path: {json.dumps(str(out_dir))}\n"
+            "train: images/train\n"
+            f"val: {val_dir}\n"
+            f"nc: {len(class_names())}\n"
+            "names:\n" + "".join(f"  {k}: {v}\n" for k, v in class_names().items())
+        )
+        (tmp / "data.yaml").write_text(yaml_text)
+        manifest = {
+            "czii_kit_version": __version__,
+            "root": str(Path(root).absolute()),
+            "split": split,
+            "tomogram": tomogram,
+            "preprocess": cfg.to_dict(),
+            "crop": crop,
+            "crops_per_slice": crops_per_slice if crop is not None else 0,
+            "full_slices": bool(full_slices),
+            "z_stride": z_stride,
+            "min_frac": min_frac,
+            "min_visible": min_visible,
+            "seed": seed,
+            "train_runs": [n for n in names if n not in val],
+            "val_runs": val,
+            "val_is_train": not counts["val"]["images"],
+            "voxel_size": voxel_sizes,
+            "shape_zyx": {k: list(v) for k, v in shapes.items()},
+            "counts": counts,
+            "boxes_per_class": per_class,
+            "names": class_names(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / "data.yaml"
+
+
+def read_manifest(data_yaml: str | Path) -> dict:
+    """The ``czii_kit_dataset.json`` beside a ``data.yaml`` (``{}`` when absent)."""
+    p = Path(data_yaml).parent / MANIFEST
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(p, f"not valid JSON ({exc})") from exc

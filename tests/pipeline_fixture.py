@@ -1,0 +1,69 @@
+"""A tiny synthetic dataset for the pipeline tests: dark spheres of the catalog radii in noise.
+
+Volumes are unequal-sided (z != y != x) and carry an arbitrary intensity scale and offset, so an
+axis swap or a normalisation that assumes a fixed range fails loudly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from czii_kit.catalog import PARTICLES
+from czii_kit.coords import voxel_to_angstrom
+from czii_kit.picks import write_picks
+from czii_kit.tomogram import write_tomogram
+
+VOXEL = 10.012444
+
+
+def place_particles(shape, rng, per_type=2, types=None, max_tries=2000):
+    """Non-overlapping centres ``(z, y, x)`` voxels + type names, fully inside in y/x."""
+    types = types or [p.name for p in PARTICLES]
+    radius = {p.name: p.radius / VOXEL for p in PARTICLES}
+    centres, names = [], []
+    for name in types:
+        r = radius[name]
+        for _ in range(per_type):
+            for _try in range(max_tries):
+                c = np.array([rng.uniform(r * 0.6, shape[0] - 1 - r * 0.6),
+                              rng.uniform(r + 1, shape[1] - 2 - r),
+                              rng.uniform(r + 1, shape[2] - 2 - r)])
+                if all(np.linalg.norm(c - o) > r + radius[n] + 1 for o, n in zip(centres, names, strict=True)):
+                    centres.append(c)
+                    names.append(name)
+                    break
+    return np.array(centres).reshape(-1, 3), names
+
+
+def sphere_volume(shape, centres, names, rng, noise=0.35, scale=37.0, offset=1000.0):
+    """Dark spheres (value -1) on 0 background plus Gaussian noise, then ``* scale + offset``."""
+    radius = {p.name: p.radius / VOXEL for p in PARTICLES}
+    zz, yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    vol = np.zeros(shape, np.float32)
+    for c, n in zip(centres, names, strict=True):
+        d2 = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2
+        vol[d2 <= radius[n] ** 2] = -1.0
+    vol += rng.normal(0, noise, shape).astype(np.float32)
+    return vol * scale + offset
+
+
+def make_root(root: Path, runs=("TS_a", "TS_b", "TS_c"), shape=(40, 96, 112), per_type=2, seed=0,
+              split="train", with_picks=True) -> pd.DataFrame:
+    """Write tomograms (denoised) and picks of ``runs`` under ``root``; return the picks table."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for run in runs:
+        centres, names = place_particles(shape, rng, per_type)
+        vol = sphere_volume(shape, centres, names, rng)
+        path = Path(root) / split / "static" / "ExperimentRuns" / run / "VoxelSpacing10.000" / "denoised.zarr"
+        write_tomogram(path, vol, VOXEL, n_levels=2, chunks=(32, 64, 64))
+        xyz = voxel_to_angstrom(centres, VOXEL)
+        for (x, y, z), n in zip(xyz, names, strict=True):
+            rows.append({"experiment": run, "particle_type": n, "x": x, "y": y, "z": z})
+    picks = pd.DataFrame(rows)
+    if with_picks:
+        write_picks(picks, Path(root) / split / "overlay", runs=runs)
+    return picks
