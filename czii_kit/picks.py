@@ -232,5 +232,5 @@ def write_picks(
     written = []
     for dest, pts, particle, run in jobs:
         doc = picks_document(pts, particle, run, user_id, session_id)
-        written.append(atomic_write_text(dest, json.dumps(doc, indent=1), overwrite=overwrite))
+        written.append(atomic_write_text(dest, json.dumps(doc), overwrite=overwrite))
     return written

@@ -1,8 +1,10 @@
 """Read and write tomograms: zarr format 2 with OME-NGFF 0.4 ``multiscales``, as in the Kaggle data.
 
-Arrays are indexed ``[z, y, x]``. Level ``k`` is level 0 mean-binned ``2**k`` times (odd edges are
-averaged over the voxels that exist, so 630 -> 315 -> 158 as in the real data), with voxel size
-``voxel_size * 2**k``. Chunks are blosc-lz4 compressed with byte shuffle, keyed with ``"/"``
+Arrays are indexed ``[z, y, x]``. Level ``k`` is level 0 mean-binned by ``2**k`` per axis (odd edges
+are averaged over the voxels that exist, so 630 -> 315 -> 158 as in the real data), with voxel size
+``voxel_size * 2**k``; its OME translation is the true centre of its voxel 0,
+:func:`czii_kit.coords.level_origin` (readers that ignore it, like copick, are off by half a
+level-0 voxel at most). Chunks are blosc-lz4 compressed with byte shuffle, keyed with ``"/"``
 (copick silently reads zeros from ``"."``-keyed stores). Works with zarr 2.18+ and zarr 3.
 """
 
@@ -51,12 +53,16 @@ class Tomogram:
         Å per voxel at this level, from the ``multiscales`` metadata.
     array : zarr array
         Indexed ``[z, y, x]``; nothing is read until sliced.
+    origin : float
+        Å position of voxel 0's centre: 0 at the finest level, ``(voxel_size - finest) / 2`` at a
+        mean-binned one. Pass it as ``origin`` to :mod:`czii_kit.coords` functions.
     """
 
     path: Path
     level: str
     voxel_size: float
     array: object
+    origin: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -157,7 +163,8 @@ def open_tomogram(path: str | Path, level: int | str = 0) -> Tomogram:
         raise DataError(path / key, f"cannot open zarr array: {exc}") from exc
     if len(arr.shape) != 3:
         raise DataError(path / key, f"expected a 3D array [z, y, x], got shape {tuple(arr.shape)}")
-    return Tomogram(path, key, levels[key], arr)
+    finest = min(levels.values())
+    return Tomogram(path, key, levels[key], arr, origin=(levels[key] - finest) / 2)
 
 
 def describe_tomogram(path: str | Path) -> list[dict]:
@@ -206,7 +213,7 @@ def multiscale_metadata(voxel_size: float, n_levels: int, name: str = "") -> dic
                         "path": str(k),
                         "coordinateTransformations": [
                             {"type": "scale", "scale": [voxel_size * 2**k] * 3},
-                            {"type": "translation", "translation": [0.0, 0.0, 0.0]},
+                            {"type": "translation", "translation": [(2**k - 1) / 2 * voxel_size] * 3},
                         ],
                     }
                     for k in range(n_levels)
