@@ -41,21 +41,27 @@ def validate_submission(df: pd.DataFrame, path: str | Path | None = None) -> pd.
         bad = values.isna() & df[c].notna()
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise SubmissionError(path, f"row {i}: column {c!r} is not a number ({df[c].iloc[i]!r})")
+            raise SubmissionError(path, f"row {i}{_line(path, i)}: column {c!r} is not a number ({df[c].iloc[i]!r})")
         if values.isna().any() or not np.isfinite(values.to_numpy(float)).all():
             i = int(np.flatnonzero(~np.isfinite(values.to_numpy(float)))[0])
-            raise SubmissionError(path, f"row {i}: column {c!r} is NaN or infinite")
+            raise SubmissionError(path, f"row {i}{_line(path, i)}: column {c!r} is NaN or infinite")
     if df["id"].isna().any():
         raise SubmissionError(path, "column 'id' has empty values")
     dup = df["id"].duplicated()
     if dup.any():
-        raise SubmissionError(path, f"duplicate id {df['id'][dup].iloc[0]!r}")
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise SubmissionError(path, f"duplicate id {df['id'].iloc[i]} (row {i}{_line(path, i)})")
     unknown = sorted(set(df["particle_type"].astype(str)) - set(PARTICLE_NAMES))
     if unknown:
         raise SubmissionError(path, f"unknown particle types {unknown}; known: {', '.join(PARTICLE_NAMES)}")
     if df["experiment"].isna().any():
         raise SubmissionError(path, "column 'experiment' has empty values")
     return df
+
+
+def _line(path, row: int) -> str:
+    """`` (line N)`` of a data row in a CSV file with a header, when reading from a file."""
+    return f" (line {row + 2})" if path is not None else ""
 
 
 def read_submission(path: str | Path) -> pd.DataFrame:

@@ -1,0 +1,176 @@
+"""``czii-kit info`` and ``czii-kit score``: output, JSON, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+from czii_kit.cli import main
+from czii_kit.picks import read_picks
+from czii_kit.submission import to_submission, write_submission
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert str(n) in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- info
+
+
+def test_info_lists_runs_tomograms_and_picks(make_dataset, capsys):
+    root, _, picks = make_dataset(runs=("TS_A", "TS_B"))
+    code, out, err = run_cli(capsys, "info", root)
+    assert code == 0, err
+    assert "2 run(s)" in out
+    tomo_lines = [ln for ln in out.splitlines() if "denoised" in ln]
+    assert len(tomo_lines) == 2 and tomo_lines[0].startswith("TS_A")
+    assert "10.0124" in tomo_lines[0]
+    assert "0: 16x32x48" in tomo_lines[0] and "1: 8x16x24" in tomo_lines[0] and "2: 4x8x12" in tomo_lines[0]
+    total = [ln for ln in out.splitlines() if ln.startswith("total")][0].split()
+    assert total[1:] == ["6", "6", "6", "6", "6", "6", "36"]  # 3 per type and run
+
+
+def test_info_json(make_dataset, capsys):
+    root, _, _ = make_dataset(runs=("TS_A",))
+    code, out, _ = run_cli(capsys, "info", root / "train" / "static", "--json")
+    assert code == 0
+    info = json.loads(out)
+    (run,) = info["runs"]
+    assert run["name"] == "TS_A" and run["split"] == "train"
+    levels = run["tomograms"]["denoised"]
+    assert [lv["shape"] for lv in levels] == [[16, 32, 48], [8, 16, 24], [4, 8, 12]]
+    assert levels[0]["voxel_size"] == pytest.approx(10.012444)
+    assert sum(run["picks"].values()) == 0  # the static root holds no picks
+    code, out, _ = run_cli(capsys, "info", root, "--split", "train", "--json")
+    assert sum(json.loads(out)["picks_total"].values()) == 18
+
+
+def test_info_on_the_real_picks(train_picks_dir, capsys):
+    code, out, _ = run_cli(capsys, "info", train_picks_dir)
+    assert code == 0
+    assert "7 run(s)" in out and "no tomograms" in out
+    assert [ln for ln in out.splitlines() if ln.startswith("TS_73_6")][0].split()[1:] == [
+        "95", "12", "14", "46", "28", "22", "217"]
+    assert [ln for ln in out.splitlines() if ln.startswith("total")][0].split()[-1] == "1269"
+
+
+def test_info_errors(make_dataset, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "info", tmp_path / "nowhere")
+    assert_one_line_error(code, err, "czii-kit info: error:", tmp_path / "nowhere", "no such file")
+    root, _, _ = make_dataset(runs=("TS_A",))
+    bad = root / "train" / "overlay" / "ExperimentRuns" / "TS_A" / "Picks" / "ribosome.json"
+    bad.write_text("{broken")
+    code, _, err = run_cli(capsys, "info", root)
+    assert_one_line_error(code, err, bad, "not valid JSON")
+    bad.unlink()
+    tomo = root / "train" / "static" / "ExperimentRuns" / "TS_A" / "VoxelSpacing10.000" / "denoised.zarr"
+    shutil.rmtree(tomo / "2")
+    code, _, err = run_cli(capsys, "info", root)
+    assert_one_line_error(code, err, tomo / "2", "cannot open zarr array")
+
+
+# --------------------------------------------------------------------------- score
+
+
+@pytest.fixture
+def scored_dataset(make_dataset, tmp_path):
+    root, _, picks = make_dataset(runs=("TS_A", "TS_B"))
+    sub = picks[picks.particle_type != "thyroglobulin"]  # thyroglobulin all missed
+    path = write_submission(sub, tmp_path / "submission.csv")
+    return root, picks, path
+
+
+def test_score_table_and_json(scored_dataset, capsys):
+    root, picks, sub = scored_dataset
+    code, out, err = run_cli(capsys, "score", root, sub)
+    assert code == 0, err
+    thy = [ln for ln in out.splitlines() if ln.startswith("thyroglobulin")][0].split()
+    assert thy[1:5] == ["2", "0", "0", "6"]  # weight, TP, FP, FN
+    assert "final (weighted F4)" in out and out.split("final (weighted F4)")[1].split()[0] == "0.7143"
+    code, out, _ = run_cli(capsys, "score", root, sub, "--json")
+    res = json.loads(out)
+    assert res["final"] == pytest.approx(5 / 7)
+    assert res["particles"]["thyroglobulin"] == {"tp": 0, "fp": 0, "fn": 6, "precision": 0.0, "recall": 0.0,
+                                                 "f_beta": 0.0, "weight": 2.0}
+    assert res["particles"]["ribosome"]["f_beta"] == 1.0
+    assert res["n_solution"] == len(picks) and res["experiments"] == ["TS_A", "TS_B"]
+
+
+def test_score_solution_as_csv_split_and_ignored_rows(scored_dataset, make_dataset, tmp_path, capsys):
+    root, picks, sub = scored_dataset
+    make_dataset(runs=("TS_T",), split="test", root=root, seed=4)
+    sol_csv = tmp_path / "solution.csv"
+    picks.to_csv(sol_csv, index=False)
+    code, out, _ = run_cli(capsys, "score", sol_csv, sub, "--json")
+    assert code == 0 and json.loads(out)["final"] == pytest.approx(5 / 7)
+    # the test split's run is not in the submission: with the whole root its points are all missed
+    code, out, _ = run_cli(capsys, "score", root, sub, "--json")
+    assert json.loads(out)["final"] < 5 / 7
+    code, out, _ = run_cli(capsys, "score", root, sub, "--split", "train", "--json")
+    assert json.loads(out)["final"] == pytest.approx(5 / 7)
+    # submission rows of runs absent from the solution are ignored, and said so
+    code, out, _ = run_cli(capsys, "score", root / "train" / "overlay" / "ExperimentRuns" / "TS_A", sub)
+    assert code == 0 and "were ignored" in out
+    assert "final (weighted F4)" in out and out.split("final (weighted F4)")[1].split()[0] == "0.7143"
+
+
+def test_score_real_picks_against_themselves(train_picks_dir, tmp_path, capsys):
+    sub = write_submission(to_submission(read_picks(train_picks_dir)), tmp_path / "s.csv")
+    code, out, _ = run_cli(capsys, "score", train_picks_dir, sub, "--json")
+    assert code == 0 and json.loads(out)["final"] == 1.0
+
+
+def test_score_errors(scored_dataset, tmp_path, capsys):
+    root, _, sub = scored_dataset
+    code, _, err = run_cli(capsys, "score", tmp_path / "none", sub)
+    assert_one_line_error(code, err, "czii-kit score: error:", tmp_path / "none", "solution")
+    code, _, err = run_cli(capsys, "score", root, tmp_path / "none.csv")
+    assert_one_line_error(code, err, tmp_path / "none.csv", "submission")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,experiment,particle_type,x,y,z\n0,TS_A,ribozome,1,2,3\n")
+    code, _, err = run_cli(capsys, "score", root, bad)
+    assert_one_line_error(code, err, bad, "unknown particle types ['ribozome']")
+    bad.write_text("id,experiment,particle_type,x,y,z\n0,TS_A,ribosome,1,NaN,3\n")
+    code, _, err = run_cli(capsys, "score", root, bad)
+    assert_one_line_error(code, err, bad, "NaN")
+    sol = tmp_path / "sol.csv"
+    sol.write_text("experiment,particle_type,x,y\nTS_A,ribosome,1,2\n")
+    code, _, err = run_cli(capsys, "score", sol, sub)
+    assert_one_line_error(code, err, sol, "missing columns ['z']")
+    sol.write_text("experiment,particle_type,x,y,z\nTS_A,ribosome,1,oops,3\n")
+    code, _, err = run_cli(capsys, "score", sol, sub)
+    assert_one_line_error(code, err, sol, "row 0", "'y'")
+    empty = tmp_path / "empty_root" / "ExperimentRuns" / "TS_A" / "Picks"
+    empty.mkdir(parents=True)
+    code, _, err = run_cli(capsys, "score", tmp_path / "empty_root", sub)
+    assert_one_line_error(code, err, "no reference picks")
+
+
+def test_console_entry_point_reports_errors_in_one_line(tmp_path, train_picks_dir):
+    """The real process: `python -m czii_kit`, no traceback, exit code 2 for a bad path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "czii_kit", "info", str(train_picks_dir)], capture_output=True,
+                        text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "1269" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "czii_kit", "score", str(tmp_path / "x"), str(tmp_path / "y.csv")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
