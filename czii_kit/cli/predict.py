@@ -1,0 +1,44 @@
+"""``czii-kit predict ROOT --out submission.csv``: detect, merge, threshold, write the submission."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict",
+        help="pick particles in every run of a split and write a submission CSV",
+        description=(
+            "Run the detector over every run (streamed slices, batched), merge the 2D boxes into 3D particles, "
+            "apply the thresholds tuned beside the weights, and write id,experiment,particle_type,x,y,z (Å) "
+            "atomically. Refuses to overwrite an existing file unless --force."
+        ),
+    )
+    p.add_argument("root", metavar="ROOT", help="dataset root (or split / run folder)")
+    p.add_argument("--split", default="test", help="split to predict (default test; 'all' for every run)")
+    p.add_argument("--runs", nargs="+", help="only these runs")
+    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--weights", help="trained .pt (default: the model shipped in czii_kit/models/)")
+    p.add_argument("--backend", default="openvino", choices=["openvino", "onnx", "torch"])
+    p.add_argument("--tomogram", default="denoised")
+    p.add_argument("--z-stride", type=int, help="slice stride (default: as tuned)")
+    p.add_argument("--batch", type=int, help="slices per forward pass (default: as tuned)")
+    p.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args) -> int:
+    from czii_kit.predict import predict_to_csv, summary
+
+    split = None if args.split == "all" else args.split
+    path, picks = predict_to_csv(
+        args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
+        backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
+        progress=not args.quiet,
+    )
+    print(summary(picks).to_string())
+    print(f"wrote {len(picks)} picks to {path}")
+    return 0

@@ -1,0 +1,50 @@
+"""``czii-kit tune ROOT --weights W``: pick the merging method and per-class thresholds on validation runs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune",
+        help="choose 3D merging and per-class thresholds maximising F4 on validation runs",
+        description=(
+            "Detect on validation runs (default: the val runs recorded at training), compare the 3D merging "
+            "methods, choose per-class score thresholds maximising F4, and save them beside the weights "
+            "(czii_kit_thresholds.json), where predict picks them up."
+        ),
+    )
+    p.add_argument("root", metavar="ROOT", help="dataset root with tomograms and picks")
+    p.add_argument("--weights", required=True, help="trained .pt")
+    p.add_argument("--split", default="train", help="split holding the validation runs (default train)")
+    p.add_argument("--runs", nargs="+", help="validation runs (default: those recorded at training)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"])
+    p.add_argument("--tomogram", default="denoised")
+    p.add_argument("--z-stride", type=int, default=1, help="slice stride (use the one predict will use)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def run(args) -> int:
+    from czii_kit.infer import InferenceConfig
+    from czii_kit.tune import tune
+
+    cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta)
+    doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
+               tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet)
+    print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
+    print("merging methods (weighted F4 at tuned thresholds):")
+    for row in doc["comparison"]:
+        print(f"  {row['name']:<16}{row['final']:.4f}")
+    print(f"chosen: {doc['merge_name']}")
+    print(f"{'particle_type':<22}{'threshold':>10}{'TP':>6}{'FP':>6}{'FN':>6}{'F4':>8}")
+    for name, r in doc["table"].items():
+        print(f"{name:<22}{r['threshold']:>10.3f}{int(r['tp']):>6d}{int(r['fp']):>6d}{int(r['fn']):>6d}"
+              f"{r['f_beta']:>8.3f}")
+    print(f"final F4 on validation: {doc['final_f4']:.4f}")
+    print(f"saved {doc['path']}")
+    return 0

@@ -1,0 +1,120 @@
+"""Dataset root -> picks -> submission CSV: detection, 3D merging, tuned thresholds.
+
+Settings come from the files beside the weights: ``czii_kit_train.json`` (preprocessing) and
+``czii_kit_thresholds.json`` (merging method, per-class thresholds and the inference settings they
+were tuned with, written by ``czii-kit tune``). Without the latter, the default greedy merging and
+a threshold of 0.5 are used (with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import pandas as pd
+
+from czii_kit.catalog import PARTICLE_NAMES
+from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
+from czii_kit.infer import InferenceConfig, detect_runs
+from czii_kit.layout import find_runs
+from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections
+from czii_kit.tune import DEFAULT_THRESHOLD, THRESHOLDS_FILE, read_thresholds
+
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+def default_weights() -> Path:
+    """The model shipped in ``czii_kit/models/`` (``*.pt``); a clear error when there is none."""
+    found = sorted(MODELS_DIR.glob("*.pt")) if MODELS_DIR.is_dir() else []
+    if not found:
+        raise CziiKitError(
+            f"no model is shipped in {MODELS_DIR} yet; pass --weights path/to/best.pt "
+            "(train one with `czii-kit build-dataset` + `czii-kit train`)"
+        )
+    if len(found) > 1:
+        preferred = [p for p in found if p.stem in ("default", "best")]
+        if preferred:
+            return preferred[0]
+        raise CziiKitError(f"several models in {MODELS_DIR} ({', '.join(p.name for p in found)}); pass --weights")
+    return found[0]
+
+
+def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
+                 tta: bool | None = None, imgsz: int | None = None
+                 ) -> tuple[InferenceConfig, MergeConfig, dict[str, float]]:
+    """Inference config, merge config and thresholds for ``weights`` (tuned file, then overrides)."""
+    doc = read_thresholds(weights)
+    if not doc:
+        warnings.warn(f"{Path(weights).parent / THRESHOLDS_FILE} not found: using greedy merging and a "
+                      f"threshold of {DEFAULT_THRESHOLD} for every type (run `czii-kit tune`)", stacklevel=2)
+    known = {f.name for f in fields(InferenceConfig)}
+    inf = {k: v for k, v in (doc.get("inference") or {}).items() if k in known}
+    for k, v in {"z_stride": z_stride, "batch": batch, "tta": tta, "imgsz": imgsz}.items():
+        if v is not None:
+            inf[k] = v
+    thresholds = {n: float(doc.get("thresholds", {}).get(n, DEFAULT_THRESHOLD)) for n in PARTICLE_NAMES}
+    return InferenceConfig(**inf), MergeConfig.from_dict(doc.get("merge")), thresholds
+
+
+def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
+            weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
+            z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
+            thresholds: dict[str, float] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
+
+    Parameters
+    ----------
+    root : path-like
+        Dataset root (or split / run folder: anything :func:`czii_kit.layout.find_runs` takes).
+    split : str or None
+        Split to predict (``None``: all runs found).
+    runs : sequence of str, optional
+        Only these runs.
+    weights : path-like, optional
+        Default :func:`default_weights`.
+    backend : {"openvino", "onnx", "torch"}
+    z_stride, batch, tta : optional
+        Override the inference settings recorded by ``tune``.
+    thresholds : dict, optional
+        Override the tuned per-type thresholds.
+    """
+    weights = Path(weights) if weights is not None else default_weights()
+    if not weights.is_file():
+        raise DataError(weights, "no such weights file")
+    all_runs = find_runs(root, split)
+    if runs:
+        chosen = [r for r in all_runs if r.name in set(runs)]
+        missing = sorted(set(runs) - {r.name for r in chosen})
+        if missing:
+            raise DataError(root, f"no run(s) {missing} (found: {', '.join(r.name for r in all_runs)})")
+    else:
+        chosen = all_runs
+    inf, merge, thr = settings_for(weights, z_stride, batch, tta)
+    if thresholds:
+        thr.update(thresholds)
+    dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, inf, progress)
+    picks = apply_thresholds(merge_detections(dets, voxel_sizes, merge), thr)
+    return picks
+
+
+def predict_to_csv(root: str | Path, out: str | Path, force: bool = False, **kwargs) -> tuple[Path, pd.DataFrame]:
+    """Run :func:`predict` and write the submission atomically; refuses an existing ``out`` unless ``force``."""
+    from czii_kit.submission import write_submission
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsNoForce(f"{out}: already exists (use --force to replace it)")
+    picks = predict(root, **kwargs)
+    return write_submission(picks, out, overwrite=force), picks
+
+
+def summary(picks: pd.DataFrame) -> pd.DataFrame:
+    """Counts per run and particle type (all catalog types as columns)."""
+    if picks.empty:
+        return pd.DataFrame(columns=list(PARTICLE_NAMES))
+    t = picks.groupby(["experiment", "particle_type"]).size().unstack(fill_value=0)
+    t = t.reindex(columns=list(PARTICLE_NAMES), fill_value=0)
+    t.loc["total"] = t.sum()
+    return t

@@ -1,0 +1,236 @@
+"""Choose the 3D merging method and per-class score thresholds that maximise F4 on validation runs.
+
+The competition score is a weighted sum of per-type F-beta, so each type's threshold is tuned on
+its own: for every candidate threshold ``t`` we count, exactly as :mod:`czii_kit.metric` does,
+TP(t) = references with a candidate of score >= t within ``0.5 * radius``, FP(t) = candidates
+>= t minus TP(t), FN(t) = references minus TP(t) (summed over runs). The chosen threshold is the
+midpoint between the best candidate score and the next lower one.
+
+The result is saved beside the weights as ``czii_kit_thresholds.json`` and used by
+:mod:`czii_kit.predict`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from czii_kit import __version__
+from czii_kit.atomic import atomic_write_text
+from czii_kit.catalog import PARTICLES, get_particle
+from czii_kit.errors import DataError
+from czii_kit.metric import BETA, DISTANCE_MULTIPLIER, f_beta
+from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections
+
+THRESHOLDS_FILE = "czii_kit_thresholds.json"
+DEFAULT_THRESHOLD = 0.5
+
+CANDIDATE_MERGES: dict[str, MergeConfig] = {
+    "greedy": MergeConfig(method="greedy", xy_frac=0.6, z_frac=1.0, refine=1),
+    "greedy-tight": MergeConfig(method="greedy", xy_frac=0.5, z_frac=0.8, refine=1),
+    "greedy-sphere": MergeConfig(method="greedy", xy_frac=1.0, z_frac=1.0, refine=0),
+    "components": MergeConfig(method="components", link_frac=0.5, link_dz=2.0),
+}
+"""Merging configurations compared by :func:`tune` (``link_dz`` is scaled by the z-stride); on a tie
+the first listed (the default) wins."""
+
+
+def threshold_curve(candidates: pd.DataFrame, solution: pd.DataFrame, particle: str,
+                    beta: float = BETA, distance_multiplier: float = DISTANCE_MULTIPLIER) -> pd.DataFrame:
+    """TP/FP/FN/F-beta of one particle type for every distinct score threshold (descending).
+
+    Parameters
+    ----------
+    candidates : DataFrame
+        ``experiment, particle_type, x, y, z, score`` (Å).
+    solution : DataFrame
+        Reference picks; its experiments define the runs scored.
+    """
+    radius = get_particle(particle).radius * distance_multiplier
+    exps = sorted(set(solution["experiment"].astype(str)))
+    cand = candidates[(candidates["particle_type"] == particle) & candidates["experiment"].astype(str).isin(exps)]
+    sol = solution[solution["particle_type"] == particle]
+    ref_best = []
+    for exp in exps:
+        ref = sol[sol["experiment"].astype(str) == exp][["x", "y", "z"]].to_numpy(float)
+        c = cand[cand["experiment"].astype(str) == exp]
+        if len(ref) == 0:
+            continue
+        best = np.full(len(ref), -np.inf)
+        if len(c):
+            cpts = c[["x", "y", "z"]].to_numpy(float)
+            cs = c["score"].to_numpy(float)
+            for j, hits in enumerate(cKDTree(cpts).query_ball_point(ref, radius)):
+                if hits:
+                    best[j] = cs[hits].max()
+        ref_best.append(best)
+    ref_best = np.concatenate(ref_best) if ref_best else np.empty(0)
+    scores = np.sort(cand["score"].to_numpy(float))[::-1]
+    thresholds = np.unique(scores)[::-1]
+    thresholds = np.concatenate([[np.inf], thresholds])
+    n_ref = len(ref_best)
+    rb = np.sort(ref_best)
+    tp = n_ref - np.searchsorted(rb, thresholds, side="left")
+    n_cand = len(scores) - np.searchsorted(np.sort(scores), thresholds, side="left")
+    fp = n_cand - tp
+    fn = n_ref - tp
+    f = np.array([f_beta(a, b, c, beta)[2] for a, b, c in zip(tp, fp, fn, strict=True)])
+    return pd.DataFrame({"threshold": thresholds, "tp": tp, "fp": fp, "fn": fn, "f_beta": f})
+
+
+def tune_thresholds(candidates: pd.DataFrame, solution: pd.DataFrame, beta: float = BETA
+                    ) -> tuple[dict[str, float], pd.DataFrame]:
+    """Per-type thresholds maximising F-beta; returns ``(thresholds, table)``.
+
+    ``table`` (index particle_type): threshold, tp, fp, fn, f_beta, weight, n_reference. A type
+    without reference points keeps :data:`DEFAULT_THRESHOLD`.
+    """
+    out, rows = {}, {}
+    for p in PARTICLES:
+        curve = threshold_curve(candidates, solution, p.name, beta)
+        n_ref = int(curve["tp"].iloc[0] + curve["fn"].iloc[0])
+        if n_ref == 0:
+            out[p.name] = DEFAULT_THRESHOLD
+            rows[p.name] = {"threshold": DEFAULT_THRESHOLD, "tp": 0, "fp": 0, "fn": 0, "f_beta": 0.0,
+                            "weight": p.weight, "n_reference": 0}
+            continue
+        i = int(np.argmax(curve["f_beta"].to_numpy()))  # first max = highest threshold reaching it
+        t = float(curve["threshold"].iloc[i])
+        if np.isinf(t):
+            thr = float(np.nextafter(curve["threshold"].iloc[1], np.inf)) if len(curve) > 1 else 1.0
+        elif i + 1 < len(curve):
+            thr = 0.5 * (t + float(curve["threshold"].iloc[i + 1]))
+        else:
+            thr = t
+        out[p.name] = float(min(max(thr, 0.0), 1.0))
+        r = curve.iloc[i]
+        rows[p.name] = {"threshold": out[p.name], "tp": int(r["tp"]), "fp": int(r["fp"]), "fn": int(r["fn"]),
+                        "f_beta": float(r["f_beta"]), "weight": p.weight, "n_reference": n_ref}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "particle_type"
+    return out, table
+
+
+def weighted_final(table: pd.DataFrame) -> float:
+    """Weighted F-beta of a per-type table (``f_beta``, ``weight`` columns)."""
+    return float((table["f_beta"] * table["weight"]).sum() / table["weight"].sum())
+
+
+def compare_merges(detections: pd.DataFrame, voxel_sizes, solution: pd.DataFrame,
+                   merges: dict[str, MergeConfig] | None = None, z_stride: int = 1) -> pd.DataFrame:
+    """Tune thresholds for each merging configuration; one row per configuration.
+
+    Columns: ``name, final`` (weighted F4 at tuned thresholds) and ``F4`` per particle type, sorted
+    best first. ``link_dz`` of connected components is multiplied by ``z_stride``.
+    """
+    from dataclasses import replace
+
+    merges = merges or CANDIDATE_MERGES
+    rows = []
+    for name, cfg in merges.items():
+        if cfg.method == "components":
+            cfg = replace(cfg, link_dz=cfg.link_dz * z_stride)
+        cands = merge_detections(detections, voxel_sizes, cfg)
+        thr, table = tune_thresholds(cands, solution)
+        row = {"name": name, "final": weighted_final(table), "n_candidates": len(cands)}
+        row.update({f"F4 {k}": float(v) for k, v in table["f_beta"].items()})
+        row["config"] = cfg.to_dict()
+        row["thresholds"] = thr
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("final", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def read_thresholds(weights: str | Path) -> dict:
+    """The ``czii_kit_thresholds.json`` beside ``weights`` (``{}`` when absent)."""
+    p = Path(weights).parent / THRESHOLDS_FILE
+    if not p.is_file():
+        return {}
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(p, f"not valid JSON ({exc})") from exc
+    if not isinstance(doc.get("thresholds"), dict):
+        raise DataError(p, "no 'thresholds' object")
+    return doc
+
+
+def tune(weights: str | Path, root: str | Path, split: str = "train", runs: Sequence[str] | None = None,
+         backend: str = "torch", tomogram: str = "denoised", config=None,
+         merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
+         overwrite: bool = True, progress: bool = True) -> dict:
+    """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
+
+    Parameters
+    ----------
+    runs : sequence of str, optional
+        Validation runs; default the ``val_runs`` recorded in ``czii_kit_train.json`` (else all
+        runs of ``split`` that have picks).
+    config : InferenceConfig, optional
+        Inference settings (recorded so that ``predict`` repeats them).
+    out : path-like, optional
+        Output JSON (default ``czii_kit_thresholds.json`` beside the weights).
+
+    Returns
+    -------
+    dict
+        The saved document: ``thresholds``, ``merge``, ``inference``, ``comparison``, ``table``, ...
+    """
+    from czii_kit.infer import InferenceConfig, detect_runs
+    from czii_kit.layout import find_runs
+    from czii_kit.picks import read_picks
+    from czii_kit.train import read_train_record
+
+    config = config or InferenceConfig()
+    weights = Path(weights)
+    if not weights.is_file():
+        raise DataError(weights, "no such weights file")
+    if runs is None:
+        runs = read_train_record(weights).get("dataset", {}).get("val_runs") or None
+    all_runs = find_runs(root, split)
+    chosen = all_runs if not runs else [r for r in all_runs if r.name in set(runs)]
+    if runs and len(chosen) != len(set(runs)):
+        missing = sorted(set(runs) - {r.name for r in chosen})
+        raise DataError(root, f"no run(s) {missing} in split {split!r}")
+    solution = read_picks(root, split=split, runs=[r.name for r in chosen])
+    if solution.empty:
+        raise DataError(root, "the validation runs have no picks to tune against")
+    dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, config, progress)
+    comparison = compare_merges(dets, voxel_sizes, solution, merges, config.z_stride)
+    best = comparison.iloc[0]
+    merge_cfg = MergeConfig.from_dict(best["config"])
+    cands = merge_detections(dets, voxel_sizes, merge_cfg)
+    thresholds, table = tune_thresholds(cands, solution)
+    from czii_kit.metric import score
+
+    check = score(solution, apply_thresholds(cands, thresholds))
+    doc = {
+        "czii_kit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights": weights.name,
+        "val_runs": [r.name for r in chosen],
+        "backend": backend,
+        "inference": config.to_dict(),
+        "merge_name": str(best["name"]),
+        "merge": merge_cfg.to_dict(),
+        "thresholds": thresholds,
+        "final_f4": float(check.final),
+        "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}
+                  for k, row in table.iterrows()},
+        "comparison": [
+            {k: (v if k in ("name", "config", "thresholds") else float(v)) for k, v in row.items()}
+            for row in comparison.to_dict(orient="records")
+        ],
+        "n_detections": len(dets),
+    }
+    dest = Path(out) if out else weights.parent / THRESHOLDS_FILE
+    atomic_write_text(dest, json.dumps(doc, indent=1), overwrite=overwrite)
+    doc["path"] = str(dest)
+    doc["_detections"] = dets
+    doc["_solution"] = solution
+    return doc
