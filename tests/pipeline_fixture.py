@@ -28,7 +28,8 @@ def place_particles(shape, rng, per_type=2, types=None, max_tries=2000):
         r = radius[name]
         for _ in range(per_type):
             for _try in range(max_tries):
-                c = np.array([rng.uniform(r * 0.6, shape[0] - 1 - r * 0.6),
+                zlo = min(r * 0.6, (shape[0] - 1) / 2)
+                c = np.array([rng.uniform(zlo, shape[0] - 1 - zlo),
                               rng.uniform(r + 1, shape[1] - 2 - r),
                               rng.uniform(r + 1, shape[2] - 2 - r)])
                 if all(np.linalg.norm(c - o) > r + radius[n] + 1 for o, n in zip(centres, names, strict=True)):

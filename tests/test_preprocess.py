@@ -1,0 +1,115 @@
+"""Robust normalisation and 2.5D stacking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from czii_kit.errors import DataError
+from czii_kit.preprocess import (
+    PreprocessConfig,
+    Window,
+    iter_stacks,
+    robust_window,
+    slice_indices,
+    stack_slice,
+)
+
+
+def _volume(shape=(12, 20, 28), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, 0.0), (37.0, 1000.0), (1e-3, -5.0), (250.0, -4e4)])
+def test_window_is_invariant_to_scale_and_offset(scale, offset):
+    vol = _volume()
+    cfg = PreprocessConfig(sample_step=1)
+    ref = stack_slice(vol, 5, robust_window(vol, step=1), cfg)
+    moved = vol * scale + offset
+    got = stack_slice(moved, 5, robust_window(moved, step=1), cfg)
+    assert got.dtype == np.uint8 and got.shape == (20, 28, 3)
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_window_uses_percentiles_not_extremes():
+    vol = _volume((8, 40, 40))
+    vol[0, 0, 0] = 1e6  # one hot pixel must not squash the contrast
+    w = robust_window(vol, 0.5, 99.5, step=1)
+    assert w.vmax < 10
+    img = w.apply(vol[3])
+    assert img.min() == 0 and img.max() == 255
+    assert 100 < img.mean() < 155
+
+
+def test_window_float_output_and_invert():
+    w = Window(0.0, 2.0)
+    np.testing.assert_allclose(w.apply(np.array([-1.0, 1.0, 5.0]), "float32"), [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(Window(0.0, 2.0, invert=True).apply(np.array([0.0, 2.0])), [255, 0])
+
+
+def test_channels_are_the_offset_slices_clamped_at_the_edges():
+    nz, ny, nx = 10, 6, 9
+    vol = np.broadcast_to(np.arange(nz, dtype=np.float32)[:, None, None], (nz, ny, nx)).copy()
+    w = Window(0.0, nz - 1.0)
+    cfg = PreprocessConfig(offsets=(-3, 0, 2))
+    img = stack_slice(vol, 1, w, cfg)
+    expect = [w.apply(np.full(1, z, np.float32))[0] for z in (0, 1, 3)]  # z-3 clamps to 0
+    assert img.shape == (ny, nx, 3)
+    for c in range(3):
+        assert (img[..., c] == expect[c]).all()
+    img = stack_slice(vol, 9, w, cfg)
+    assert (img[..., 2] == w.apply(np.full(1, 9.0, np.float32))[0]).all()  # z+2 clamps to nz-1
+
+
+def test_slab_mean_channels():
+    vol = np.broadcast_to(np.arange(10, dtype=np.float32)[:, None, None], (10, 4, 5)).copy()
+    w = Window(0.0, 9.0)
+    img = stack_slice(vol, 5, w, PreprocessConfig(offsets=(-3, 0, 3), slab=3, dtype="float32"))
+    np.testing.assert_allclose(img[0, 0], np.array([2.0, 5.0, 8.0]) / 9.0, atol=1e-6)
+
+
+def test_denoising_reduces_noise():
+    vol = _volume((5, 64, 64))
+    w = robust_window(vol)
+    plain = stack_slice(vol, 2, w, PreprocessConfig(dtype="float32"))
+    smooth = stack_slice(vol, 2, w, PreprocessConfig(dtype="float32", denoise_sigma=1.5))
+    assert smooth.std() < 0.6 * plain.std()
+
+
+def test_iter_stacks_streams_batches():
+    vol = _volume((11, 8, 12))
+    w = robust_window(vol)
+    zs = slice_indices(11, 2)
+    np.testing.assert_array_equal(zs, [0, 2, 4, 6, 8, 10])
+    seen = []
+    for zb, imgs in iter_stacks(vol, w, PreprocessConfig(), zs, batch=4):
+        assert imgs.shape == (len(zb), 8, 12, 3) and len(zb) <= 4
+        for z, im in zip(zb, imgs, strict=True):
+            assert (im == stack_slice(vol, int(z), w)).all()
+        seen.extend(zb.tolist())
+    assert seen == zs.tolist()
+    np.testing.assert_array_equal(slice_indices(10, 3), [0, 3, 6, 9])
+
+
+def test_bad_volumes_raise_clear_errors():
+    with pytest.raises(DataError, match="no contrast"):
+        robust_window(np.ones((4, 8, 8), np.float32), source="flat.zarr")
+    vol = _volume((4, 8, 8))
+    vol[0, 0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        robust_window(vol, step=1, source="nan.zarr")
+    with pytest.raises(IndexError):
+        stack_slice(_volume((4, 8, 8)), 4, Window(0, 1))
+
+
+def test_config_validation_and_round_trip():
+    cfg = PreprocessConfig(offsets=(-1, 0, 1), slab=3, lo=1, hi=99)
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert PreprocessConfig.from_dict({"offsets": [-4, 0, 4], "unknown": 1}).offsets == (-4, 0, 4)
+    with pytest.raises(ValueError):
+        PreprocessConfig(slab=2)
+    with pytest.raises(ValueError):
+        PreprocessConfig(lo=60, hi=40)
+    with pytest.raises(ValueError):
+        PreprocessConfig(dtype="int16")
