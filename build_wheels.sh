@@ -388,7 +388,7 @@ build_from_source() {  # requirement -> pure-python wheel in $LOCAL, pinned in c
   local req="$1" sd whl name version
   info "building $req from its source distribution"
   rm -rf "$BUILD/sdist"/*
-  pip download --no-deps --no-binary=:all: -d "$BUILD/sdist" "${PIP_ARGS[@]}" "$req" >&2 \
+  pip download --no-deps --no-binary=:all: -d "$BUILD/sdist" "${BUILD_ARGS[@]}" "${PIP_ARGS[@]}" "$req" >&2 \
     || die "cannot download a source distribution of '$req'"
   sd="$(ls "$BUILD/sdist"/* | head -1)"
   pip wheel --no-deps -w "$BUILD/wheel" "${BUILD_ARGS[@]}" "${PIP_ARGS[@]}" "$sd" >&2 \

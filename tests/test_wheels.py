@@ -1,0 +1,572 @@
+"""build_wheels.sh: option parsing and exclusion logic, a full offline run against a local fake index,
+and the real Kaggle bundle installed into a fresh virtual environment with the network blocked.
+
+The first groups are fast and offline. The last group (``TestOfflineInstall``) needs PyPI once to resolve
+and download the bundle; the bundle is cached under ``$CZII_KIT_CACHE`` (default ``~/.cache/czii_kit``)
+in ``wheel-bundle/``, so later runs only re-resolve (~20 s) and re-install (~40 s). It is skipped when the
+registry cannot be reached and no cached bundle exists, or when torch is not installed here (torch and
+torchvision play the part of Kaggle's preinstalled packages: they are made visible to the fresh venv
+through a ``.pth`` file listing symlinks to this interpreter's copies, and nothing else of this
+environment is visible).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "build_wheels.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="build_wheels.sh needs bash")
+
+
+def clean_env(**extra) -> dict:
+    """This process's environment without pip configuration (so only the given index is used)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def run_script(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          env=env or clean_env(), timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------------------------------- options
+
+
+def test_help_lists_the_options():
+    proc = run_script("--help")
+    assert proc.returncode == 0, proc.stderr
+    for opt in ("--python", "--platform", "--exclude", "--exclude-file", "--extras", "--out", "--tar",
+                "--dry-run", "--from-source"):
+        assert opt in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bogus"], "unknown option '--bogus' (see --help)"),
+    (["--python", "3"], "--python must look like 3.11, got '3'"),
+    (["--python"], "option --python needs a value"),
+    (["--platform", "Many Linux"],
+     "--platform must be a wheel platform tag like manylinux_2_28_x86_64, got 'Many Linux'"),
+    (["--implementation", "cpython"], "--implementation must be a 2-letter tag like cp, got 'cpython'"),
+    (["--report", "r.json"], "--report can only be used with --dry-run"),
+    (["--dry-run", "--report", "no/such/report.json"], "report file no/such/report.json does not exist"),
+    (["--exclude-file", "no/such/file"], "exclude file no/such/file does not exist"),
+    (["--no-project"], "--no-project needs at least one --with requirement"),
+])
+def test_bad_options_fail_with_one_clear_line(args, message):
+    proc = run_script(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"build_wheels.sh: error: {message}"]
+
+
+# ----------------------------------------------------------------------------- plan from a report
+
+def _item(name, version, requires=(), extras=()):
+    return {
+        "download_info": {"url": f"https://files.example/{name.replace('-', '_')}-{version}-py3-none-any.whl",
+                          "archive_info": {"hashes": {"sha256": hashlib.sha256(name.encode()).hexdigest()}}},
+        "requested": False,
+        "metadata": {"name": name, "version": version, "requires_dist": list(requires),
+                     "provides_extra": list(extras)},
+    }
+
+
+FAKE_REPORT = {
+    "version": "1",
+    "environment": {"python_version": "3.11", "python_full_version": "3.11.7", "sys_platform": "linux",
+                    "platform_machine": "x86_64", "implementation_name": "cpython", "os_name": "posix",
+                    "platform_system": "Linux", "platform_python_implementation": "CPython"},
+    "install": [
+        _item("czii_kit", "0.1.0", ["numpy>=1.24", "ultralytics>=8.3", 'onnx>=1.15; extra == "export"',
+                                    'copick; extra == "copick"', 'tomli; python_version < "3.11"',
+                                    'pywin; sys_platform == "win32"'], ["export", "copick"]),
+        _item("ultralytics", "8.4.0", ["numpy", "torch>=1.8", "torchvision", "nvidia-ml-py", "pillow"]),
+        _item("torch", "2.5.0", ["sympy", "filelock", "typing-extensions",
+                                 'nvidia-cublas-cu12==12.4; platform_system == "Linux"', "triton==3.1"]),
+        _item("torchvision", "0.20.0", ["torch==2.5.0", "numpy", "pillow"]),
+        _item("onnx", "1.17.0", ["numpy", "typing_extensions>=4.7"]),
+        _item("numpy", "2.1.0"), _item("pillow", "11.0.0"), _item("nvidia-ml-py", "12.560"),
+        _item("sympy", "1.13.1", ["mpmath<1.4"]), _item("mpmath", "1.3.0"), _item("filelock", "3.16.1"),
+        _item("typing-extensions", "4.12.2"), _item("nvidia-cublas-cu12", "12.4.5.8"), _item("triton", "3.1.0"),
+        _item("tomli", "2.0.2"), _item("copick", "1.0.0", ["numpy", "filelock"]), _item("pywin", "1.0"),
+    ],
+}
+
+
+def plan(tmp_path, *args) -> dict:
+    """Run --dry-run --report on FAKE_REPORT; return {section: {name: detail}}."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(FAKE_REPORT))
+    proc = run_script("--dry-run", "--report", report, *args)
+    assert proc.returncode == 0, proc.stderr
+    sections, current = {}, None
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(bundle|excluded|left out)\b.*: (\d+)$", line)
+        if m:
+            current = sections.setdefault(m.group(1), {})
+            continue
+        name, _, detail = line.strip().partition(" ")
+        current[name.split("==")[0].lower()] = detail.strip()
+    return sections
+
+
+def test_default_plan_drops_torch_and_what_only_torch_needs(tmp_path):
+    s = plan(tmp_path)
+    assert set(s["bundle"]) == {"czii_kit", "ultralytics", "onnx", "numpy", "pillow", "nvidia-ml-py",
+                                "typing-extensions"}
+    assert set(s["excluded"]) == {"torch", "torchvision"}
+    assert s["excluded"]["torch"] == "via ultralytics"
+    # torch's own dependencies are on the target too; typing-extensions stays because onnx needs it
+    assert {"sympy", "mpmath", "filelock", "nvidia-cublas-cu12", "triton"} <= set(s["left out"])
+    assert s["left out"]["mpmath"] == "via sympy"
+    assert "copick" not in s["bundle"] and "tomli" not in s["bundle"] and "pywin" not in s["bundle"]
+    assert s["bundle"]["onnx"] == "onnx-1.17.0-py3-none-any.whl"
+
+
+def test_plan_follows_extras_markers_and_target_python(tmp_path):
+    core = plan(tmp_path, "--extras", "")
+    assert "onnx" not in core["bundle"] and "typing-extensions" not in core["bundle"]
+    both = plan(tmp_path, "--extras", "export,copick")
+    assert {"onnx", "copick", "filelock"} <= set(both["bundle"])  # filelock: copick needs it too
+    assert "tomli" in plan(tmp_path, "--python", "3.10")["bundle"]
+    assert "pywin" in plan(tmp_path, "--platform", "win_amd64")["bundle"]
+
+
+def test_plan_exclusion_lists(tmp_path):
+    only_torch = plan(tmp_path, "--exclude", "torch")
+    assert "torchvision" in only_torch["bundle"] and set(only_torch["excluded"]) == {"torch"}
+    slim = plan(tmp_path, "--also-exclude", "numpy Pillow")
+    assert {"torch", "torchvision", "numpy", "pillow"} == set(slim["excluded"])
+    ex = tmp_path / "exclude.txt"
+    ex.write_text("# preinstalled on my target\ntorch   # the big one\ntorchvision\nnvidia-*\n\n")
+    from_file = plan(tmp_path, "--exclude-file", ex)
+    assert {"torch", "torchvision", "nvidia-ml-py"} == set(from_file["excluded"])
+
+
+def test_platform_tags_are_widened(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(FAKE_REPORT))
+
+    def tags(*platforms):
+        args = [a for p in platforms for a in ("--platform", p)]
+        proc = run_script("--dry-run", "--report", report, *args)
+        assert proc.returncode == 0, proc.stderr
+        line = next(x for x in proc.stderr.splitlines() if "platforms:" in x)
+        return line.split("platforms:")[1].split()
+
+    kaggle = tags()
+    assert kaggle[0] == "manylinux_2_35_x86_64"
+    assert {"manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"} <= set(kaggle)
+    old = tags("manylinux2014_aarch64")
+    assert "manylinux_2_17_aarch64" in old and "manylinux_2_18_aarch64" not in old
+    assert "manylinux2010_aarch64" not in old  # manylinux2010/1 were x86 only
+    assert tags("win_amd64") == ["win_amd64"]
+
+
+# ------------------------------------------------------------- full run against a local fake index
+
+
+def make_wheel(dest: Path, name: str, version: str, requires=()) -> Path:
+    """A minimal pure-Python wheel of one module ``name``."""
+    mod = name.replace("-", "_")
+    dist = f"{mod}-{version}.dist-info"
+    files = {
+        f"{mod}.py": f"VERSION = {version!r}\n",
+        f"{dist}/METADATA": "Metadata-Version: 2.1\n" f"Name: {name}\nVersion: {version}\n"
+                            + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    path = dest / f"{mod}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for arc, text in files.items():
+            data = text.encode()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{arc},sha256={digest},{len(data)}")
+            z.writestr(arc, data)
+        z.writestr(f"{dist}/RECORD", "\n".join(record + [f"{dist}/RECORD,,"]) + "\n")
+    return path
+
+
+def make_sdist(dest: Path, name: str, version: str, requires=()) -> Path:
+    """A setuptools source distribution of a pure-Python module (no wheel published)."""
+    base = f"{name}-{version}"
+    files = {
+        f"{base}/setup.py": "from setuptools import setup\n"
+                            f"setup(name={name!r}, version={version!r}, py_modules=[{name!r}], "
+                            f"install_requires={list(requires)!r})\n",
+        f"{base}/{name}.py": "print('built from source')\n",
+        f"{base}/PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+    }
+    path = dest / f"{base}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for arc, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(arc)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def fake_index(tmp_path):
+    idx = tmp_path / "index"
+    idx.mkdir()
+    make_wheel(idx, "appx", "2.0", ["dep-a>=1", "torchlike"])
+    make_wheel(idx, "dep-a", "1.0")
+    make_wheel(idx, "dep-a", "1.1")
+    make_wheel(idx, "torchlike", "9.0", ["torchdep"])
+    make_wheel(idx, "torchdep", "1.0")
+    make_sdist(idx, "puresrc", "0.3", ["dep-a"])
+    return idx
+
+
+def offline_args(idx: Path, out: Path, tar: Path):
+    return ["--no-project", "--exclude", "torchlike", "--pip-arg=--no-index", f"--pip-arg=--find-links={idx}",
+            "--no-build-isolation", "--out", out, "--tar", tar]
+
+
+def test_full_run_offline_builds_sdists_writes_manifest_and_tar(fake_index, tmp_path):
+    out, tar = tmp_path / "wheels", tmp_path / "dist" / "bundle.tar.gz"
+    proc = run_script(*offline_args(fake_index, out, tar), "--with", "appx", "--with", "puresrc")
+    assert proc.returncode == 0, proc.stderr
+    assert "puresrc has no wheel for the target" in proc.stderr
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    wheels = {w["name"]: w for w in manifest["wheels"]}
+    assert set(wheels) == {"appx", "dep-a", "puresrc"}
+    assert wheels["dep-a"]["version"] == "1.1"
+    assert wheels["puresrc"]["source"] == "built-from-sdist" and wheels["appx"]["source"] == "index"
+    assert wheels["puresrc"]["file"] == "puresrc-0.3-py3-none-any.whl"
+    assert {(x["name"], x["reason"]) for x in manifest["not_bundled"]} == {
+        ("torchlike", "excluded"), ("torchdep", "needed only by excluded packages")}
+    assert manifest["target"]["python"] == "3.11" and manifest["target"]["platforms"] == ["manylinux_2_35_x86_64"]
+    for w in wheels.values():
+        data = (out / w["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == w["sha256"] and len(data) == w["size"]
+    assert (out / "MANIFEST.txt").read_text().splitlines() == [
+        "appx==2.0  appx-2.0-py3-none-any.whl", "dep-a==1.1  dep_a-1.1-py3-none-any.whl",
+        "puresrc==0.3  puresrc-0.3-py3-none-any.whl"]
+    assert sorted(p.name for p in out.glob("*.whl")) == sorted(w["file"] for w in wheels.values())
+
+    with tarfile.open(tar) as t:
+        assert sorted(t.getnames()) == sorted([w["file"] for w in wheels.values()] + ["manifest.json", "MANIFEST.txt"])
+        assert t.extractfile("puresrc-0.3-py3-none-any.whl").read() == (out / "puresrc-0.3-py3-none-any.whl").read_bytes()
+
+    # the bundle installs with no index at all; the excluded package is what the target provides
+    target = tmp_path / "site"
+    make_wheel(tmp_path, "torchlike", "9.0")  # "preinstalled"
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--quiet", "--target", str(target)]
+    inst = subprocess.run([*pip, "--find-links", str(out), "--find-links", str(tmp_path), "appx", "puresrc"],
+                          capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert inst.returncode == 0, inst.stderr
+    assert (target / "puresrc.py").is_file() and (target / "dep_a.py").is_file()
+
+
+def test_rerun_prunes_stale_wheels_and_protects_foreign_dirs(fake_index, tmp_path):
+    out, tar = tmp_path / "wheels", tmp_path / "b.tar.gz"
+    assert run_script(*offline_args(fake_index, out, tar), "--with", "appx", "--with", "puresrc").returncode == 0
+    proc = run_script(*offline_args(fake_index, out, tar), "--with", "appx", "--no-tar")
+    assert proc.returncode == 0, proc.stderr
+    assert "removing stale puresrc-0.3-py3-none-any.whl" in proc.stderr
+    assert sorted(p.name for p in out.glob("*.whl")) == ["appx-2.0-py3-none-any.whl", "dep_a-1.1-py3-none-any.whl"]
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    make_wheel(foreign, "precious", "1.0")
+    proc = run_script(*offline_args(fake_index, foreign, tar), "--with", "appx")
+    assert proc.returncode == 2 and "holds wheels this script did not write" in proc.stderr
+    assert (foreign / "precious-1.0-py3-none-any.whl").is_file()
+
+
+def test_from_source_forces_an_sdist_build(fake_index, tmp_path):
+    make_wheel(fake_index, "puresrc", "0.3", ["dep-a"])  # now a wheel exists too
+    make_sdist(fake_index, "dep-a", "1.1")
+    out = tmp_path / "w"
+    proc = run_script(*offline_args(fake_index, out, tmp_path / "t.tar.gz"), "--with", "puresrc", "--no-tar",
+                      "--from-source", "dep-a")
+    assert proc.returncode == 0, proc.stderr
+    wheels = {w["name"]: w["source"] for w in json.loads((out / "manifest.json").read_text())["wheels"]}
+    assert wheels == {"dep-a": "built-from-sdist", "puresrc": "index"}
+
+
+def test_unresolvable_requirement_is_a_clear_error(fake_index, tmp_path):
+    proc = run_script(*offline_args(fake_index, tmp_path / "w", tmp_path / "t.tar.gz"), "--with", "nosuchpkg")
+    assert proc.returncode == 2
+    assert "cannot download a source distribution of 'nosuchpkg'" in proc.stderr
+
+
+# ------------------------------------------------------- the real bundle, installed offline in a venv
+
+SITECUSTOMIZE = '''\
+"""Offline guard of the wheel test: internet sockets fail (and are logged); loopback and unix sockets work."""
+import os
+import socket
+
+_LOG = os.environ.get("CZII_NET_LOG")
+_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+
+def _local(host):
+    if isinstance(host, bytes):
+        host = host.decode()
+    return host in (None, "", "localhost", "::1") or str(host).startswith("127.")
+
+
+def _refuse(what):
+    if _LOG:
+        with open(_LOG, "a") as f:
+            f.write(f"{os.getpid()} {what}\\n")
+    raise OSError(f"network blocked (offline test): {what}")
+
+
+def connect(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
+        _refuse(f"connect {address!r}")
+    return _connect(sock, address)
+
+
+def connect_ex(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
+        _refuse(f"connect {address!r}")
+    return _connect_ex(sock, address)
+
+
+def getaddrinfo(host, *args, **kwargs):
+    if not _local(host):
+        _refuse(f"resolve {host!r}")
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+'''
+
+PIP_WRAPPER = '''#!{python}
+import sys
+from pip._internal.cli.main import main
+sys.exit(main())
+'''
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("CZII_KIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "czii_kit"
+
+
+def pypi_reachable() -> bool:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def preinstalled_closure(roots, skip) -> dict:
+    """``{name: Distribution}`` of ``roots`` and everything they need here, minus the names in ``skip``."""
+    import importlib.metadata as md
+
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name
+
+    out, todo, seen = {}, [(r, ()) for r in roots], set()
+    while todo:
+        name, extras = todo.pop()
+        name = canonicalize_name(name)
+        if (name, extras) in seen or name in skip:
+            continue
+        seen.add((name, extras))
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        out[name] = dist
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                todo.append((req.name, tuple(sorted(req.extras))))
+    return out
+
+
+def expose(dists: dict, dest: Path) -> None:
+    """Symlink the top-level files of ``dists`` (packages, modules, dist-info) into ``dest``."""
+    dest.mkdir(parents=True)
+    for dist in dists.values():
+        base = Path(dist.locate_file(""))
+        tops = {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops - {"__pycache__"}:
+            if top.endswith(".pth") or (dest / top).exists() or not (base / top).exists():
+                continue
+            (dest / top).symlink_to(base / top)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """The real bundle for this interpreter's Python on manylinux x86_64 (Kaggle's platform), cached."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        pytest.skip("the bundle targets manylinux x86_64; this machine cannot install it")
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    root = cache_dir() / "wheel-bundle"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"cp{py.replace('.', '')}-manylinux_x86_64"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test session may be using the same cache
+        env = dict(os.environ, PYTHON=sys.executable)
+        proc = run_script("--python", py, "--out", out, "--no-tar", env=env, timeout=1500)
+        if proc.returncode != 0:
+            if not pypi_reachable():
+                pytest.skip(f"cannot build the wheel bundle without PyPI: {proc.stderr.strip().splitlines()[-1]}")
+            pytest.fail(f"build_wheels.sh failed:\n{proc.stderr[-3000:]}")
+        yield out
+
+
+@pytest.fixture(scope="module")
+def offline_venv(bundle, tmp_path_factory):
+    """A fresh venv: torch, torchvision, pip (+ ipykernel) visible from this machine, the rest from the bundle."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    from pip._vendor.packaging.utils import canonicalize_name
+
+    bundled = {canonicalize_name(w["name"]) for w in manifest["wheels"]}
+    work = cache_dir() / "wheel-venv"
+    shutil.rmtree(work, ignore_errors=True)
+    roots = ["torch", "torchvision", "pip"]
+    if (REPO / "notebooks" / "inference.ipynb").is_file():
+        roots.append("ipykernel")  # Kaggle notebooks run in an IPython kernel
+    expose(preinstalled_closure(roots, bundled), work / "preinstalled")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "_kaggle_preinstalled.pth").write_text(f"{work / 'preinstalled'}\n")
+    (venv / "bin" / "pip").write_text(PIP_WRAPPER.format(python=python))
+    (venv / "bin" / "pip").chmod(0o755)
+    guard = work / "offline"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    netlog = work / "network.log"
+    home = work / "home"
+    home.mkdir()
+    env = clean_env(
+        PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        PYTHONPATH=str(guard), CZII_NET_LOG=str(netlog), HOME=str(home), VIRTUAL_ENV=str(venv),
+        YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(home / "yolo"), HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
+        CZII_KIT_CACHE=str(work / "czii_kit_cache"),
+    )
+    spec = "czii_kit[" + ",".join(manifest["extras"]) + "]" if manifest["extras"] else "czii_kit"
+    inst = subprocess.run([str(venv / "bin" / "pip"), "install", "--no-index", "--find-links", str(bundle), spec],
+                          capture_output=True, text=True, env=env, cwd=home, timeout=900)
+    assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-3000:]
+    yield {"python": python, "venv": venv, "env": env, "netlog": netlog, "home": home, "work": work,
+           "manifest": manifest, "bundle": bundle}
+    assert not netlog.exists(), f"something tried to use the network:\n{netlog.read_text()}"
+
+
+def venv_run(v, *cmd, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=v["env"],
+                          cwd=cwd or v["home"], timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert not v["netlog"].exists(), f"{cmd} tried to use the network:\n{v['netlog'].read_text()}"
+    return proc
+
+
+class TestOfflineInstall:
+    def test_everything_but_the_preinstalled_came_from_the_bundle(self, offline_venv):
+        v = offline_venv
+        code = ("import importlib.metadata as md, json, sys\n"
+                "print(json.dumps({d.metadata['Name'].lower().replace('_', '-'): d.locate_file('').as_posix()"
+                " for d in md.distributions()}))")
+        where = json.loads(venv_run(v, v["python"], "-c", code).stdout)
+        venv = v["venv"].as_posix()
+        for w in v["manifest"]["wheels"]:
+            name = w["name"].lower().replace("_", "-")
+            if name in where:
+                assert where[name].startswith(venv), f"{name} was not installed from the bundle"
+        assert where["czii-kit"].startswith(venv) and not where["torch"].startswith(venv)
+        out = venv_run(v, v["python"], "-c", "import czii_kit, torch; print(czii_kit.__file__)").stdout
+        assert out.strip().startswith(venv), "czii_kit must be imported from the venv, not the checkout"
+
+    def test_cli_runs_offline(self, offline_venv, make_dataset):
+        v = offline_venv
+        assert "usage: czii-kit" in venv_run(v, v["venv"] / "bin" / "czii-kit", "--help").stdout
+        if not (REPO / "czii_kit" / "cli" / "info.py").is_file():
+            pytest.skip("czii-kit info is not in this tree yet")
+        root, volumes, picks = make_dataset(runs=("TS_A", "TS_B"))
+        info = json.loads(venv_run(v, v["venv"] / "bin" / "czii-kit", "info", root, "--json").stdout)
+        assert [r["name"] for r in info["runs"]] == ["TS_A", "TS_B"]
+        assert sum(info["picks_total"].values()) == len(picks)
+
+    def test_ultralytics_and_openvino_work_offline(self, offline_venv):
+        v = offline_venv
+        code = ("from ultralytics import YOLO\n"
+                "m = YOLO('yolo11n.yaml')\n"
+                "print(type(m.model).__name__)\n")
+        if "export" in v["manifest"]["extras"]:
+            code += "import openvino, onnx, onnxruntime\nprint('openvino', openvino.__version__)\n"
+        out = venv_run(v, v["python"], "-c", code).stdout
+        assert "DetectionModel" in out
+
+    def test_demo_runs_offline(self, offline_venv, tmp_path):
+        if not (REPO / "czii_kit" / "cli" / "demo.py").is_file():
+            pytest.skip("czii-kit demo is not in this tree yet")
+        v = offline_venv
+        czii = v["venv"] / "bin" / "czii-kit"
+        help_text = venv_run(v, czii, "demo", "--help").stdout
+        args = ["demo"]
+        for opt, value in (("--out", tmp_path / "demo"), ("--workdir", tmp_path / "demo"), ("--quick", None)):
+            if re.search(rf"(^|\s){re.escape(opt)}\b", help_text):
+                args += [opt] if value is None else [opt, value]
+        venv_run(v, czii, *args, cwd=tmp_path, timeout=900)
+
+    def test_inference_notebook_runs_offline(self, offline_venv, make_dataset, tmp_path):
+        nb_path = REPO / "notebooks" / "inference.ipynb"
+        if not nb_path.is_file():
+            pytest.skip("notebooks/inference.ipynb is not in this tree yet")
+        nbformat = pytest.importorskip("nbformat")
+        nbclient = pytest.importorskip("nbclient")
+        v = offline_venv
+        root, _, _ = make_dataset(runs=("TS_A",), split="test")
+        nb = nbformat.read(nb_path, as_version=4)
+        idx = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        known = {"DATA_ROOT": str(root), "WHEELS_DIR": str(v["bundle"]),
+                 "OUT_DIR": str(tmp_path / "out"), "OUTPUT_DIR": str(tmp_path / "out")}
+        params = {k: val for k, val in known.items() if re.search(rf"^{k}\s*=", nb.cells[idx].source, re.M)}
+        nb.cells.insert(idx + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {val!r}" for k, val in params.items())))
+        kernels = v["work"] / "jupyter" / "kernels" / "czii-offline"
+        kernels.mkdir(parents=True, exist_ok=True)
+        (kernels / "kernel.json").write_text(json.dumps({
+            "argv": [str(v["python"]), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "czii offline venv", "language": "python", "env": v["env"]}))
+        old = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = str(v["work"] / "jupyter")
+        try:
+            nbclient.NotebookClient(nb, timeout=900, kernel_name="czii-offline",
+                                    resources={"metadata": {"path": str(tmp_path)}}).execute()
+        finally:
+            if old is None:
+                os.environ.pop("JUPYTER_PATH")
+            else:
+                os.environ["JUPYTER_PATH"] = old
+        assert not v["netlog"].exists(), v["netlog"].read_text()
