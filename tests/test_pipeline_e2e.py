@@ -1,0 +1,120 @@
+"""Tiny dataset -> build-dataset -> 1-epoch training -> tune -> predict (3 backends) -> score, all offline.
+
+Marked ``network_guard`` (tests/conftest.py): any socket connection to a non-loopback address fails
+the test; DNS look-ups are refused and recorded here as well.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+from pipeline_fixture import make_root
+
+from czii_kit.errors import DataError
+from czii_kit.metric import score
+from czii_kit.picks import read_picks
+from czii_kit.submission import read_submission
+
+pytestmark = pytest.mark.network_guard
+
+
+@pytest.fixture
+def no_dns(monkeypatch):
+    lookups = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host in ("localhost", "127.0.0.1", "::1", None):
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        raise OSError(f"no_dns: test tried to resolve {host!r}")
+
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield lookups
+    assert not lookups, f"the pipeline tried to resolve host names: {lookups}"
+
+
+@pytest.fixture
+def offline_home(tmp_path, monkeypatch):
+    """A private czii_kit cache so the test never depends on the user's ultralytics settings."""
+    monkeypatch.setenv("CZII_KIT_HOME", str(tmp_path / "czii_home"))
+    return tmp_path / "czii_home"
+
+
+def test_offline_configuration(no_dns, offline_home):
+    from czii_kit.offline import configure_offline
+
+    cfg = configure_offline()
+    import ultralytics.utils as uu
+    from ultralytics.utils.checks import check_font
+
+    assert uu.ONLINE is False and uu.SETTINGS["sync"] is False
+    font = check_font("Arial.ttf")
+    assert font is not None and font.is_file() and font.stat().st_size > 10_000
+    assert (cfg / "Arial.Unicode.ttf").is_file()
+    assert check_font("SomeMissingFont.ttf").is_file()  # unknown fonts fall back locally, no download
+
+
+def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
+    from czii_kit.cli import main
+    from czii_kit.infer import Detector, InferenceConfig
+    from czii_kit.train import train
+    from czii_kit.yolo_dataset import build_dataset
+
+    root = tmp_path / "root"
+    shape = (24, 64, 80)
+    make_root(root, runs=("TS_a", "TS_b"), shape=shape, per_type=1, seed=11)
+    solution = make_root(root, runs=("TS_t",), shape=shape, per_type=1, seed=12, split="test")
+
+    data_yaml = build_dataset(root, tmp_path / "ds", val_runs=["TS_b"], z_stride=2, progress=False)
+    out = tmp_path / "run"
+    best = train(data_yaml, out, epochs=1, imgsz=96, batch=8, workers=0)
+    assert best.is_file() and (out / "results.csv").is_file()
+    assert any(out.glob("*.png")) or any(out.glob("*.jpg"))  # plots on, drawn with the local font
+    record = json.loads((best.parent / "czii_kit_train.json").read_text())
+    assert record["status"] == "finished" and record["versions"]["czii_kit"]
+    assert record["preprocess"]["offsets"] == [-2, 0, 2] and record["dataset"]["val_runs"] == ["TS_b"]
+    assert record["train_args"]["hsv_h"] == 0 and record["train_args"]["hsv_s"] == 0
+    assert record["train_args"]["pretrained"] is False
+
+    # the three backends agree on the raw boxes of one batch
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, size=(3, 64, 80, 3), dtype=np.uint8)
+    cfg = InferenceConfig(conf=0.0005, max_det=50)
+    boxes = {be: Detector(best, be, cfg, imgsz=96).detect(imgs) for be in ("torch", "onnx", "openvino")}
+    for be in ("onnx", "openvino"):
+        for a, b in zip(boxes["torch"], boxes[be], strict=True):
+            if len(a) and len(b):
+                np.testing.assert_allclose(a[0, 4], b[0, 4], atol=0.02)
+    assert (best.parent / "best_96_openvino_model" / "czii_kit_export.json").is_file()
+
+    # tune on the validation run, then predict the test split through the CLI
+    rc = main(["tune", str(root), "--weights", str(best), "--quiet"])
+    assert rc == 0
+    tuned = json.loads((best.parent / "czii_kit_thresholds.json").read_text())
+    assert tuned["val_runs"] == ["TS_b"] and set(tuned["thresholds"]) >= {"ribosome", "apo-ferritin"}
+    assert {row["name"] for row in tuned["comparison"]} >= {"greedy", "components"}
+
+    csv = tmp_path / "submission.csv"
+    rc = main(["predict", str(root), "--split", "test", "--weights", str(best), "--out", str(csv),
+               "--backend", "openvino", "--quiet"])
+    assert rc == 0 and csv.is_file()
+    sub = read_submission(csv)
+    assert set(sub["experiment"]) <= {"TS_t"}
+    result = score(read_picks(root, split="test"), sub)
+    assert 0.0 <= result.final <= 1.0
+    assert len(solution) >= 4
+    capsys.readouterr()
+    rc = main(["predict", str(root), "--split", "test", "--weights", str(best), "--out", str(csv), "--quiet"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+    rc = main(["predict", str(root), "--split", "test", "--weights", str(best), "--out", str(csv),
+               "--backend", "torch", "--force", "--quiet"])
+    assert rc == 0
+
+    with pytest.raises(DataError, match="nothing to resume"):
+        train(data_yaml, tmp_path / "empty_run", resume=True)
+    rc = main(["predict", str(root), "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.csv")])
+    assert rc == 2 and "missing.pt" in capsys.readouterr().err
