@@ -132,7 +132,7 @@ def run_pytest(python: Path, test_args: list[str], timeout: float = 600) -> subp
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.pop("PYTEST_ADDOPTS", None)
     env.pop("PYTEST_CURRENT_TEST", None)
-    cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *test_args]
+    cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", *test_args]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
