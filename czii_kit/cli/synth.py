@@ -1,0 +1,75 @@
+"""``czii-kit synth``: simulate a training/test dataset of cryo-ET tomograms in the Kaggle layout."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from czii_kit.errors import CziiKitError
+
+HELP = "simulate tomograms with picks (Kaggle layout): tilt series, CTF, noise, WBP, denoising"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "synth",
+        help=HELP,
+        description=(
+            "Simulate cryo-ET runs (particles from density maps or built-in models, membranes, gold, "
+            "distractors; tilt series about y with CTF, dose and noise; weighted back-projection; "
+            "denoising) and write them as a dataset root: train/static, train/overlay (picks), "
+            "test/static and solution.csv."
+        ),
+    )
+    p.add_argument("--out", type=Path, help="dataset root to create")
+    p.add_argument("--runs", type=int, default=7, help="training runs (with picks) [7]")
+    p.add_argument("--test-runs", type=int, default=3, help="test runs (ground truth in solution.csv) [3]")
+    p.add_argument("--size", default="full", choices=["full", "small", "tiny"],
+                   help="full = 184x630x630, small = 92x316x316, tiny = 48x96x128 voxels of 10.012 Å [full]")
+    p.add_argument("--seed", type=int, default=0, help="master seed [0]")
+    p.add_argument("--maps", type=Path, default=None,
+                   help="folder of MRC density maps (e.g. ../shared/data/density_maps); default: built-in models")
+    p.add_argument("--picks", type=Path, default=None,
+                   help="place particles at these picks (e.g. real Kaggle train/overlay), one layout per run")
+    p.add_argument("--workers", type=int, default=None, help="threads for the heavy stages [2]")
+    p.add_argument("--force", action="store_true", help="replace an existing synthetic dataset at --out")
+    p.add_argument("--bench", action="store_true", help="time one run stage by stage (nothing is kept)")
+    p.add_argument("--figure", type=Path, default=None, metavar="PNG",
+                   help="write the README figure (x-y slice with picks, x-z slice) of one simulated run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args) -> int:
+    from czii_kit.synthetic import benchmark, generate_dataset
+    from czii_kit.synthetic.params import SimParamError
+
+    if args.maps is not None and not args.maps.is_dir():
+        raise CziiKitError(f"{args.maps}: density map folder not found")
+    if args.workers is not None and args.workers < 1:
+        raise SimParamError(f"--workers must be >= 1, got {args.workers}")
+    did = False
+    if args.bench:
+        benchmark(args.size, seed=args.seed, maps_dir=args.maps, workers=args.workers)
+        did = True
+    if args.figure is not None:
+        from czii_kit.synthetic.figure import make_figure
+
+        path = make_figure(args.figure, maps_dir=args.maps, size=args.size, seed=args.seed,
+                           overwrite=args.force, workers=args.workers)
+        print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KB)")
+        did = True
+    if args.out is not None:
+        if args.runs < 0 or args.test_runs < 0 or args.runs + args.test_runs == 0:
+            raise SimParamError(f"need at least one run (--runs {args.runs}, --test-runs {args.test_runs})")
+        root = generate_dataset(
+            args.out, n_train=args.runs, n_test=args.test_runs, size=args.size, seed=args.seed,
+            maps_dir=args.maps, picks_dir=args.picks, overwrite=args.force, progress=not args.quiet,
+            workers=args.workers,
+        )
+        print(f"wrote {args.runs} training and {args.test_runs} test runs to {root}")
+        did = True
+    if not did:
+        raise CziiKitError("nothing to do: give --out DIR (or --bench, --figure PNG)")
+    return 0
