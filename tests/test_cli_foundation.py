@@ -62,6 +62,18 @@ def test_info_json(make_dataset, capsys):
     assert sum(json.loads(out)["picks_total"].values()) == 18
 
 
+def test_info_on_one_tomogram(make_dataset, capsys):
+    root, _, _ = make_dataset(runs=("TS_A",))
+    tomo = root / "train" / "static" / "ExperimentRuns" / "TS_A" / "VoxelSpacing10.000" / "denoised.zarr"
+    code, out, _ = run_cli(capsys, "info", tomo)
+    assert code == 0
+    assert "level 1: 8x16x24 (z,y,x) float32, 20.0249 Å/voxel" in out
+    code, out, _ = run_cli(capsys, "info", tomo, "--json")
+    assert [lv["shape"] for lv in json.loads(out)["levels"]] == [[16, 32, 48], [8, 16, 24], [4, 8, 12]]
+    code, _, err = run_cli(capsys, "info", tomo.with_name("wbp.zarr"))
+    assert_one_line_error(code, err, "wbp.zarr", "no such zarr group")
+
+
 def test_info_on_the_real_picks(train_picks_dir, capsys):
     code, out, _ = run_cli(capsys, "info", train_picks_dir)
     assert code == 0

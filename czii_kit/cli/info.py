@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -21,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Describe a dataset in the Kaggle/copick layout: its runs, each tomogram's multiscale levels "
             "(shape z,y,x and voxel size in Å, read from the zarr metadata) and the number of picks per "
             "particle type. PATH may be a dataset root, a split folder, a static or overlay root, an "
-            "ExperimentRuns folder or one run folder."
+            "ExperimentRuns folder, one run folder, or one tomogram (.zarr)."
         ),
     )
     p.add_argument("path", metavar="PATH", help="dataset root, split, static/overlay root or run folder")
@@ -90,6 +91,16 @@ def format_info(info: dict) -> str:
 
 
 def run(args) -> int:
+    if Path(args.path).suffix == ".zarr":  # one tomogram
+        levels = describe_tomogram(args.path)
+        if args.json:
+            print(json.dumps({"path": str(args.path), "levels": [{**lv, "shape": list(lv["shape"])} for lv in levels]}))
+        else:
+            print(f"{args.path}: {len(levels)} level(s)")
+            for lv in levels:
+                print(f"  level {lv['level']}: {'x'.join(map(str, lv['shape']))} (z,y,x) {lv['dtype']}, "
+                      f"{lv['voxel_size']:.4f} Å/voxel")
+        return 0
     info = collect(args.path, args.split, args.user_id)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
