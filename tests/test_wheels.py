@@ -520,7 +520,10 @@ class TestOfflineInstall:
 
     def test_ultralytics_and_openvino_work_offline(self, offline_venv):
         v = offline_venv
-        code = ("from ultralytics import YOLO\n"
+        # czii_kit.offline is what the package calls before touching ultralytics or OpenVINO
+        code = ("from czii_kit.offline import configure_offline\n"
+                "configure_offline()\n"
+                "from ultralytics import YOLO\n"
                 "m = YOLO('yolo11n.yaml')\n"
                 "print(type(m.model).__name__)\n")
         if "export" in v["manifest"]["extras"]:
