@@ -118,6 +118,13 @@ def read_picks(
     -------
     DataFrame
         ``experiment, particle_type, x, y, z`` (Å), sorted by experiment then particle type.
+
+    Raises
+    ------
+    DataError
+        Missing folder, no runs, a malformed file, or several files for one run and particle type
+        (e.g. two users' picks, or Kaggle and copick names side by side) that ``user_id`` does not
+        narrow down to one.
     """
     path = Path(path)
     if path.is_file():
@@ -127,11 +134,19 @@ def read_picks(
     for run in find_runs(path, split):
         if keep is not None and run.name not in keep:
             continue
+        sources: dict[str, list[Path]] = {}
         for f in run.pick_files():
-            user, _, _ = parse_pick_filename(f)
+            user, _, particle = parse_pick_filename(f)
             if user_id is not None and user is not None and user != user_id:
                 continue
-            frames.append(read_picks_file(f, run.name))
+            sources.setdefault(particle, []).append(f)
+        for particle, files in sorted(sources.items()):
+            if len(files) > 1:
+                names = ", ".join(f.name for f in files)
+                hint = "pass user_id (--user-id) to choose one" if user_id is None else "remove all but one"
+                raise DataError(files[0].parent, f"several picks files for {particle!r} of run {run.name!r} "
+                                                 f"({names}); reading them all would count points twice: {hint}")
+            frames.append(read_picks_file(files[0], run.name))
     if not frames:
         return empty_picks()
     df = pd.concat(frames, ignore_index=True)

@@ -367,6 +367,20 @@ def test_bad_picks_files(tmp_path):
     assert df.iloc[0].tolist() == ["TS_X", "ribosome", 1.0, 2.0, 3.0]
 
 
+def test_several_sources_for_one_particle_are_not_merged_silently(tmp_path):
+    truth = random_picks(["TS_A"], per_type=2, seed=1)
+    write_picks(truth, tmp_path, naming="copick", user_id="curation")
+    write_picks(random_picks(["TS_A"], per_type=5, seed=2), tmp_path, naming="copick", user_id="model")
+    with pytest.raises(DataError, match="several picks files for 'apo-ferritin' of run 'TS_A'.*--user-id"):
+        read_picks(tmp_path)
+    assert len(read_picks(tmp_path, user_id="curation")) == len(truth)
+    assert len(read_picks(tmp_path, user_id="model")) == 30
+    write_picks(truth, tmp_path)  # Kaggle names beside copick names of the same picks
+    with pytest.raises(DataError, match="curation_0_apo-ferritin.json, apo-ferritin.json|"
+                                        "apo-ferritin.json, curation_0_apo-ferritin.json"):
+        read_picks(tmp_path, user_id="curation")
+
+
 def test_picks_errors_are_czii_kit_errors(tmp_path):
     """Every read failure derives from CziiKitError, so the CLI reports one line, exit code 2."""
     with pytest.raises(CziiKitError):
