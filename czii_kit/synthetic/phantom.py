@@ -14,6 +14,7 @@ tomogram grid (trilinear ``affine_transform``), so maps at any voxel size are re
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,12 +111,14 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
     if not path.is_file():
         raise DataError(path, "density map not found")
     try:
-        with mrcfile.open(path, permissive=True) as m:
-            if m.data is None:
-                raise DataError(path, "not a readable MRC file (no data block)")
-            data = np.asarray(m.data, dtype=np.float32).copy()
-            vs = m.voxel_size
-            vsz = [float(vs.x), float(vs.y), float(vs.z)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # permissive mode warns about what it then reports as None
+            with mrcfile.open(path, permissive=True) as m:
+                if m.data is None:
+                    raise DataError(path, "not a readable MRC file (no data block)")
+                data = np.asarray(m.data, dtype=np.float32).copy()
+                vs = m.voxel_size
+                vsz = [float(vs.x), float(vs.y), float(vs.z)]
     except DataError:
         raise
     except Exception as exc:  # mrcfile raises ValueError / OSError on corrupt headers
@@ -715,9 +718,13 @@ def fit_slab_to_picks(params: RunParams, picks: pd.DataFrame, margin: float = 3.
     if picks is None or not len(picks):
         return params
     idx = angstrom_to_voxel(picks[["x", "y", "z"]].to_numpy(float), vs)
-    r = np.array([get_particle(n).radius / vs for n in picks["particle_type"]])
+    inside = ((idx >= -0.5) & (idx <= np.array(params.shape) - 0.5)).all(1)
+    if not inside.any():
+        return params
+    idx = idx[inside]
+    r = np.array([get_particle(n).radius / vs for n in picks["particle_type"][inside]])
     z, y, x = idx[:, 0], idx[:, 1], idx[:, 2]
-    if len(picks) >= 10:
+    if len(idx) >= 10:
         a_mat = np.stack([x - (nx - 1) / 2, y - (ny - 1) / 2, np.ones_like(x)], 1)
         (ax, ay, c), *_ = np.linalg.lstsq(a_mat, z, rcond=None)
         ax, ay = float(np.clip(ax, -0.15, 0.15)), float(np.clip(ay, -0.15, 0.15))
@@ -726,6 +733,8 @@ def fit_slab_to_picks(params: RunParams, picks: pd.DataFrame, margin: float = 3.
         c = float(np.median(z))
     resid = z - (ax * (x - (nx - 1) / 2) + ay * (y - (ny - 1) / 2) + c)
     lo, hi = float((resid - r).min()) - margin, float((resid + r).max()) + margin
+    if hi - lo >= nz - 1:  # the particles fill the whole height: the slab is the whole volume
+        lo, hi, ax, ay, c = -(nz - 1) / 2.0 - 1, (nz - 1) / 2.0 + 1, 0.0, 0.0, (nz - 1) / 2.0
     thick = float(np.clip(hi - lo, 4, nz))
     centre = float(c + (lo + hi) / 2)
     return dataclasses.replace(
