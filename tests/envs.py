@@ -85,8 +85,12 @@ def ensure_env(name: str, requirements: list[str], timeout: float = BUILD_TIMEOU
     failed = path.with_name(path.name + ".failed")
     if done.is_file():
         return _python(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115
+    except OSError as exc:
+        raise EnvUnavailable(f"cannot use the cache folder {path.parent}: {exc}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process may be building the same env
         if done.is_file():
             return _python(path)
