@@ -407,7 +407,19 @@ build_from_source() {  # requirement -> pure-python wheel in $LOCAL, pinned in c
 # ---------------------------------------------------------------- czii_kit's own wheel
 if [[ $PROJECT -eq 1 ]]; then
   info "building czii_kit $PROJECT_VERSION"
-  pip wheel --no-deps -w "$LOCAL" "${BUILD_ARGS[@]}" "${PIP_ARGS[@]}" "$REPO" >&2 || die "cannot build czii_kit's wheel"
+  # build from a copy of the source files (tracked + untracked, not ignored): a stale build/ or
+  # *.egg-info in the checkout can neither leak into the wheel nor be written there
+  SRC="$BUILD/src"
+  mkdir -p "$SRC"
+  if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
+       | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
+       | tar --null --files-from=- -cf -) | tar -C "$SRC" -xf - || die "cannot copy the sources of $REPO"
+  else
+    tar -C "$REPO" --exclude=./build --exclude=./dist --exclude=./wheels --exclude='*.egg-info' \
+        --exclude=.git --exclude=__pycache__ -cf - . | tar -C "$SRC" -xf - || die "cannot copy the sources of $REPO"
+  fi
+  pip wheel --no-deps -w "$LOCAL" "${BUILD_ARGS[@]}" "${PIP_ARGS[@]}" "$SRC" >&2 || die "cannot build czii_kit's wheel"
   echo "czii_kit==$PROJECT_VERSION" >>"$BUILD/constraints.txt"
 fi
 for req in $FROM_SOURCE; do build_from_source "$req"; done
