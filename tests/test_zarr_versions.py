@@ -78,15 +78,25 @@ def test_disabled_builds_raise_env_unavailable(monkeypatch, tmp_path):
 
 
 def test_failed_build_is_remembered(monkeypatch, tmp_path):
-    """A leg whose requirements cannot be met fails once, then skips fast with the same reason."""
+    """A leg whose build fails fails once, then skips fast with the same reason; a success clears it."""
     monkeypatch.setenv("CZII_KIT_TEST_ENVS", str(tmp_path))
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no registry: nothing can be installed
-    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
-    reqs = ["czii-kit-no-such-package-xyz==0.0.1"]
-    with pytest.raises(envs.EnvUnavailable, match="cannot build"):
-        envs.ensure_env("broken", reqs, timeout=300)
-    marker = envs.env_dir("broken", reqs).with_name(envs.env_dir("broken", reqs).name + ".failed")
-    assert marker.is_file()
-    with pytest.raises(envs.EnvUnavailable, match="failed recently"):
+    calls = []
+
+    def failing_build(path, requirements, timeout):
+        calls.append(path)
+        path.mkdir()
+        raise envs.EnvUnavailable(f"cannot build {path.name}: no registry")
+
+    monkeypatch.setattr(envs, "_build", failing_build)
+    reqs = ["czii-kit-no-such-package==0.0.1"]
+    with pytest.raises(envs.EnvUnavailable, match="no registry"):
         envs.ensure_env("broken", reqs)
-    assert not envs.env_dir("broken", reqs).exists()
+    assert not envs.env_dir("broken", reqs).exists()  # the half-built venv is removed
+    with pytest.raises(envs.EnvUnavailable, match="failed recently.*no registry"):
+        envs.ensure_env("broken", reqs)
+    assert len(calls) == 1
+    monkeypatch.setattr(envs, "_build", lambda path, requirements, timeout: path.mkdir())
+    monkeypatch.setattr(envs, "FAILURE_TTL_S", 0)
+    assert envs.ensure_env("broken", reqs) == envs.env_dir("broken", reqs) / "bin" / "python"
+    assert not envs.env_dir("broken", reqs).with_name(envs.env_dir("broken", reqs).name + ".failed").exists()
+    assert envs.ensure_env("broken", reqs)  # cached: no build
