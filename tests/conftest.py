@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,9 @@ import pandas as pd
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:  # `import envs` / `from conftest import ...` work with or without tests/__init__.py
+    sys.path.insert(0, _TESTS_DIR)
 VOXEL_SIZE = 10.012444
 """The real Kaggle voxel size, Å."""
 SMALL_SHAPE = (16, 32, 48)
