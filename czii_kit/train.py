@@ -149,7 +149,8 @@ def train(
         given = {"epochs": epochs, "batch": batch, "seed": seed,
                  "imgsz": imgsz if imgsz is not None else default_imgsz(manifest)}
         args = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **overrides}
-        args.update(data=str(data_yaml), project=str(out_dir.parent), name=out_dir.name, exist_ok=True)
+        # project=out_dir, name="." saves exactly into out_dir (ultralytics renames a run called "model")
+        args.update(data=str(data_yaml), project=str(out_dir), name=".", exist_ok=True)
         record = {
             "czii_kit_train_version": 1,
             "started": started,

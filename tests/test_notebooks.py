@@ -8,7 +8,7 @@ import pytest
 from czii_kit.picks import read_picks
 from czii_kit.submission import write_submission
 
-from .nbrun import REPO, cell_text, run_notebook
+from nbrun import REPO, cell_text, run_notebook
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -49,3 +49,41 @@ def test_explore_notebook(tiny_dataset, tmp_path):
     text = cell_text(nb)
     assert run in text and "final (weighted F4)" in text
     assert "FP" in text and "TP" in text
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """Run train.ipynb on the tiny dataset (1 epoch); returns (workdir, executed notebook)."""
+    work = tmp_path_factory.mktemp("nbtrain")
+    nb = run_notebook("train.ipynb", work, {
+        "DATA_ROOT": str(tiny_dataset), "WORK_DIR": "work", "CROP": None, "Z_STRIDE": 2, "EPOCHS": 1,
+        "IMGSZ": 128, "BATCH": 8, "SEED": 0,
+    })
+    return work, nb
+
+
+def test_train_notebook(trained):
+    work, nb = trained
+    weights = work / "work" / "model" / "weights"
+    assert (weights / "best.pt").is_file()
+    assert (weights / "czii_kit_train.json").is_file()
+    doc = json.loads((weights / "czii_kit_thresholds.json").read_text())
+    assert set(doc["thresholds"]) >= {"apo-ferritin", "ribosome", "virus-like-particle"}
+    assert (work / "work" / "training_curves.png").stat().st_size > 2000
+    assert "final F4 on validation" in cell_text(nb)
+
+
+def test_inference_notebook(trained, tiny_dataset, tmp_path):
+    work, _ = trained
+    weights = work / "work" / "model" / "weights" / "best.pt"
+    nb = run_notebook("inference.ipynb", tmp_path, {
+        "DATA_ROOT": str(tiny_dataset), "WEIGHTS": str(weights), "BACKEND": "torch", "OUT": "sub.csv",
+    })
+    import pandas as pd
+
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert list(sub.columns) == ["id", "experiment", "particle_type", "x", "y", "z"]
+    assert sub["id"].is_unique
+    test_runs = set(pd.read_csv(Path(tiny_dataset) / "solution.csv")["experiment"])
+    assert set(sub["experiment"]) <= test_runs
+    assert "wrote" in cell_text(nb)
