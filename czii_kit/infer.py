@@ -1,8 +1,9 @@
 """Run a YOLO detector over the slices of tomograms: streamed, batched, through ultralytics.
 
-Backends: ``"torch"`` (the ``.pt`` itself), ``"onnx"`` and ``"openvino"``. ONNX/OpenVINO models are
-exported once with ultralytics (``dynamic=True`` batch and size, ``half=False``) and cached beside
-the weights as ``{stem}_{imgsz}.onnx`` / ``{stem}_{imgsz}_openvino_model/`` with a
+Backends: ``"torch"`` (the ``.pt`` itself), ``"onnx"`` and ``"openvino"``, all run through
+ultralytics' ``AutoBackend`` and ``non_max_suppression``. ONNX/OpenVINO models are exported once
+with ultralytics (static input ``(batch, 3, imgsz, imgsz)``, fp32) and cached beside the weights as
+``{stem}_{imgsz}_b{batch}.onnx`` / ``{stem}_{imgsz}_b{batch}_openvino_model/`` with a
 ``czii_kit_export.json`` naming the source weights' SHA-256; a changed ``.pt`` triggers a re-export.
 
 The raw volume of one tomogram is held in memory (float32, ~290 MB for 184x630x630); the 2.5D
@@ -63,7 +64,7 @@ class InferenceConfig:
     """
 
     imgsz: int | None = None
-    batch: int = 16
+    batch: int = 8
     z_stride: int = 1
     tta: bool = False
     conf: float = 0.05
@@ -88,37 +89,40 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_path(weights: str | Path, backend: str, imgsz: int) -> Path:
-    """Where the cached export of ``weights`` for ``backend`` at ``imgsz`` lives."""
+def export_path(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -> Path:
+    """Where the cached export of ``weights`` for ``backend`` at ``imgsz`` and ``batch`` lives."""
     w = Path(weights)
     if backend == "onnx":
-        return w.with_name(f"{w.stem}_{imgsz}.onnx")
+        return w.with_name(f"{w.stem}_{imgsz}_b{batch}.onnx")
     if backend == "openvino":
-        return w.with_name(f"{w.stem}_{imgsz}_openvino_model")
+        return w.with_name(f"{w.stem}_{imgsz}_b{batch}_openvino_model")
     raise ValueError(f"backend {backend!r} has no export")
 
 
-def ensure_export(weights: str | Path, backend: str, imgsz: int) -> Path:
-    """Export ``weights`` to ``backend`` once (cached beside the weights); return the model path."""
+def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -> Path:
+    """Export ``weights`` to ``backend`` once (cached beside the weights); return the model path.
+
+    Exports are static (``dynamic=False``) with input ``(batch, 3, imgsz, imgsz)``: OpenVINO runs
+    static shapes faster and with less memory; ultralytics' AutoBackend pads a short last batch.
+    """
     from czii_kit.offline import configure_offline
 
     configure_offline()
     w = Path(weights)
-    dest = export_path(w, backend, imgsz)
-    rec_path = (dest if backend == "openvino" else dest.parent) / (
-        EXPORT_RECORD if backend == "openvino" else f"{dest.name}.{EXPORT_RECORD}")
+    dest = export_path(w, backend, imgsz, batch)
+    rec_path = dest / EXPORT_RECORD if backend == "openvino" else dest.with_name(f"{dest.name}.{EXPORT_RECORD}")
     digest = _sha256(w)
     if dest.exists() and rec_path.is_file():
         try:
             rec = json.loads(rec_path.read_text())
         except json.JSONDecodeError:
             rec = {}
-        if rec.get("weights_sha256") == digest and rec.get("imgsz") == imgsz:
+        if rec.get("weights_sha256") == digest:
             return dest
     from ultralytics import YOLO
 
     model = YOLO(str(w))
-    kwargs = {"format": backend, "imgsz": imgsz, "dynamic": True, "batch": 1}
+    kwargs = {"format": backend, "imgsz": imgsz, "dynamic": False, "batch": batch, "device": "cpu"}
     if backend == "onnx":
         kwargs["simplify"] = False
     try:
@@ -128,29 +132,30 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int) -> Path:
     if dest.exists():
         shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
     out.rename(dest)
-    record = {"weights": str(w.name), "weights_sha256": digest, "imgsz": imgsz, "export_args": kwargs}
+    record = {"weights": str(w.name), "weights_sha256": digest, "imgsz": imgsz, "batch": batch,
+              "export_args": kwargs}
     rec_path.write_text(json.dumps(record, indent=1))
     return dest
 
 
-def load_model(weights: str | Path, backend: str = "torch", imgsz: int = 640):
-    """An ultralytics ``YOLO`` for ``weights`` on ``backend`` (exporting once when needed)."""
-    from czii_kit.offline import configure_offline
+def _device(device: str | None, backend: str):
+    import torch
 
-    configure_offline()
-    if backend not in BACKENDS:
-        raise CziiKitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    w = Path(weights)
-    if not w.is_file():
-        raise DataError(w, "no such weights file")
-    from ultralytics import YOLO
+    if backend != "torch":
+        return torch.device("cpu")
+    if device is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    from ultralytics.utils.torch_utils import select_device
 
-    path = w if backend == "torch" else ensure_export(w, backend, imgsz)
-    return YOLO(str(path), task="detect")
+    return select_device(device, verbose=False)
 
 
 class Detector:
-    """A loaded model plus its inference settings: images in, boxes out.
+    """A loaded model (ultralytics ``AutoBackend``) plus its settings: uint8 images in, boxes out.
+
+    Images are padded (bottom/right, grey 114 like ultralytics' letterbox) to ``imgsz x imgsz``
+    without resizing when they fit, so particles keep their pixel size; larger images are scaled
+    down to fit. Boxes go through ultralytics' ``non_max_suppression``.
 
     Parameters
     ----------
@@ -159,49 +164,110 @@ class Detector:
     backend : {"torch", "onnx", "openvino"}
     config : InferenceConfig
     imgsz : int
-        Network input size (resolved by the caller for the slice shape).
+        Network input size (resolved by the caller for the slice shape; multiple of 32).
     """
 
     def __init__(self, weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
                  imgsz: int = 640):
+        from czii_kit.offline import configure_offline
+
+        configure_offline()
+        if backend not in BACKENDS:
+            raise CziiKitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.weights = Path(weights)
-        self.backend = backend
+        if not self.weights.is_file():
+            raise DataError(self.weights, "no such weights file")
+        self.backend_name = backend
         self.config = config or InferenceConfig()
         self.imgsz = int(imgsz)
-        self.model = load_model(self.weights, backend, self.imgsz)
+        if self.imgsz % 32:
+            raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
+        path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz,
+                                                                     self.config.batch)
+        from ultralytics.nn.autobackend import AutoBackend
 
-    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        self.device = _device(self.config.device, backend)
+        self.model = AutoBackend(str(path), device=self.device, fp16=False, verbose=False)
+        self.model.eval()
+        self.names = dict(self.model.names)
+
+    def to_tensor(self, images: np.ndarray):
+        """``(B, H, W, 3)`` uint8 -> ``(B, 3, S, S)`` float tensor 0..1 (channel order as in training) and the scale."""
+        import torch
+
+        b, h, w = images.shape[:3]
+        s = self.imgsz
+        scale = min(1.0, s / max(h, w))
+        if scale < 1.0:
+            import cv2
+
+            nh, nw = int(round(h * scale)), int(round(w * scale))
+            images = np.stack([cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images])
+            h, w = nh, nw
+        canvas = np.full((b, s, s, 3), 114, np.uint8)
+        canvas[:, :h, :w] = images[..., ::-1]  # PNGs written by cv2 (BGR) are fed to the net as RGB
+        x = torch.from_numpy(canvas).permute(0, 3, 1, 2).float().div_(255.0)
+        return x.to(self.device), scale
+
+    def forward(self, x):
+        """Raw network output for a prepared tensor (model-only timing)."""
+        import torch
+
+        with torch.inference_mode():
+            y = self.model(x)
+        return y[0] if isinstance(y, (list, tuple)) else y
+
+    def _boxes(self, y, flip: str | None = None) -> list[np.ndarray]:
+        from ultralytics.utils.nms import non_max_suppression
+
         c = self.config
-        kw = {"imgsz": self.imgsz, "conf": c.conf, "iou": c.iou, "max_det": c.max_det, "verbose": False}
-        if c.device is not None:
-            kw["device"] = c.device
-        out = []
-        for r in self.model.predict(images, **kw):
-            b = r.boxes
-            if b is None or len(b) == 0:
-                out.append(np.empty((0, 6), np.float32))
-                continue
-            out.append(np.concatenate([b.xywh.cpu().numpy(), b.conf.cpu().numpy()[:, None],
-                                       b.cls.cpu().numpy()[:, None]], axis=1).astype(np.float32))
-        return out
+        out = non_max_suppression(y, c.conf, c.iou, max_det=c.max_det, nc=len(self.names), max_time_img=2.0,
+                                  end2end=bool(getattr(self.model, "end2end", False)))
+        res = []
+        s = float(self.imgsz)
+        for d in out:
+            d = d.detach().cpu().numpy().astype(np.float32)
+            x0, y0, x1, y1 = d[:, 0], d[:, 1], d[:, 2], d[:, 3]
+            if flip == "lr":
+                x0, x1 = s - x1, s - x0
+            elif flip == "ud":
+                y0, y1 = s - y1, s - y0
+            res.append(np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0, d[:, 4], d[:, 5]], axis=1))
+        return res
 
     def detect(self, images: np.ndarray) -> list[np.ndarray]:
-        """Boxes per image for ``images (B, H, W, 3)`` uint8: each ``(n, 6)`` ``cx, cy, w, h, conf, cls`` (pixels)."""
-        imgs = [np.ascontiguousarray(im) for im in images]
-        res = self._predict(imgs)
+        """Boxes per image for ``images (B, H, W, 3)`` uint8: each ``(n, 6)`` ``cx, cy, w, h, conf, cls``
+        in pixel coordinates of the input image."""
+        x, scale = self.to_tensor(np.asarray(images))
+        res = self._boxes(self.forward(x))
         if self.config.tta:
-            h, w = images.shape[1:3]
-            lr = self._predict([np.ascontiguousarray(im[:, ::-1]) for im in images])
-            ud = self._predict([np.ascontiguousarray(im[::-1]) for im in images])
-            merged = []
-            for a, b, c in zip(res, lr, ud, strict=True):
-                b = b.copy()
-                c = c.copy()
-                b[:, 0] = w - b[:, 0]
-                c[:, 1] = h - c[:, 1]
-                merged.append(np.concatenate([a, b, c]))
-            res = merged
+            lr = self._boxes(self.forward(x.flip(3)), "lr")
+            ud = self._boxes(self.forward(x.flip(2)), "ud")
+            res = [np.concatenate(t) for t in zip(res, lr, ud, strict=True)]
+        if scale != 1.0:
+            for r in res:
+                r[:, :4] /= scale
         return res
+
+
+def read_volume(tomo) -> np.ndarray:
+    """The whole level of a :class:`~czii_kit.tomogram.Tomogram` as float32 ``(nz, ny, nx)``.
+
+    Reads one chunk column (all z, one y/x chunk) at a time into a preallocated array, so each
+    chunk is decompressed once and the transient memory stays at about one chunk.
+    """
+    arr = tomo.array
+    nz, ny, nx = tomo.shape
+    chunks = getattr(arr, "chunks", None) or (nz, ny, nx)
+    cy, cx = int(chunks[1]), int(chunks[2])
+    out = np.empty((nz, ny, nx), np.float32)
+    try:
+        for y0 in range(0, ny, cy):
+            for x0 in range(0, nx, cx):
+                out[:, y0 : y0 + cy, x0 : x0 + cx] = arr[:, y0 : y0 + cy, x0 : x0 + cx]
+    except Exception as exc:  # corrupt chunk, missing codec, ...
+        raise DataError(tomo.path / tomo.level, f"cannot read voxels: {exc}") from exc
+    return out
 
 
 def preprocess_config_for(weights: str | Path) -> PreprocessConfig:
@@ -258,7 +324,7 @@ def detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised",
         imgsz = config.imgsz or native_imgsz(tomo.shape[1:])
         if detector is None or detector.imgsz != imgsz:
             detector = Detector(weights, backend, config, imgsz)
-        vol = tomo.read()
+        vol = read_volume(tomo)
         frames.append(detect_volume(detector, vol, run.name, prep, config.z_stride, tomo.path, bar))
         voxel_sizes[run.name] = tomo.voxel_size
         del vol

@@ -89,7 +89,7 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
         for a, b in zip(boxes["torch"], boxes[be], strict=True):
             if len(a) and len(b):
                 np.testing.assert_allclose(a[0, 4], b[0, 4], atol=0.02)
-    assert (best.parent / "best_96_openvino_model" / "czii_kit_export.json").is_file()
+    assert (best.parent / "best_96_b8_openvino_model" / "czii_kit_export.json").is_file()
 
     # tune on the validation run, then predict the test split through the CLI
     rc = main(["tune", str(root), "--weights", str(best), "--quiet"])
