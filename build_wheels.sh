@@ -527,6 +527,7 @@ EOF
 # ---------------------------------------------------------------- archive
 if [[ $NO_TAR -eq 0 ]]; then
   mkdir -p "$(dirname "$TAR")"
+  TAR="$(cd "$(dirname "$TAR")" && pwd)/$(basename "$TAR")"  # the archive is written from inside OUT
   tmp="$TAR.tmp.$$"
   (cd "$OUT" && { cut -f4 "$SOURCES"; echo manifest.json; echo MANIFEST.txt; } | sort \
      | tar --create --no-recursion --owner=0 --group=0 --numeric-owner --mtime='2000-01-01 00:00Z' \

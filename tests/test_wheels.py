@@ -47,7 +47,7 @@ def clean_env(**extra) -> dict:
 
 
 def run_script(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=os.getcwd(),
                           env=env or clean_env(), timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -284,9 +284,13 @@ def test_full_run_offline_builds_sdists_writes_manifest_and_tar(fake_index, tmp_
     assert (target / "puresrc.py").is_file() and (target / "dep_a.py").is_file()
 
 
-def test_rerun_prunes_stale_wheels_and_protects_foreign_dirs(fake_index, tmp_path):
+def test_rerun_prunes_stale_wheels_and_protects_foreign_dirs(fake_index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out, tar = tmp_path / "wheels", tmp_path / "b.tar.gz"
-    assert run_script(*offline_args(fake_index, out, tar), "--with", "appx", "--with", "puresrc").returncode == 0
+    rel = run_script(*offline_args(fake_index, Path("wheels"), Path("rel") / "b.tar.gz"),
+                     "--with", "appx", "--with", "puresrc")
+    assert rel.returncode == 0, rel.stderr  # relative --out and --tar are relative to the current folder
+    assert (tmp_path / "rel" / "b.tar.gz").is_file() and (out / "manifest.json").is_file()
     proc = run_script(*offline_args(fake_index, out, tar), "--with", "appx", "--no-tar")
     assert proc.returncode == 0, proc.stderr
     assert "removing stale puresrc-0.3-py3-none-any.whl" in proc.stderr
