@@ -68,3 +68,38 @@ def make_root(root: Path, runs=("TS_a", "TS_b", "TS_c"), shape=(40, 96, 112), pe
     if with_picks:
         write_picks(picks, Path(root) / split / "overlay", runs=runs)
     return picks
+
+
+def simulate_detections(picks: pd.DataFrame, shape=(184, 630, 630), seed=0, z_stride=1, min_frac=0.3,
+                        jitter_frac=0.08, miss=0.15, fp_per_slice=0.3, confuse=0.05) -> pd.DataFrame:
+    """Plausible per-slice 2D detections of the particles in ``picks`` (a detector stand-in).
+
+    Each particle gives a box on every visited slice where its cross-section half-side is at least
+    ``min_frac * r``, with centre jitter ``jitter_frac * r`` (voxels), confidence highest at the
+    equator, a ``miss`` chance per slice, a ``confuse`` chance of the wrong class; plus
+    ``fp_per_slice`` random false boxes per slice. Columns as :mod:`czii_kit.infer` returns them.
+    """
+    from czii_kit.catalog import get_particle
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    zs = np.arange(0, shape[0], z_stride)
+    for run, g in picks.groupby("experiment"):
+        for _, p in g.iterrows():
+            part = get_particle(p.particle_type)
+            r = part.radius / VOXEL
+            z0, y0, x0 = p.z / VOXEL, p.y / VOXEL, p.x / VOXEL
+            for z in zs[(zs > z0 - r) & (zs < z0 + r)]:
+                half = np.sqrt(max(r * r - (z - z0) ** 2, 0.0))
+                if half < min_frac * r or rng.random() < miss:
+                    continue
+                cls = part.class_id if rng.random() > confuse else int(rng.integers(0, 6))
+                conf = float(np.clip(0.25 + 0.6 * half / r + rng.normal(0, 0.1), 0.01, 1.0))
+                rows.append((run, int(z), x0 + rng.normal(0, jitter_frac * r), y0 + rng.normal(0, jitter_frac * r),
+                             2 * half, 2 * half, conf, cls))
+        n_fp = rng.poisson(fp_per_slice * len(zs))
+        for _ in range(n_fp):
+            cls = int(rng.integers(0, 6))
+            rows.append((run, int(rng.choice(zs)), rng.uniform(0, shape[2]), rng.uniform(0, shape[1]), 20.0, 20.0,
+                         float(rng.uniform(0.05, 0.5)), cls))
+    return pd.DataFrame(rows, columns=["run", "z", "x", "y", "w", "h", "conf", "class"])

@@ -159,3 +159,19 @@ def test_threshold_tuning_matches_the_metric():
     assert table.loc["thyroglobulin", "f_beta"] == pytest.approx(curve["f_beta"].max())
     assert 0 < t < 1
     assert thr["ribosome"] == 0.5 and table.loc["ribosome", "n_reference"] == 0
+
+
+def test_greedy_beats_connected_components_on_real_particle_layouts(train_picks_dir):
+    """Real Kaggle pick layouts (touching and stacked particles) with simulated per-slice detections."""
+    from pipeline_fixture import VOXEL, simulate_detections
+
+    from czii_kit.picks import read_picks
+    from czii_kit.tune import compare_merges
+
+    picks = read_picks(train_picks_dir)
+    picks = picks[picks["experiment"].isin(sorted(set(picks["experiment"]))[:3])]
+    dets = simulate_detections(picks, seed=0, jitter_frac=0.15, miss=0.3, fp_per_slice=1.0)
+    cmp = compare_merges(dets, VOXEL, picks).set_index("name")
+    assert cmp.loc["greedy", "final"] > 0.97
+    assert cmp.loc["greedy", "final"] > cmp.loc["components", "final"] + 0.03
+    assert cmp.loc["greedy", "F4 ribosome"] > cmp.loc["components", "F4 ribosome"]
