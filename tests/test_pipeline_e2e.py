@@ -118,3 +118,26 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
         train(data_yaml, tmp_path / "empty_run", resume=True)
     rc = main(["predict", str(root), "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.csv")])
     assert rc == 2 and "missing.pt" in capsys.readouterr().err
+
+
+def test_simulator_tiny_preset_pipeline(tmp_path, no_dns, offline_home):
+    """The simulator's tiny preset (CTF, noise, WBP + denoising) through build -> train -> predict -> score."""
+    synthetic = pytest.importorskip("czii_kit.synthetic")
+    import pandas as pd
+
+    from czii_kit.predict import predict_to_csv
+    from czii_kit.train import train
+    from czii_kit.yolo_dataset import build_dataset
+
+    root = synthetic.generate_dataset(tmp_path / "sim", n_train=2, n_test=1, size="tiny", seed=0, progress=False)
+    root = root if (root / "train").is_dir() else tmp_path / "sim"
+    data_yaml = build_dataset(root, tmp_path / "ds", crop=64, crops_per_slice=1, z_stride=4, progress=False)
+    best = train(data_yaml, tmp_path / "run", epochs=1, batch=8, workers=0, plots=False)
+    assert json.loads((best.parent / "czii_kit_train.json").read_text())["imgsz"] == 64
+    with pytest.warns(UserWarning, match="czii_kit_thresholds.json"):
+        path, picks = predict_to_csv(root, tmp_path / "sub.csv", split="test", weights=best, backend="openvino",
+                                     z_stride=2, progress=False)
+    sub = read_submission(path)
+    assert len(sub) == len(picks)
+    solution = pd.read_csv(root / "solution.csv")
+    assert 0.0 <= score(solution, sub).final <= 1.0
