@@ -93,7 +93,16 @@ def make_figure(
     fig.tight_layout()
 
     def save(p: Path) -> None:
-        fig.savefig(p, dpi=dpi, format="png")
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=dpi, format="png")
+        buf.seek(0)
+        # a 256-colour palette keeps the file small (grey slices + a few pick colours)
+        Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+            p, format="PNG", optimize=True)
 
     try:
         return atomic_write(out_png, save, overwrite=overwrite)

@@ -88,6 +88,7 @@ class SimRanges:
     slab_tilt: tuple[float, float] = (0.0, 4.0)  # deg, each of x and y, random sign
     slab_bump: tuple[float, float] = (0.0, 6.0)  # voxels, amplitude of smooth surface undulation
     crowding: tuple[float, float] = (0.8, 1.25)  # multiplies all particle counts
+    background: tuple[float, float] = (0.03, 0.12)  # std of the solvent density texture (protein fractions)
     distractor_density: tuple[float, float] = (60.0, 220.0)  # other small proteins per full-size volume
     junk_density: tuple[float, float] = (80.0, 300.0)  # irregular aggregates per full-size volume
     n_vesicles: tuple[float, float] = (0.0, 3.0)  # per full-size volume
@@ -96,7 +97,7 @@ class SimRanges:
     n_gold: tuple[float, float] = (1.0, 6.0)  # per full-size volume, when present
     # outputs
     denoise_sigma: tuple[float, float] = (1.1, 1.9)  # voxels, 3D low-pass of the denoised tomogram
-    residual_noise: tuple[float, float] = (0.15, 0.6)  # noise fraction the denoiser leaves
+    residual_noise: tuple[float, float] = (0.3, 0.9)  # noise fraction the denoiser leaves
     log10_scale: tuple[float, float] = (-5.0, 1.0)  # arbitrary units of the written tomograms
     offset: tuple[float, float] = (-1.0, 1.0)  # offset, in units of the tomogram's std
 
@@ -114,7 +115,7 @@ class SimRanges:
             "slab_fraction": (0.05, 1.0), "slab_center": (0.0, 1.0), "denoise_sigma": (0.0, 10.0),
             "residual_noise": (0.0, 1.0),
             "bfactor": (0.0, 20000.0), "protein_dv": (0.01, 50.0), "ice_mfp": (100.0, 1e6),
-            "crowding": (0.0, 10.0), "sheet_probability": (0.0, 1.0), "gold_probability": (0.0, 1.0),
+            "crowding": (0.0, 10.0), "background": (0.0, 2.0), "sheet_probability": (0.0, 1.0), "gold_probability": (0.0, 1.0),
             "align_sigma": (0.0, 20.0), "astigmatism": (0.0, 5.0), "slab_tilt": (0.0, 30.0),
         }
         for name, (a, b) in checks.items():
@@ -163,6 +164,7 @@ class RunParams:
     slab_tilt_y: float  # deg
     slab_bump: float  # voxels
     crowding: float
+    background: float
     n_distractors: int
     n_junk: int
     n_vesicles: int
@@ -291,6 +293,7 @@ def sample_params(
         slab_tilt_y=sign() * _u(rng, r.slab_tilt),
         slab_bump=_u(rng, r.slab_bump) * min(1.0, nz / FULL_SHAPE[0]),
         crowding=crowd,
+        background=_u(rng, r.background),
         n_distractors=stochastic_round(rng, _u(rng, r.distractor_density) * ratio),
         n_junk=stochastic_round(rng, _u(rng, r.junk_density) * ratio),
         n_vesicles=stochastic_round(rng, _u(rng, r.n_vesicles) * max(ratio, 0.0)),

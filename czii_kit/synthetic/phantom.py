@@ -110,6 +110,10 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "density map not found")
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if len(head) < 1024 or head[208:211] != b"MAP":
+        raise DataError(path, "not an MRC density map (no 'MAP' signature in a 1024-byte header)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # permissive mode warns about what it then reports as None
@@ -473,6 +477,33 @@ def draw_membrane(volume: np.ndarray, m: Membrane, voxel_size: float, scale: flo
     extent.add(int(lo[0]), int(hi[0]))
 
 
+# ------------------------------------------------------------------------------------------- background
+def add_background(volume: np.ndarray, slab: Slab, std: float, rng: np.random.Generator,
+                   corr_voxels: float = 1.5) -> None:
+    """Add a smooth random density texture (solvent, small molecules, ice density) inside the slab.
+
+    A Gaussian random field with correlation length ~``2 * corr_voxels`` voxels (made at bin 2 and
+    interpolated back, for speed), standard deviation ``std``, faded out over 2 voxels at the slab
+    surfaces. Modifies ``volume`` in place.
+    """
+    from czii_kit.synthetic.denoise import upsample2
+
+    nz, ny, nx = volume.shape
+    z0 = max(0, int(np.floor(slab.bottom.min())) - 2)
+    z1 = min(nz, int(np.ceil(slab.top.max())) + 3)
+    if z1 <= z0 or std <= 0:
+        return
+    sub_shape = (z1 - z0, ny, nx)
+    small = rng.standard_normal(tuple((s + 1) // 2 for s in sub_shape), dtype=np.float32)
+    small = ndimage.gaussian_filter(small, corr_voxels, mode="wrap", output=np.float32)
+    small *= np.float32(std / (float(small.std()) or 1.0))
+    field = upsample2(small, sub_shape)
+    z = np.arange(z0, z1, dtype=np.float32)[:, None, None]
+    inside = np.clip(np.minimum(z - slab.bottom[None], slab.top[None] - z) / 2.0 + 0.5, 0, 1)
+    field *= inside.astype(np.float32)
+    volume[z0:z1] += field
+
+
 # ---------------------------------------------------------------------------------------------- phantom
 @dataclass
 class Phantom:
@@ -694,6 +725,10 @@ def build_phantom(
         _add_box(vol, box * np.float32(scale), np.rint(c).astype(int) - half, ext)
         occ.add(c, rj)
         objects.append({"type": "junk", "center": c.tolist()})
+
+    if params.background > 0:
+        add_background(vol, slab, params.background * scale, rng)
+        ext.add(int(np.floor(slab.bottom.min())), int(np.ceil(slab.top.max())) + 1)
 
     if rows:
         xyz = voxel_to_angstrom(np.array([p for _, p in rows]), vs)
