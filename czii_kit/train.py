@@ -121,12 +121,14 @@ def train(
     **overrides
         Any other ultralytics ``train`` argument.
     """
+    out_dir = Path(out_dir).absolute()
+    if not resume and not Path(data_yaml).is_file():
+        raise DataError(data_yaml, "no such dataset file (build one with `czii-kit build-dataset`)")
     from czii_kit.offline import configure_offline
 
     configure_offline()
     from ultralytics import YOLO
 
-    out_dir = Path(out_dir).absolute()
     wdir = out_dir / "weights"
     record_path = wdir / TRAIN_RECORD
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

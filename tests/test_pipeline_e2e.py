@@ -141,3 +141,22 @@ def test_simulator_tiny_preset_pipeline(tmp_path, no_dns, offline_home):
     assert len(sub) == len(picks)
     solution = pd.read_csv(root / "solution.csv")
     assert 0.0 <= score(solution, sub).final <= 1.0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from czii_kit import predict as predict_mod
+    from czii_kit.cli import main
+
+    monkeypatch.setattr(predict_mod, "MODELS_DIR", tmp_path / "no_models")
+    make_root(tmp_path / "root", runs=("TS_a",), shape=(8, 48, 56), per_type=1, seed=0, split="test")
+    rc = main(["predict", str(tmp_path / "root"), "--out", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--weights" in err and len(err.strip().splitlines()) == 1
+    rc = main(["train", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing.yaml" in err
+    rc = main(["build-dataset", str(tmp_path / "root"), "--split", "test", "--out", str(tmp_path / "ds"),
+               "--tomogram", "wbp", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "wbp" in err
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "s.csv").exists()
