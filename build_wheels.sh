@@ -384,12 +384,24 @@ print(h["Name"], h["Version"])
 EOF
 }
 
+wheel_for_this_machine() {  # requirement -> the wheel file pip would pick for this machine (metadata only)
+  rm -f "$BUILD/probe.json"
+  pip install --dry-run --ignore-installed --no-deps --quiet --only-binary=:all: --target "$BUILD/probe" \
+      --report "$BUILD/probe.json" "${PIP_ARGS[@]}" "$1" >/dev/null 2>&1 || return 0
+  "$PY" - "$BUILD/probe.json" <<'EOF'
+import json, sys
+from urllib.parse import unquote
+items = json.load(open(sys.argv[1])).get("install", [])
+print(unquote(items[0]["download_info"]["url"].split("#")[0].rsplit("/", 1)[-1]) if items else "")
+EOF
+}
+
 build_from_source() {  # requirement -> pure-python wheel in $LOCAL, pinned in constraints
   local req="$1" sd whl name version
   info "building $req from its source distribution"
   rm -rf "$BUILD/sdist"/*
   pip download --no-deps --no-binary=:all: -d "$BUILD/sdist" "${BUILD_ARGS[@]}" "${PIP_ARGS[@]}" "$req" >&2 \
-    || die "cannot download a source distribution of '$req'"
+    || die "'$req' has no wheel for ${PY_TAG}/${PLATFORMS[*]} and no source distribution to build one from"
   sd="$(ls "$BUILD/sdist"/* | head -1)"
   pip wheel --no-deps -w "$BUILD/wheel" "${BUILD_ARGS[@]}" "${PIP_ARGS[@]}" "$sd" >&2 \
     || die "cannot build a wheel from $sd"
@@ -432,7 +444,7 @@ for attempt in $(seq 1 20); do
       2>"$BUILD/resolve.err"; then
     break
   fi
-  missing="$(sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' "$BUILD/resolve.err" | head -1)"
+  missing="$(sed -n 's/.*No matching distribution found for \([^ ;]*\).*/\1/p' "$BUILD/resolve.err" | head -1)"
   name="$(echo "$missing" | sed 's/[<>=!~;[ ].*//')"
   if [[ -z "$missing" ]] || grep -qix "$name" "$BUILD/built.txt" \
       || { [[ $PROJECT -eq 1 ]] && [[ "$(echo "$name" | tr '_A-Z' '-a-z')" == "czii-kit" ]]; }; then
@@ -440,6 +452,12 @@ for attempt in $(seq 1 20); do
     die "pip could not resolve the bundle for ${PY_TAG}/${PLATFORMS[*]} (see above)"
   fi
   info "$missing has no wheel for the target"
+  # a package with compiled wheels for other platforms is not "published only as source": building
+  # its sdist would compile it for this machine, not for the target
+  other="$(wheel_for_this_machine "$missing")"
+  if [[ -n "$other" && "$other" != *-none-any.whl ]]; then
+    die "'$missing' publishes compiled wheels (e.g. $other) but none for ${PY_TAG}/${PLATFORMS[*]}; choose another --python/--platform, or leave it out (--extras, --exclude)"
+  fi
   build_from_source "$missing"
 done
 [[ -f "$BUILD/report.json" ]] || die "resolution did not converge"

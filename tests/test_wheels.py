@@ -187,18 +187,18 @@ def test_platform_tags_are_widened(tmp_path):
 # ------------------------------------------------------------- full run against a local fake index
 
 
-def make_wheel(dest: Path, name: str, version: str, requires=()) -> Path:
-    """A minimal pure-Python wheel of one module ``name``."""
+def make_wheel(dest: Path, name: str, version: str, requires=(), tag="py3-none-any") -> Path:
+    """A minimal wheel of one module ``name`` (pure Python unless ``tag`` says otherwise)."""
     mod = name.replace("-", "_")
     dist = f"{mod}-{version}.dist-info"
     files = {
         f"{mod}.py": f"VERSION = {version!r}\n",
         f"{dist}/METADATA": "Metadata-Version: 2.1\n" f"Name: {name}\nVersion: {version}\n"
                             + "".join(f"Requires-Dist: {r}\n" for r in requires),
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n",
     }
     record = []
-    path = dest / f"{mod}-{version}-py3-none-any.whl"
+    path = dest / f"{mod}-{version}-{tag}.whl"
     with zipfile.ZipFile(path, "w") as z:
         for arc, text in files.items():
             data = text.encode()
@@ -318,7 +318,16 @@ def test_from_source_forces_an_sdist_build(fake_index, tmp_path):
 def test_unresolvable_requirement_is_a_clear_error(fake_index, tmp_path):
     proc = run_script(*offline_args(fake_index, tmp_path / "w", tmp_path / "t.tar.gz"), "--with", "nosuchpkg")
     assert proc.returncode == 2
-    assert "cannot download a source distribution of 'nosuchpkg'" in proc.stderr
+    assert "'nosuchpkg' has no wheel for cp311/manylinux_2_35_x86_64 and no source distribution" in proc.stderr
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="needs linux_x86_64")
+def test_compiled_package_without_a_target_wheel_is_not_built_here(fake_index, tmp_path):
+    make_wheel(fake_index, "compiledx", "1.0", tag="py3-none-linux_x86_64")  # this machine only
+    proc = run_script(*offline_args(fake_index, tmp_path / "w", tmp_path / "t.tar.gz"), "--with", "compiledx")
+    assert proc.returncode == 2
+    assert ("'compiledx' publishes compiled wheels (e.g. compiledx-1.0-py3-none-linux_x86_64.whl) but none "
+            "for cp311/manylinux_2_35_x86_64") in proc.stderr
 
 
 # ------------------------------------------------------- the real bundle, installed offline in a venv
