@@ -87,14 +87,19 @@ class Window:
     extra: dict = field(default_factory=dict)
 
     def apply(self, x: np.ndarray, dtype: str = "uint8") -> np.ndarray:
-        """Map ``x`` (any shape) through the window to uint8 0..255 or float32 0..1."""
-        scale = 1.0 / (self.vmax - self.vmin)
-        y = (np.asarray(x, dtype=np.float32) - np.float32(self.vmin)) * np.float32(scale)
-        np.clip(y, 0.0, 1.0, out=y)
+        """Map ``x`` (any shape) through the window to uint8 0..255 (rounded) or float32 0..1."""
+        s = 1.0 / (self.vmax - self.vmin)
+        o = -self.vmin * s
         if self.invert:
-            np.subtract(1.0, y, out=y)
-        if dtype == "uint8":
-            return (y * 255.0 + 0.5).astype(np.uint8)
+            s, o = -s, 1.0 - o
+        if dtype == "uint8":  # round(255 * clip(x * s + o, 0, 1)) in one fused pass
+            y = np.asarray(x, dtype=np.float32) * np.float32(255.0 * s)
+            y += np.float32(255.0 * o + 0.5)
+            np.clip(y, 0.5, 255.5, out=y)
+            return y.astype(np.uint8)
+        y = np.asarray(x, dtype=np.float32) * np.float32(s)
+        y += np.float32(o)
+        np.clip(y, 0.0, 1.0, out=y)
         return y
 
 
@@ -143,24 +148,32 @@ def _channel(volume: np.ndarray, z: int, slab: int) -> np.ndarray:
     return volume[idx].mean(axis=0, dtype=np.float32)
 
 
-def stack_slice(volume: np.ndarray, z: int, window: Window, config: PreprocessConfig = PreprocessConfig()
-                ) -> np.ndarray:
+def stack_slice(volume: np.ndarray, z: int, window: Window, config: PreprocessConfig = PreprocessConfig(),
+                cache: dict | None = None) -> np.ndarray:
     """The 2.5D image of slice ``z``: ``(ny, nx, len(offsets))`` uint8 (or float32 0..1).
 
     Channel ``c`` is slice ``z + offsets[c]`` (slab-averaged, clamped to ``0..nz-1``), optionally
-    Gaussian-smoothed, mapped through ``window``.
+    Gaussian-smoothed, mapped through ``window``. ``cache`` (a dict) keeps channel images by source
+    slice so consecutive calls reuse them (see :func:`iter_stacks`).
     """
     nz = volume.shape[0]
     if not 0 <= z < nz:
         raise IndexError(f"slice {z} outside 0..{nz - 1}")
     chans = []
     for off in config.offsets:
-        img = _channel(volume, z + off, config.slab)
+        zc = min(max(z + off, 0), nz - 1) if config.slab == 1 else z + off
+        if cache is not None and zc in cache:
+            chans.append(cache[zc])
+            continue
+        img = _channel(volume, zc, config.slab)
         if config.denoise_sigma > 0:
             from scipy.ndimage import gaussian_filter
 
             img = gaussian_filter(np.asarray(img, dtype=np.float32), config.denoise_sigma)
-        chans.append(window.apply(img, config.dtype))
+        img = window.apply(img, config.dtype)
+        if cache is not None:
+            cache[zc] = img
+        chans.append(img)
     return np.stack(chans, axis=-1)
 
 
@@ -181,6 +194,10 @@ def iter_stacks(volume: np.ndarray, window: Window, config: PreprocessConfig = P
     Only one batch of preprocessed images exists at any time.
     """
     z_all = np.arange(volume.shape[0]) if z_indices is None else np.asarray(z_indices, dtype=int)
+    cache: dict = {}
+    lo = min(config.offsets) - config.slab // 2
     for i in range(0, len(z_all), batch):
         zs = z_all[i : i + batch]
-        yield zs, np.stack([stack_slice(volume, int(z), window, config) for z in zs])
+        for k in [k for k in cache if k < int(zs.min()) + lo]:  # channels no later slice needs
+            del cache[k]
+        yield zs, np.stack([stack_slice(volume, int(z), window, config, cache) for z in zs])
