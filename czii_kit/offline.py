@@ -126,7 +126,13 @@ def configure_offline(config_dir: str | Path | None = None) -> Path:
     owned = False
     if "ultralytics" not in sys.modules and not os.environ.get("YOLO_CONFIG_DIR"):
         target = Path(config_dir) if config_dir else czii_home() / "ultralytics"
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError:  # read-only home (some notebook hosts): use the temp folder
+            import tempfile
+
+            target = Path(tempfile.gettempdir()) / "czii_kit_ultralytics"
+            target.mkdir(parents=True, exist_ok=True)
         os.environ["YOLO_CONFIG_DIR"] = str(target)
         owned = True
     elif config_dir is None and os.environ.get("YOLO_CONFIG_DIR", "").startswith(str(czii_home())):
