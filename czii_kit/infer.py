@@ -189,7 +189,12 @@ class Detector:
         self.device = _device(self.config.device, backend)
         self.model = AutoBackend(str(path), device=self.device, fp16=False, verbose=False)
         self.model.eval()
-        self.names = dict(self.model.names)
+        self.names = {int(k): str(v) for k, v in dict(self.model.names).items()}
+        from czii_kit.catalog import class_names
+
+        if self.names != class_names():
+            raise DataError(self.weights, f"the model's classes {self.names} are not czii_kit's catalog classes "
+                                          f"{class_names()} (train it on a dataset from `czii-kit build-dataset`)")
 
     def to_tensor(self, images: np.ndarray):
         """``(B, H, W, 3)`` uint8 -> ``(B, 3, S, S)`` float tensor 0..1 (channel order as in training) and the scale."""
