@@ -498,10 +498,15 @@ def add_background(volume: np.ndarray, slab: Slab, std: float, rng: np.random.Ge
     small = ndimage.gaussian_filter(small, corr_voxels, mode="wrap", output=np.float32)
     small *= np.float32(std / (float(small.std()) or 1.0))
     field = upsample2(small, sub_shape)
-    z = np.arange(z0, z1, dtype=np.float32)[:, None, None]
-    inside = np.clip(np.minimum(z - slab.bottom[None], slab.top[None] - z) / 2.0 + 0.5, 0, 1)
-    field *= inside.astype(np.float32)
-    volume[z0:z1] += field
+    bot, top = slab.bottom.astype(np.float32), slab.top.astype(np.float32)
+    inside = np.empty((ny, nx), np.float32)
+    for k, z in enumerate(range(z0, z1)):
+        np.minimum(np.float32(z) - bot, top - np.float32(z), out=inside)
+        inside *= np.float32(0.5)
+        inside += np.float32(0.5)
+        np.clip(inside, 0, 1, out=inside)
+        field[k] *= inside
+        volume[z] += field[k]
 
 
 # ---------------------------------------------------------------------------------------------- phantom
