@@ -348,3 +348,55 @@ def test_cli_entry_point_help():
     res = subprocess.run([*cmd, "synth", "--help"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert res.returncode == 0 and "--maps" in res.stdout and "--picks" in res.stdout
+
+
+_COPICK_SCRIPT = r"""
+import json, sys, warnings
+import numpy as np
+import copick
+
+root, expect = sys.argv[1], json.loads(sys.argv[2])
+config = {"config_type": "filesystem", "name": "synthetic", "description": "czii_kit synth", "version": "1.0.0",
+          "pickable_objects": [{"name": "ribosome", "is_particle": True, "label": 4, "radius": 150.0}],
+          "overlay_root": f"local://{root}/train/overlay", "static_root": f"local://{root}/train/static",
+          "overlay_fs_args": {"auto_mkdir": True}, "static_fs_args": {"auto_mkdir": True}}
+with open(f"{root}/copick.json", "w") as fh:
+    json.dump(config, fh)
+cp = copick.from_file(f"{root}/copick.json")
+assert sorted(r.name for r in cp.runs) == sorted(expect), [r.name for r in cp.runs]
+for name, sums in expect.items():
+    vs = cp.get_run(name).get_voxel_spacing(10.0)
+    for tomo_name, s in sums.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = vs.get_tomograms(tomo_name)[0]
+        a = t.numpy()
+        assert a.shape == tuple(s["shape"]), (a.shape, s["shape"])
+        assert abs(float(a.astype(np.float64).sum()) - s["sum"]) <= 1e-6 * max(1.0, abs(s["sum"])) + 1e-3
+        assert float(np.abs(a).max()) > 0
+print("COPICK_OK")
+"""
+
+
+def test_copick_reads_synthetic_output(tmp_path):
+    """copick (in the cached zarr-2 + copick test venv, when it exists) reads the simulated tomograms."""
+    import envs
+    from test_zarr_versions import LEGS
+
+    from czii_kit.layout import find_runs
+    from czii_kit.tomogram import open_tomogram
+
+    python = envs.env_dir("zarr2-copick", LEGS["zarr2-copick"]["requirements"]) / "bin" / "python"
+    if not python.is_file():
+        pytest.skip("no cached zarr-2 + copick venv (tests/test_zarr_versions.py builds it)")
+    root = generate_dataset(tmp_path / "ds", n_train=2, n_test=0, size="tiny", seed=2, progress=False)
+    expect = {}
+    for r in find_runs(root, split="train"):
+        expect[r.name] = {}
+        for name, path in r.tomograms().items():
+            a = open_tomogram(path).read()
+            expect[r.name][name] = {"shape": list(a.shape), "sum": float(a.astype(np.float64).sum())}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([str(python), "-c", _COPICK_SCRIPT, str(root), json.dumps(expect)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "COPICK_OK" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
