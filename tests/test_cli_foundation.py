@@ -143,6 +143,14 @@ def test_score_solution_as_csv_split_and_ignored_rows(scored_dataset, make_datas
     assert "final (weighted F4)" in out and out.split("final (weighted F4)")[1].split()[0] == "0.7143"
 
 
+def test_score_picks_folder_as_submission(make_dataset, tmp_path, capsys):
+    root, _, picks = make_dataset(runs=("TS_A", "TS_B"))
+    code, out, _ = run_cli(capsys, "score", root, root / "train" / "overlay", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["final"] == 1.0 and res["n_submission"] == len(picks) and res["n_ignored"] == 0
+
+
 def test_score_real_picks_against_themselves(train_picks_dir, tmp_path, capsys):
     sub = write_submission(to_submission(read_picks(train_picks_dir)), tmp_path / "s.csv")
     code, out, _ = run_cli(capsys, "score", train_picks_dir, sub, "--json")
