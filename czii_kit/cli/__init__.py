@@ -55,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except CziiKitError as exc:
-        print(f"czii-kit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
-        print(f"czii-kit {args.command}: error: {exc}", file=sys.stderr)
+    except (CziiKitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        message = " ".join(str(exc).split())  # always one line, whatever the underlying library said
+        print(f"czii-kit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"czii-kit {args.command}: interrupted", file=sys.stderr)
