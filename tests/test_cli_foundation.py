@@ -194,3 +194,15 @@ def test_console_entry_point_reports_errors_in_one_line(tmp_path, train_picks_di
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+
+
+def test_multi_line_library_errors_print_on_one_line(monkeypatch, tmp_path, capsys):
+    import czii_kit.cli.info as info_cmd
+    from czii_kit.errors import DataError
+
+    def broken(*args, **kwargs):
+        raise DataError(tmp_path, "codec failed:\n  blosc said\n  something long")
+
+    monkeypatch.setattr(info_cmd, "collect", broken)
+    code, _, err = run_cli(capsys, "info", tmp_path)
+    assert_one_line_error(code, err, "codec failed: blosc said something long")
