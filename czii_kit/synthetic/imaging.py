@@ -11,7 +11,8 @@ sheared axis ``x' = u / cos θ`` is resampled onto the detector grid and multipl
 the volume leave the field of view, as in a real tilt series.
 
 Image formation follows the weak-phase approximation: the projected potential (V·Å, relative to ice)
-times the interaction constant gives the phase ``φ``; the image is ``1 + 2 F⁻¹[Φ · CTF · E]`` with
+times the interaction constant gives the phase ``φ``; the image is ``exp(2 F⁻¹[Φ · CTF · E])``
+(``≈ 1 + 2 F⁻¹[...]`` for proteins; the exponential keeps gold dark rather than negative) with
 ``CTF = -(√(1-A²) sin χ + A cos χ)``, ``χ = π λ Δf k² - π/2 Cs λ³ k⁴`` (``Δf > 0`` underfocus), so
 protein is dark. ``E`` is the envelope: a B-factor, the exposure (radiation damage) filter of
 Grant & Grigorieff for the dose received before each tilt (dose-symmetric order), the 10 Å pixel's
@@ -142,6 +143,49 @@ def project(
     return out
 
 
+GOLD_POTENTIAL = 22.0
+"""Mean inner potential of gold minus that of ice, V."""
+GOLD_ABSORPTION_LENGTH = 150.0
+"""Å of gold that scatter ``1 - 1/e`` of the electrons out of the objective aperture (amplitude contrast)."""
+
+
+def project_spheres(spheres: np.ndarray, angles_deg, shape: tuple[int, int, int], n_det: int | None = None,
+                    supersample: int = 3) -> np.ndarray:
+    """Chord lengths (voxels) through solid spheres for each tilt, on the detector of :func:`project`.
+
+    Parameters
+    ----------
+    spheres : ndarray ``(n, 4)``
+        ``(z, y, x, radius)`` in voxels of a volume of ``shape``.
+    angles_deg : sequence of float
+    shape : (nz, ny, nx)
+    supersample : int
+        Sub-pixel samples per axis (anti-aliasing of the sphere edge).
+
+    Returns
+    -------
+    ndarray ``(n_tilts, ny, n_det)`` float32
+    """
+    nz, ny, nx = shape
+    n_det = nx if n_det is None else int(n_det)
+    angles = np.asarray(angles_deg, float)
+    out = np.zeros((len(angles), ny, n_det), np.float32)
+    sub = (np.arange(supersample) + 0.5) / supersample - 0.5
+    for k, a in enumerate(np.deg2rad(angles)):
+        for z, y, x, r in np.asarray(spheres, float).reshape(-1, 4):
+            u = (x - (nx - 1) / 2) * np.cos(a) + (z - (nz - 1) / 2) * np.sin(a) + (n_det - 1) / 2
+            h = int(np.ceil(r)) + 1
+            ys = np.arange(max(0, int(y) - h), min(ny, int(y) + h + 2))
+            us = np.arange(max(0, int(u) - h), min(n_det, int(u) + h + 2))
+            if not len(ys) or not len(us):
+                continue
+            dy = ys[:, None, None, None] + sub[None, None, :, None] - y
+            du = us[None, :, None, None] + sub[None, None, None, :] - u
+            chord = 2 * np.sqrt(np.clip(r * r - dy * dy - du * du, 0, None))
+            out[k, ys[0] : ys[-1] + 1, us[0] : us[-1] + 1] += chord.mean(axis=(2, 3)).astype(np.float32)
+    return out
+
+
 def dose_symmetric_order(angles_deg) -> np.ndarray:
     """Acquisition order of the tilts (indices): 0° first, then alternating sides in pairs (Hagen scheme)."""
     a = np.asarray(angles_deg, float)
@@ -191,6 +235,7 @@ def form_images(
     workers: int = 1,
     n_strips: int = 3,
     split_noise: bool = False,
+    absorption: np.ndarray | None = None,
     progress=None,
 ):
     """Turn projected potentials into noisy, CTF-modulated, mean-normalised tilt images.
@@ -211,6 +256,9 @@ def form_images(
         Strips across the tilt axis with their own defocus (the defocus gradient of a tilted specimen).
     split_noise : bool
         Return the noise-free images and the noise separately (their sum is the noisy image).
+    absorption : ndarray ``(n_tilts, ny, n_det)``, optional
+        Path length in Å through strong scatterers (gold); the intensity is multiplied by
+        ``exp(-absorption / GOLD_ABSORPTION_LENGTH)`` (electrons scattered out of the aperture).
 
     Returns
     -------
@@ -271,8 +319,10 @@ def form_images(
                            params.cs_mm * 1e7, params.amplitude_contrast)
             im = sfft.irfft2(base * ctf, s=(fy, fu))[py : py + ny, pu : pu + n_det]
             img += im * wts[s][None, :]
-        intensity = 1.0 + 2.0 * img
-        np.clip(intensity, 0.02, None, out=intensity)
+        # 1 + 2x for weak objects; the exponential keeps strong scatterers (gold) dark instead of clipping
+        intensity = np.exp(np.clip(2.0 * img, -6.0, 3.0))
+        if absorption is not None:
+            intensity *= np.exp(-absorption[k] / GOLD_ABSORPTION_LENGTH)
         # inelastic attenuation by the ice along the tilted path (thickness at the column's x)
         xcol = np.clip(np.rint(u / max(c, 1e-3) + (nx_vol - 1) / 2.0), 0, nx_vol - 1).astype(int)
         path = thickness_a[:, xcol] / max(c, 1e-3)

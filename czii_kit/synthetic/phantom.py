@@ -2,7 +2,8 @@
 
 The phantom is a ``[z, y, x]`` float32 volume of electrostatic potential in volts *relative to
 vitreous ice* (ice = 0): proteins are positive (``protein_dv`` x the local protein volume fraction),
-lipid head groups positive, lipid tails slightly negative, gold very positive.
+lipid head groups positive, lipid tails slightly negative. Gold beads are listed apart and projected
+analytically (strong phase shift and absorption).
 
 Particle models come from real density maps (MRC, e.g. the 10 Å templates in
 ``shared/data/density_maps``; :func:`load_maps`) or from built-in procedural approximations
@@ -525,6 +526,8 @@ class Phantom:
         Planes holding density.
     objects : list of dict
         Every inserted object (type, centre in voxels, radius) including distractors.
+    gold : ndarray ``(n, 4)``
+        Gold beads ``(z, y, x, radius)`` in voxels; not in ``volume`` (projected analytically).
     """
 
     volume: np.ndarray
@@ -532,6 +535,7 @@ class Phantom:
     slab: Slab
     z_range: tuple[int, int]
     objects: list = field(default_factory=list)
+    gold: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
 
 
 class _Occupancy:
@@ -660,6 +664,7 @@ def build_phantom(
         draw_membrane(vol, m, vs, scale, ext, (zlo, zhi))
         occ.membranes.append(m)
         objects.append({"type": "sheet", "center": m.center.tolist(), "radius": radius})
+    gold: list[tuple[float, float, float, float]] = []
     if params.n_gold:
         gold_r = float(rng.choice([25.0, 50.0]))  # 5 or 10 nm beads, Å
         for _ in range(params.n_gold):
@@ -668,11 +673,8 @@ def build_phantom(
             if not len(ok):
                 continue
             c = cand[ok[0]]
-            half = int(np.ceil(gold_r / vs)) + 2
-            o = np.floor(c).astype(int) - half
-            g = (np.indices((2 * half + 2,) * 3) + o.reshape(3, 1, 1, 1) - c.reshape(3, 1, 1, 1)) * vs
-            box = _smooth_in(np.sqrt((g**2).sum(0)) - gold_r, 3.0).astype(np.float32) * np.float32(22.0)
-            _add_box(vol, box, o, ext)  # gold: ~22 V above ice
+            # gold is projected analytically (phase and absorption), see imaging.project_spheres
+            gold.append((*c, gold_r / vs))
             occ.add(c, gold_r / vs)
             objects.append({"type": "gold", "center": c.tolist(), "radius": gold_r / vs})
 
@@ -742,7 +744,7 @@ def build_phantom(
     else:
         df = pd.DataFrame({"particle_type": pd.Series(dtype=str), "x": pd.Series(dtype=float),
                            "y": pd.Series(dtype=float), "z": pd.Series(dtype=float)})
-    return Phantom(vol, df, slab, ext.range(), objects)
+    return Phantom(vol, df, slab, ext.range(), objects, np.array(gold, float).reshape(-1, 4))
 
 
 def fit_slab_to_picks(params: RunParams, picks: pd.DataFrame, margin: float = 3.0) -> RunParams:

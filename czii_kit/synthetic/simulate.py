@@ -13,7 +13,7 @@ import pandas as pd
 
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.synthetic.denoise import denoised_tomogram
-from czii_kit.synthetic.imaging import form_images, project
+from czii_kit.synthetic.imaging import GOLD_POTENTIAL, form_images, project, project_spheres
 from czii_kit.synthetic.params import (
     VOXEL_SIZE,
     RunParams,
@@ -152,11 +152,17 @@ def simulate_run(
     true_angles = angles + params.tilt_axis_offset + rng.normal(0, 0.15, len(angles))
     proj = project(phantom.volume, true_angles, z_range=phantom.z_range, workers=workers, progress=bar)
     proj *= np.float32(params.voxel_size)  # V·Å
+    absorption = None
+    if len(phantom.gold):
+        chords = project_spheres(phantom.gold, true_angles, params.shape) * np.float32(params.voxel_size)  # Å
+        proj += chords * np.float32(GOLD_POTENTIAL)
+        absorption = chords
     thickness = phantom.slab.thickness_a(params.voxel_size)
     del phantom.volume
     t = lap("project", t)
 
-    clean, noise = form_images(proj, true_angles, params, rng, thickness, workers=workers, split_noise=True)
+    clean, noise = form_images(proj, true_angles, params, rng, thickness, workers=workers, split_noise=True,
+                               absorption=absorption)
     del proj
     t = lap("ctf+noise", t)
 
