@@ -2,7 +2,7 @@
 and the real Kaggle bundle installed into a fresh virtual environment with the network blocked.
 
 The first groups are fast and offline. The last group (``TestOfflineInstall``) needs PyPI once to resolve
-and download the bundle; the bundle is cached under ``$CZII_KIT_CACHE`` (default ``~/.cache/czii_kit``)
+and download the bundle; the bundle is cached under ``$CZII_KIT_HOME`` (default ``~/.cache/czii_kit``)
 in ``wheel-bundle/``, so later runs only re-resolve (~20 s) and re-install (~40 s). It is skipped when the
 registry cannot be reached and no cached bundle exists, or when torch is not installed here (torch and
 torchvision play the part of Kaggle's preinstalled packages: they are made visible to the fresh venv
@@ -383,7 +383,7 @@ sys.exit(main())
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("CZII_KIT_CACHE")
+    env = os.environ.get("CZII_KIT_HOME")  # the folder czii_kit.offline uses too
     return Path(env) if env else Path.home() / ".cache" / "czii_kit"
 
 
@@ -479,7 +479,7 @@ def make_venv(work: Path, roots, skip=frozenset()) -> dict:
         PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         PYTHONPATH=str(guard), CZII_NET_LOG=str(netlog), HOME=str(home), VIRTUAL_ENV=str(venv),
         YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(home / "yolo"), HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
-        CZII_KIT_CACHE=str(work / "czii_kit_cache"), CZII_KIT_HOME=str(work / "czii_kit_home"),
+        CZII_KIT_HOME=str(work / "czii_kit_home"),
     )
     return {"python": python, "venv": venv, "env": env, "netlog": netlog, "home": home, "work": work}
 
