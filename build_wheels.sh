@@ -512,13 +512,19 @@ for f in "$OUT"/*.whl; do
   fi
 done
 
-META="$("$PY" - "$TARGET_PY" "$IMPL" "$EXTRAS" "$EXCLUDE" "$PROJECT_VERSION" "${PLATFORMS[*]}" "${WIDE_PLATFORMS[@]}" <<'EOF'
+COMMIT=""
+if [[ $PROJECT -eq 1 ]] && git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  COMMIT="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)"
+  [[ -z "$COMMIT" || -z "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ]] || COMMIT="$COMMIT-dirty"
+fi
+META="$("$PY" - "$TARGET_PY" "$IMPL" "$EXTRAS" "$EXCLUDE" "$PROJECT_VERSION" "$COMMIT" "${PLATFORMS[*]}" "${WIDE_PLATFORMS[@]}" <<'EOF'
 import json, sys
-py, impl, extras, exclude, version, plats, *tags = sys.argv[1:]
+py, impl, extras, exclude, version, commit, plats, *tags = sys.argv[1:]
 print(json.dumps({
     "format": 1,
     "created_by": "build_wheels.sh",
     "czii_kit_version": version or None,
+    "source_commit": commit or None,  # git commit of the czii_kit checkout ("-dirty": uncommitted changes)
     "target": {"python": py, "implementation": impl, "platforms": plats.split(), "platform_tags": tags},
     "extras": [e for e in extras.replace(",", " ").split()],
     "exclude": exclude.split(),

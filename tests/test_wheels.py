@@ -262,6 +262,7 @@ def test_full_run_offline_builds_sdists_writes_manifest_and_tar(fake_index, tmp_
     assert {(x["name"], x["reason"]) for x in manifest["not_bundled"]} == {
         ("torchlike", "excluded"), ("torchdep", "needed only by excluded packages")}
     assert manifest["target"]["python"] == "3.11" and manifest["target"]["platforms"] == ["manylinux_2_35_x86_64"]
+    assert manifest["czii_kit_version"] is None and manifest["source_commit"] is None  # --no-project
     for w in wheels.values():
         data = (out / w["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == w["sha256"] and len(data) == w["size"]
@@ -436,6 +437,8 @@ def expose(dists: dict, dest: Path) -> None:
 @pytest.fixture(scope="module")
 def bundle():
     """The real bundle for this interpreter's Python on manylinux x86_64 (Kaggle's platform), cached."""
+    pytest.importorskip("torch")  # every use below needs torch as the "preinstalled" part
+    pytest.importorskip("torchvision")
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         pytest.skip("the bundle targets manylinux x86_64; this machine cannot install it")
     py = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -529,6 +532,8 @@ class TestOfflineInstall:
             if name in where:
                 assert where[name].startswith(venv), f"{name} was not installed from the bundle"
         assert where["czii-kit"].startswith(venv) and not where["torch"].startswith(venv)
+        if (REPO / ".git").exists():
+            assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", v["manifest"]["source_commit"] or "")
         out = venv_run(v, v["python"], "-c", "import czii_kit, torch; print(czii_kit.__file__)").stdout
         assert out.strip().startswith(venv), "czii_kit must be imported from the venv, not the checkout"
 
