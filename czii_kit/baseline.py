@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import voxel_to_angstrom
 
-CANDIDATE_COLUMNS = ["experiment", "particle_type", "x", "y", "z", "conf"]
+CANDIDATE_COLUMNS = ["experiment", "particle_type", "x", "y", "z", "score"]
 
 
 def robust_standardise(volume: np.ndarray, sample: int = 1_000_000, seed: int = 0) -> np.ndarray:
@@ -44,7 +44,9 @@ def log_blobs(
     edge: float = 0.5,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Candidates ``experiment, particle_type, x, y, z (Å), conf`` from LoG blobs at each type's scale.
+    """Candidates ``experiment, particle_type, x, y, z (Å), score`` from LoG blobs at each type's scale.
+
+    ``score = R / (1 + R)`` in ``(0, 1)`` for the scale-normalised response ``R`` (same order as ``R``).
 
     Parameters
     ----------
@@ -86,9 +88,10 @@ def log_blobs(
         order = np.argsort(-conf, kind="stable")[:max_per_type]
         xyz = voxel_to_angstrom(zyx[order], voxel_size)
         frames.append(pd.DataFrame({"experiment": experiment, "particle_type": name, "x": xyz[:, 0],
-                                    "y": xyz[:, 1], "z": xyz[:, 2], "conf": conf[order].astype(float)}))
+                                    "y": xyz[:, 1], "z": xyz[:, 2],
+                                    "score": (conf[order] / (1.0 + conf[order])).astype(float)}))
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=float if c in ("x", "y", "z", "conf") else str)
+        return pd.DataFrame({c: pd.Series(dtype=float if c in ("x", "y", "z", "score") else str)
                              for c in CANDIDATE_COLUMNS})
     return pd.concat(frames, ignore_index=True)
 
@@ -106,3 +109,17 @@ def predict_baseline(root, split: str = "test", runs: Iterable[str] | None = Non
         t = open_tomogram(run.tomogram_path(tomogram), level)
         frames.append(log_blobs(t.read(), t.voxel_size, run.name, progress=False, **kwargs))
     return pd.concat(frames, ignore_index=True) if frames else log_blobs(np.zeros((1, 1, 1)), 1.0, "", [])
+
+
+def tune_baseline(root, split: str = "train", runs: Iterable[str] | None = None, progress: bool = True,
+                  **kwargs) -> tuple[dict[str, float], pd.DataFrame]:
+    """Per-type score thresholds maximising F4 on runs with picks (as for the YOLO picker).
+
+    Returns ``(thresholds, table)`` from :func:`czii_kit.tune.tune_thresholds`.
+    """
+    from czii_kit.picks import read_picks
+    from czii_kit.tune import tune_thresholds
+
+    cands = predict_baseline(root, split, runs, progress=progress, **kwargs)
+    solution = read_picks(root, split=split, runs=runs)
+    return tune_thresholds(cands, solution)

@@ -23,12 +23,12 @@ def test_finds_balls_in_angstrom():
     v = _phantom((46, 130, 150), vs, parts)
     cand = log_blobs(v, vs, "run")
     for name, (z, y, x) in parts:
-        best = cand[cand.particle_type == name].sort_values("conf").iloc[-1]
+        best = cand[cand.particle_type == name].sort_values("score").iloc[-1]
         assert np.hypot(best.x - x * vs, best.y - y * vs) <= vs * 1.01
         assert abs(best.z - z * vs) <= 2 * vs
     # ribosome-sized blob beats apo-ferritin scale at the ribosome site, and vice versa
     rib = cand[(cand.x == 110 * vs) & (cand.y == 40 * vs)]
-    assert rib.sort_values("conf").iloc[-1].particle_type in ("ribosome", "virus-like-particle", "thyroglobulin")
+    assert rib.sort_values("score").iloc[-1].particle_type in ("ribosome", "virus-like-particle", "thyroglobulin")
 
 
 def test_polarity_and_standardise():
@@ -36,9 +36,9 @@ def test_polarity_and_standardise():
     v = _phantom((40, 90, 120), vs, [("ribosome", (20, 45, 60))], contrast=+2.0)
     dark = log_blobs(v, vs, "r", ["ribosome"], polarity="dark")
     bright = log_blobs(v, vs, "r", ["ribosome"], polarity="bright")
-    top = bright.sort_values("conf").iloc[-1]
+    top = bright.sort_values("score").iloc[-1]
     assert (top.x, top.y) == (60 * vs, 45 * vs)
-    assert dark.empty or dark.conf.max() < top.conf
+    assert dark.empty or dark.score.max() < top.score
     s = robust_standardise(v)
     assert abs(float(np.median(s))) < 0.05
     with pytest.raises(ValueError):

@@ -24,6 +24,7 @@ COMMANDS = {
     "tune": "tune",
     "predict": "predict",
     "bench": "bench",
+    "baseline": "baseline",
     "demo": "demo",
 }
 
