@@ -34,6 +34,7 @@ from czii_kit.synthetic.imaging import (
     electron_wavelength,
     interaction_constant,
     project,
+    project_spheres,
 )
 from czii_kit.synthetic.params import COUNT_RANGES
 from czii_kit.synthetic.phantom import build_phantom, make_slab, read_map
@@ -110,6 +111,21 @@ def test_point_reconstruction_is_in_place_and_elongated_in_z():
     rec_f = wbp(project(v, ang_full), ang_full, shape)
     zf = (rec_f[26, 11, 50] + rec_f[28, 11, 50]) / rec_f.max()
     assert zf < 0.7 * z_half / peak
+
+
+def test_gold_sphere_projection_matches_the_voxel_projector():
+    shape, r = (40, 30, 50), 6.0
+    c = np.array([22.0, 14.0, 20.0])
+    g = np.indices(shape).astype(float)
+    v = (np.sqrt(((g - c.reshape(3, 1, 1, 1)) ** 2).sum(0)) < r).astype(np.float32)
+    ang = [-45.0, 0.0, 30.0]
+    vox = project(v, ang)
+    ana = project_spheres(np.array([[*c, r]]), ang, shape)
+    yy, uu = np.indices(vox.shape[1:])
+    for k in range(len(ang)):
+        assert ana[k].sum() == pytest.approx(vox[k].sum(), rel=0.02)  # volume 4/3 pi r^3
+        for grid in (yy, uu):
+            assert (ana[k] * grid).sum() / ana[k].sum() == pytest.approx((vox[k] * grid).sum() / vox[k].sum(), abs=0.05)
 
 
 def test_missing_wedge_is_empty_in_fourier_space():

@@ -16,6 +16,7 @@ from ``np.random.default_rng([seed, i])``, so one run does not depend on how man
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -192,12 +193,13 @@ def benchmark(size="full", seed: int = 0, maps_dir=None, workers: int | None = N
     Returns
     -------
     dict
-        Stage -> seconds, plus ``total``.
+        Stage -> wall-clock seconds, plus ``total`` and ``cpu`` (CPU seconds of this process).
     """
     shape = shape_for_size(size)
     models = get_models(maps_dir)
     timings: dict = {}
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     tomos, picks = simulate_run(shape, seed=seed, maps=models, workers=workers, timings=timings)
     if write:
         t = time.perf_counter()
@@ -207,8 +209,13 @@ def benchmark(size="full", seed: int = 0, maps_dir=None, workers: int | None = N
         timings["write"] = time.perf_counter() - t
     timings.pop("total", None)
     timings["total"] = time.perf_counter() - t0
+    timings["cpu"] = time.process_time() - cpu0
     echo(f"synthetic run {shape[0]}x{shape[1]}x{shape[2]} ({len(picks)} particles, "
          f"{'maps ' + str(maps_dir) if maps_dir else 'procedural models'}, workers={workers or 'auto'}):")
     for k, v in timings.items():
-        echo(f"  {k:<14s} {v:7.2f} s")
+        if k != "cpu":
+            echo(f"  {k:<14s} {v:7.2f} s")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    echo(f"  (CPU time of this process {timings['cpu']:.2f} s on {os.cpu_count()} cores; "
+         f"load average {load:.1f}: other jobs share the machine when it exceeds the core count)")
     return timings
