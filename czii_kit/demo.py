@@ -83,7 +83,7 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
     picks = predict(data, split="test", weights=weights, backend=backend, progress=progress)
     sub_path = write_submission(picks, out / "submission.csv", overwrite=True)
     seconds["predict"] = time.perf_counter() - t
-    echo(summary(picks).to_string())
+    echo(summary(picks).to_string() if len(picks) else "no particles found")
 
     import pandas as pd
 
