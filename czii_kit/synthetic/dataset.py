@@ -112,7 +112,8 @@ def generate_dataset(
     picks_dir : path-like, optional
         Picks (any layout :func:`czii_kit.picks.read_picks` reads, e.g. the real Kaggle
         ``train/overlay``): run ``i`` takes the layout of the ``i``-th experiment there (cycling),
-        so the simulated tomograms reproduce those runs' particle positions.
+        so the simulated tomograms reproduce those runs' particle positions (points outside a
+        smaller volume are dropped; the ice slab is fitted to the points kept).
     overwrite : bool
         Replace an existing dataset made by this function (a folder without ``synthetic.json`` is
         never replaced).
