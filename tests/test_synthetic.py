@@ -182,6 +182,25 @@ def test_counts_drawn_like_the_real_runs():
             assert np.floor(lo * ranges.crowding[0]) <= p.counts[name] <= np.ceil(hi * ranges.crowding[1])
 
 
+def test_ribosomes_and_apoferritin_cluster_like_the_real_runs():
+    """In the real runs most ribosomes / apo-ferritins touch one of their kind; VLPs rarely do."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(3)
+    p = sample_params(rng, SIZES["full"], ranges=SimRanges(cluster_ribosome=(0.8, 0.8),
+                                                           cluster_apoferritin=(0.7, 0.7), cluster_other=(0, 0)))
+    ph = build_phantom(p, rng, procedural_models(10.0))
+
+    def touching(t):
+        xyz = ph.picks.loc[ph.picks["particle_type"] == t, ["x", "y", "z"]].to_numpy()
+        d, _ = cKDTree(xyz).query(xyz, k=2)
+        return float((d[:, 1] < 1.3 * 2 * get_particle(t).radius).mean())
+
+    assert touching("ribosome") > 0.5
+    assert touching("apo-ferritin") > 0.4
+    assert touching("virus-like-particle") < 0.35
+
+
 def test_full_size_placement_counts_no_overlap_and_slab():
     rng = np.random.default_rng(7)
     p = sample_params(rng, SIZES["full"])
@@ -195,7 +214,7 @@ def test_full_size_placement_counts_no_overlap_and_slab():
     r = np.array([get_particle(t).radius / p.voxel_size for t in ph.picks["particle_type"]])
     d = np.sqrt(((idx[:, None] - idx[None]) ** 2).sum(-1))
     np.fill_diagonal(d, np.inf)
-    assert (d >= 0.85 * (r[:, None] + r[None]) - 1e-6).all()
+    assert (d >= 0.75 * (r[:, None] + r[None]) - 1e-6).all()
     bot, top = ph.slab.z_limits(idx[:, 1], idx[:, 2])
     assert ((idx[:, 0] >= bot - 1e-6) & (idx[:, 0] <= top + 1e-6)).all()
     assert 0 < ph.z_range[0] or ph.z_range[1] < p.shape[0]  # planes outside the slab hold nothing

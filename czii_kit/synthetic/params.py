@@ -88,6 +88,11 @@ class SimRanges:
     slab_tilt: tuple[float, float] = (0.0, 4.0)  # deg, each of x and y, random sign
     slab_bump: tuple[float, float] = (0.0, 6.0)  # voxels, amplitude of smooth surface undulation
     crowding: tuple[float, float] = (0.8, 1.25)  # multiplies all particle counts
+    # chance that a particle is placed touching one of its kind (measured on the real runs: most
+    # ribosomes and apo-ferritins touch a neighbour of their kind, the others rarely)
+    cluster_ribosome: tuple[float, float] = (0.5, 0.9)
+    cluster_apoferritin: tuple[float, float] = (0.2, 0.7)
+    cluster_other: tuple[float, float] = (0.0, 0.08)
     background: tuple[float, float] = (0.03, 0.12)  # std of the solvent density texture (protein fractions)
     distractor_density: tuple[float, float] = (60.0, 220.0)  # other small proteins per full-size volume
     junk_density: tuple[float, float] = (80.0, 300.0)  # irregular aggregates per full-size volume
@@ -115,7 +120,9 @@ class SimRanges:
             "slab_fraction": (0.05, 1.0), "slab_center": (0.0, 1.0), "denoise_sigma": (0.0, 10.0),
             "residual_noise": (0.0, 1.0),
             "bfactor": (0.0, 20000.0), "protein_dv": (0.01, 50.0), "ice_mfp": (100.0, 1e6),
-            "crowding": (0.0, 10.0), "background": (0.0, 2.0), "sheet_probability": (0.0, 1.0), "gold_probability": (0.0, 1.0),
+            "crowding": (0.0, 10.0), "background": (0.0, 2.0),
+            "cluster_ribosome": (0.0, 1.0), "cluster_apoferritin": (0.0, 1.0), "cluster_other": (0.0, 1.0),
+            "sheet_probability": (0.0, 1.0), "gold_probability": (0.0, 1.0),
             "align_sigma": (0.0, 20.0), "astigmatism": (0.0, 5.0), "slab_tilt": (0.0, 30.0),
         }
         for name, (a, b) in checks.items():
@@ -164,6 +171,7 @@ class RunParams:
     slab_tilt_y: float  # deg
     slab_bump: float  # voxels
     crowding: float
+    clustering: dict[str, float]
     background: float
     n_distractors: int
     n_junk: int
@@ -266,6 +274,8 @@ def sample_params(
     counts = {}
     for name, (lo, hi) in COUNT_RANGES.items():
         counts[name] = stochastic_round(rng, rng.uniform(lo, hi) * crowd * ratio)
+    cluster_range = {"ribosome": r.cluster_ribosome, "apo-ferritin": r.cluster_apoferritin}
+    clustering = {n: _u(rng, cluster_range.get(n, r.cluster_other)) for n in COUNT_RANGES}
     sign = lambda: 1.0 if rng.random() < 0.5 else -1.0  # noqa: E731
     gold = rng.random() < _u(rng, r.gold_probability)
     p = RunParams(
@@ -293,6 +303,7 @@ def sample_params(
         slab_tilt_y=sign() * _u(rng, r.slab_tilt),
         slab_bump=_u(rng, r.slab_bump) * min(1.0, nz / FULL_SHAPE[0]),
         crowding=crowd,
+        clustering=clustering,
         background=_u(rng, r.background),
         n_distractors=stochastic_round(rng, _u(rng, r.distractor_density) * ratio),
         n_junk=stochastic_round(rng, _u(rng, r.junk_density) * ratio),
