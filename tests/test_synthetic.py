@@ -159,6 +159,13 @@ def test_procedural_models_have_the_right_shapes():
     assert m["beta-amylase"].radius < m["beta-galactosidase"].radius < m["ribosome"].radius
 
 
+def test_bad_run_counts_are_clear_errors(tmp_path):
+    with pytest.raises(SimParamError, match="at least one run"):
+        generate_dataset(tmp_path / "x", n_train=0, n_test=0, size="tiny", progress=False)
+    with pytest.raises(SimParamError, match="unknown size"):
+        generate_dataset(tmp_path / "x", n_train=1, n_test=0, size="huge", progress=False)
+
+
 def test_params_ranges_and_roundtrip():
     with pytest.raises(SimParamError, match="defocus"):
         SimRanges(defocus=(5.0, 2.0))
@@ -231,6 +238,22 @@ def test_same_seed_same_arrays_different_seed_differs():
         np.testing.assert_array_equal(a[name], b[name])
         assert not np.array_equal(a[name], c[name])
     pd.testing.assert_frame_equal(pa, pb)
+
+
+def test_thread_count_does_not_change_the_result():
+    a, _ = simulate_run("tiny", seed=9, workers=1)
+    b, _ = simulate_run("tiny", seed=9, workers=2)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_figure_is_written_small_and_not_overwritten(tmp_path):
+    from czii_kit.synthetic.figure import make_figure
+
+    png = make_figure(tmp_path / "fig.png", size="tiny", seed=1)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 500_000
+    with pytest.raises(FileExistsNoForce):
+        make_figure(png, size="tiny", seed=1)
 
 
 def test_picks_sit_on_dark_density_procedural():

@@ -32,7 +32,7 @@ from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import RUNS_DIR
 from czii_kit.picks import read_picks, write_picks
-from czii_kit.synthetic.params import VOXEL_SIZE, SimRanges, shape_for_size
+from czii_kit.synthetic.params import VOXEL_SIZE, SimParamError, SimRanges, shape_for_size
 from czii_kit.synthetic.simulate import TOMOGRAM_NAMES, get_models, simulate_run
 from czii_kit.tomogram import write_tomogram
 
@@ -132,7 +132,7 @@ def generate_dataset(
     out_dir = Path(out_dir)
     n_train, n_test = int(n_train), int(n_test)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
-        raise ValueError(f"need at least one run (n_train={n_train}, n_test={n_test})")
+        raise SimParamError(f"need at least one run (n_train={n_train}, n_test={n_test})")
     shape = shape_for_size(size)
     _prepare_out(out_dir, overwrite)
     models = get_models(maps_dir)
