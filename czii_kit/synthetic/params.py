@@ -272,8 +272,10 @@ def sample_params(
     centre = float(np.clip(centre, thick / 2 + 1, nz - 1 - thick / 2 - 1)) if thick < nz - 4 else (nz - 1) / 2
     crowd = _u(rng, r.crowding)
     counts = {}
+    # at the real density a tiny test volume would hold ~1 particle in all; keep one of each type there
+    floor = 1 if ratio < 0.05 else 0
     for name, (lo, hi) in COUNT_RANGES.items():
-        counts[name] = stochastic_round(rng, rng.uniform(lo, hi) * crowd * ratio)
+        counts[name] = max(floor, stochastic_round(rng, rng.uniform(lo, hi) * crowd * ratio))
     cluster_range = {"ribosome": r.cluster_ribosome, "apo-ferritin": r.cluster_apoferritin}
     clustering = {n: _u(rng, cluster_range.get(n, r.cluster_other)) for n in COUNT_RANGES}
     sign = lambda: 1.0 if rng.random() < 0.5 else -1.0  # noqa: E731
