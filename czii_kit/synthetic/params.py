@@ -70,7 +70,7 @@ class SimRanges:
     # tilt series
     tilt_max: tuple[float, float] = (54.0, 63.0)  # |most negative| and most positive angle, each drawn
     tilt_step: tuple[float, float] = (3.0, 3.0)
-    tilt_axis_offset: tuple[float, float] = (-1.0, 1.0)  # residual error of the tilt angles, deg
+    tilt_angle_offset: tuple[float, float] = (-1.0, 1.0)  # error of all tilt angles (deg), plus 0.15 deg jitter each
     # optics (300 kV, Cs 2.7 mm)
     defocus: tuple[float, float] = (2.0, 5.0)  # µm underfocus
     astigmatism: tuple[float, float] = (0.0, 0.3)  # µm (df1 - df2)
@@ -152,7 +152,7 @@ class RunParams:
     tilt_min: float
     tilt_max: float
     tilt_step: float
-    tilt_axis_offset: float
+    tilt_angle_offset: float
     voltage_kv: float
     cs_mm: float
     defocus: float
@@ -286,7 +286,7 @@ def sample_params(
         tilt_min=float(tmin),
         tilt_max=float(tmax),
         tilt_step=float(step),
-        tilt_axis_offset=_u(rng, r.tilt_axis_offset),
+        tilt_angle_offset=_u(rng, r.tilt_angle_offset),
         voltage_kv=300.0,
         cs_mm=2.7,
         defocus=_u(rng, r.defocus),

@@ -149,7 +149,7 @@ def simulate_run(
     t = lap("phantom", t)
 
     # the microscope's actual tilts differ slightly from the nominal ones used for reconstruction
-    true_angles = angles + params.tilt_axis_offset + rng.normal(0, 0.15, len(angles))
+    true_angles = angles + params.tilt_angle_offset + rng.normal(0, 0.15, len(angles))
     proj = project(phantom.volume, true_angles, z_range=phantom.z_range, workers=workers, progress=bar)
     proj *= np.float32(params.voxel_size)  # V·Å
     absorption = None
