@@ -156,7 +156,7 @@ def generate_dataset(
             meta = params.to_dict()
             meta.update({"run": name, "split": split, "seed": [seed, i],
                          "layout_from": None if layout is None else layout[0],
-                         "models": "procedural" if maps_dir is None else str(maps_dir)})
+                         "models": "procedural" if maps_dir is None else str(Path(maps_dir).resolve())})
             t = time.perf_counter()
             write_run(tmp, split, name, tomos, picks if split == "train" else None,
                       json.dumps(meta, indent=1), VOXEL_SIZE)
@@ -169,8 +169,8 @@ def generate_dataset(
             sol = pd.concat(solution, ignore_index=True)[["experiment", "particle_type", "x", "y", "z"]]
             atomic_write(tmp / "solution.csv", lambda p: sol.to_csv(p, index=False))
         info = {"generator": f"czii_kit {__version__}", "seed": seed, "size": list(shape),
-                "voxel_size": VOXEL_SIZE, "maps_dir": None if maps_dir is None else str(maps_dir),
-                "picks_dir": None if picks_dir is None else str(picks_dir),
+                "voxel_size": VOXEL_SIZE, "maps_dir": None if maps_dir is None else str(Path(maps_dir).resolve()),
+                "picks_dir": None if picks_dir is None else str(Path(picks_dir).resolve()),
                 "ranges": (ranges or SimRanges()).to_dict(), "runs": summary,
                 "tomograms": list(TOMOGRAM_NAMES)}
         atomic_write_text(tmp / MARKER, json.dumps(info, indent=1))
