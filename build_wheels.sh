@@ -148,11 +148,9 @@ EOF
 read -r -d '' HELPER <<'EOF' || true
 import fnmatch, hashlib, json, os, re, sys
 try:
-    from packaging.markers import Marker, InvalidMarker
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 except ImportError:  # pip always vendors packaging
-    from pip._vendor.packaging.markers import Marker, InvalidMarker
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name
 
@@ -202,9 +200,8 @@ def target_env(report_env, py, platforms):
 
 
 def is_excluded(name, patterns):
-    name = canonicalize_name(name)
-    return any(fnmatch.fnmatchcase(name, canonicalize_name(p) if "*" not in p and "?" not in p else p.lower())
-               for p in patterns)
+    """Shell-style match on normalised names (case, '-', '_' and '.' do not matter)."""
+    return any(fnmatch.fnmatchcase(canonicalize_name(name), canonicalize_name(p)) for p in patterns)
 
 
 def applies(req, env, extras):
