@@ -12,9 +12,11 @@ Pipeline per run (see the modules):
 - :mod:`~czii_kit.synthetic.reconstruct`: weighted back-projection (missing wedge, z elongation).
 - :mod:`~czii_kit.synthetic.denoise`: the smooth ``denoised`` tomogram.
 - :mod:`~czii_kit.synthetic.dataset`: :func:`generate_dataset` (Kaggle layout) and :func:`benchmark`.
+- :mod:`~czii_kit.synthetic.figure`: :func:`make_figure`, the README figure.
 """
 
 from czii_kit.synthetic.dataset import benchmark, generate_dataset, run_name
+from czii_kit.synthetic.figure import make_figure
 from czii_kit.synthetic.params import SIZES, VOXEL_SIZE, RunParams, SimParamError, SimRanges, sample_params
 from czii_kit.synthetic.phantom import load_maps, procedural_models, random_rotations
 from czii_kit.synthetic.simulate import TOMOGRAM_NAMES, simulate_run
@@ -29,6 +31,7 @@ __all__ = [
     "benchmark",
     "generate_dataset",
     "load_maps",
+    "make_figure",
     "procedural_models",
     "random_rotations",
     "run_name",
