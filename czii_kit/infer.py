@@ -209,10 +209,14 @@ class Detector:
             nh, nw = int(round(h * scale)), int(round(w * scale))
             images = np.stack([cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images])
             h, w = nh, nw
-        canvas = np.full((b, s, s, 3), 114, np.uint8)
-        canvas[:, :h, :w] = images[..., ::-1]  # PNGs written by cv2 (BGR) are fed to the net as RGB
-        x = torch.from_numpy(canvas).permute(0, 3, 1, 2).float().div_(255.0)
-        return x.to(self.device), scale
+        x = np.empty((b, 3, s, s), np.float32)
+        pad = np.float32(114.0 / 255.0)  # ultralytics' letterbox grey
+        x[:, :, h:, :] = pad
+        x[:, :, :h, w:] = pad
+        inv = np.float32(1.0 / 255.0)
+        for c in range(3):  # PNGs written by cv2 (BGR) are fed to the net as RGB: reverse the channels
+            np.multiply(images[..., 2 - c], inv, out=x[:, c, :h, :w])
+        return torch.from_numpy(x).to(self.device), scale
 
     def forward(self, x):
         """Raw network output for a prepared tensor (model-only timing)."""
