@@ -138,6 +138,35 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8)
     return dest
 
 
+def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
+    """Network input for ``images (B, H, W, 3)`` uint8: ``(B, 3, imgsz, imgsz)`` float32 0..1 and the scale.
+
+    Channels are reversed (PNGs written by cv2 as BGR are read by ultralytics' training loader and
+    fed to the network as RGB). Images are padded bottom/right with ultralytics' letterbox grey
+    (114) without resizing when they fit (scale 1); larger ones are first scaled down to fit.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"expected images (B, H, W, 3), got shape {images.shape}")
+    b, h, w = images.shape[:3]
+    s = int(imgsz)
+    scale = min(1.0, s / max(h, w))
+    if scale < 1.0:
+        import cv2
+
+        nh, nw = min(s, int(round(h * scale))), min(s, int(round(w * scale)))
+        images = np.stack([cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images])
+        h, w = nh, nw
+    x = np.empty((b, 3, s, s), np.float32)
+    pad = np.float32(114.0 / 255.0)
+    x[:, :, h:, :] = pad
+    x[:, :, :h, w:] = pad
+    inv = np.float32(1.0 / 255.0)
+    for c in range(3):
+        np.multiply(images[..., 2 - c], inv, out=x[:, c, :h, :w])
+    return x, scale
+
+
 def _device(device: str | None, backend: str):
     import torch
 
@@ -197,25 +226,10 @@ class Detector:
                                           f"{class_names()} (train it on a dataset from `czii-kit build-dataset`)")
 
     def to_tensor(self, images: np.ndarray):
-        """``(B, H, W, 3)`` uint8 -> ``(B, 3, S, S)`` float tensor 0..1 (channel order as in training) and the scale."""
+        """``(B, H, W, 3)`` uint8 -> ``(B, 3, S, S)`` float tensor on the model's device, and the scale."""
         import torch
 
-        b, h, w = images.shape[:3]
-        s = self.imgsz
-        scale = min(1.0, s / max(h, w))
-        if scale < 1.0:
-            import cv2
-
-            nh, nw = int(round(h * scale)), int(round(w * scale))
-            images = np.stack([cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images])
-            h, w = nh, nw
-        x = np.empty((b, 3, s, s), np.float32)
-        pad = np.float32(114.0 / 255.0)  # ultralytics' letterbox grey
-        x[:, :, h:, :] = pad
-        x[:, :, :h, w:] = pad
-        inv = np.float32(1.0 / 255.0)
-        for c in range(3):  # PNGs written by cv2 (BGR) are fed to the net as RGB: reverse the channels
-            np.multiply(images[..., 2 - c], inv, out=x[:, c, :h, :w])
+        x, scale = prepare_batch(images, self.imgsz)
         return torch.from_numpy(x).to(self.device), scale
 
     def forward(self, x):

@@ -113,3 +113,22 @@ def test_config_validation_and_round_trip():
         PreprocessConfig(lo=60, hi=40)
     with pytest.raises(ValueError):
         PreprocessConfig(dtype="int16")
+
+
+def test_prepare_batch_pads_reverses_channels_and_scales():
+    from czii_kit.infer import prepare_batch
+
+    imgs = np.zeros((2, 30, 50, 3), np.uint8)
+    imgs[..., 0], imgs[..., 1], imgs[..., 2] = 10, 20, 30
+    x, scale = prepare_batch(imgs, 64)
+    assert x.shape == (2, 3, 64, 64) and x.dtype == np.float32 and scale == 1.0
+    np.testing.assert_allclose(x[:, :, :30, :50].reshape(2, 3, -1)[0, :, 0], np.array([30, 20, 10]) / 255.0)
+    np.testing.assert_allclose(x[:, :, 30:, :], 114 / 255.0)
+    np.testing.assert_allclose(x[:, :, :30, 50:], 114 / 255.0)
+    big = np.full((1, 100, 80, 3), 200, np.uint8)
+    x, scale = prepare_batch(big, 64)
+    assert scale == pytest.approx(0.64) and x.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(x[0, :, :64, :51], 200 / 255.0, atol=1e-6)
+    np.testing.assert_allclose(x[0, :, :, 52:], 114 / 255.0)
+    with pytest.raises(ValueError):
+        prepare_batch(np.zeros((30, 50, 3), np.uint8), 64)
