@@ -49,11 +49,10 @@ class InferenceConfig:
     batch : int
         Slices per forward pass.
     z_stride : int
-        Run every ``z_stride``-th slice. The default 2 halves the time (OpenVINO, 2 CPUs: ~3.4 s
-        instead of ~6.5 s per 184x630x630 tomogram); every particle (radius >= 6 voxels) still
-        shows on >= 4 visited slices. Cost measured on simulated detections of the real Kaggle
-        layouts: weighted F4 0.999 -> 0.992, mostly apo-ferritin (0.995 -> 0.951). Use 1 when
-        time allows.
+        Run every ``z_stride``-th slice. 2 halves the time (OpenVINO, 2 CPUs: ~3.8 s instead of
+        ~5.7 s per 184x630x630 tomogram, `czii-kit bench`); every particle (radius >= 6 voxels)
+        still shows on >= 4 visited slices. Cost measured on simulated detections of the real
+        Kaggle layouts: weighted F4 0.999 -> 0.992, mostly apo-ferritin (0.995 -> 0.951).
     tta : bool
         Also run left-right and up-down flipped images and pool the boxes (3x the time).
     conf : float
@@ -68,7 +67,7 @@ class InferenceConfig:
 
     imgsz: int | None = None
     batch: int = 8
-    z_stride: int = 2
+    z_stride: int = 1
     tta: bool = False
     conf: float = 0.05
     iou: float = 0.6

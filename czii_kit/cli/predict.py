@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="trained .pt (default: the model shipped in czii_kit/models/)")
     p.add_argument("--backend", default="openvino", choices=["openvino", "onnx", "torch"])
     p.add_argument("--tomogram", default="denoised")
-    p.add_argument("--z-stride", type=int, help="slice stride (default: as tuned, else 2)")
+    p.add_argument("--z-stride", type=int, help="slice stride (default: as tuned, else 1)")
     p.add_argument("--batch", type=int, help="slices per forward pass (default: as tuned)")
     p.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
     p.add_argument("--force", action="store_true", help="overwrite --out")

@@ -21,8 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", help="validation runs (default: those recorded at training)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"])
     p.add_argument("--tomogram", default="denoised")
-    p.add_argument("--z-stride", type=int, default=2,
-                   help="slice stride (default 2; predict repeats the tuned stride unless told otherwise)")
+    p.add_argument("--z-stride", type=int, default=1,
+                   help="slice stride (default 1; 2 halves the time; predict repeats the tuned stride)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
