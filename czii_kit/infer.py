@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,16 +122,27 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8)
             rec = {}
         if rec.get("weights_sha256") == digest:
             return dest
-    from ultralytics import YOLO
+    import logging
+    import sys
 
-    model = YOLO(str(w))
+    from ultralytics import YOLO
+    from ultralytics.utils import LOGGER
+
+    print(f"exporting {w.name} to {backend} (imgsz {imgsz}, batch {batch}), cached as {dest.name} ...",
+          file=sys.stderr)
     kwargs = {"format": backend, "imgsz": imgsz, "dynamic": False, "batch": batch, "device": "cpu"}
     if backend == "onnx":
         kwargs["simplify"] = False
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)  # ultralytics logs its export report to stdout: keep stdout clean
     try:
-        out = Path(model.export(**kwargs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace deprecation notices
+            out = Path(YOLO(str(w)).export(**kwargs))
     except Exception as exc:  # an exporter failure is a user-facing problem with the model/backend
         raise CziiKitError(f"{w}: export to {backend} failed: {exc}") from exc
+    finally:
+        LOGGER.setLevel(level)
     if dest.exists():
         shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
     out.rename(dest)
