@@ -19,7 +19,7 @@ from pathlib import Path
 
 from czii_kit import __version__
 from czii_kit.atomic import atomic_write_text
-from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
 from czii_kit.yolo_dataset import read_manifest
 
 TRAIN_RECORD = "czii_kit_train.json"
@@ -90,6 +90,23 @@ def _resolve_model(model: str | Path) -> str:
     return m
 
 
+def _check_resumable(last: Path) -> None:
+    """Refuse to resume a finished run (ultralytics would fall back to its default, downloadable dataset)."""
+    import torch
+
+    try:
+        ckpt = torch.load(str(last), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise DataError(last, f"cannot read the checkpoint ({exc})") from exc
+    epoch = ckpt.get("epoch", -1) if isinstance(ckpt, dict) else -1
+    epochs = (ckpt.get("train_args") or {}).get("epochs") if isinstance(ckpt, dict) else None
+    if epoch is None or epoch < 0 or (epochs is not None and epoch + 1 >= epochs):
+        raise CziiKitError(
+            f"{last}: this training run already finished; start a new run (e.g. `czii-kit train DATA --out NEW "
+            f"--model {last}` to continue from these weights)"
+        )
+
+
 def train(
     data_yaml: str | Path,
     out_dir: str | Path,
@@ -136,6 +153,7 @@ def train(
         last = wdir / "last.pt"
         if not last.is_file():
             raise DataError(last, "nothing to resume (no last.pt in the run folder)")
+        _check_resumable(last)
         record = read_train_record(last)
         record.setdefault("resumed", []).append(started)
         yolo = YOLO(str(last))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pipeline_fixture import make_root
 
-from czii_kit.errors import DataError
+from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
 from czii_kit.metric import score
 from czii_kit.picks import read_picks
 from czii_kit.submission import read_submission
@@ -116,6 +116,10 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
 
     with pytest.raises(DataError, match="nothing to resume"):
         train(data_yaml, tmp_path / "empty_run", resume=True)
+    with pytest.raises(CziiKitError, match="already finished"):
+        train(data_yaml, out, resume=True)  # ultralytics would fall back to a downloadable dataset
+    with pytest.raises(FileExistsNoForce):
+        train(data_yaml, out, epochs=1)
     rc = main(["predict", str(root), "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.csv")])
     assert rc == 2 and "missing.pt" in capsys.readouterr().err
 
@@ -160,3 +164,34 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc == 2 and "wbp" in err
     assert not (tmp_path / "ds").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_interrupted_training_resumes(tmp_path, no_dns, offline_home, monkeypatch):
+    from czii_kit.offline import configure_offline
+    from czii_kit.train import train
+    from czii_kit.yolo_dataset import build_dataset
+
+    make_root(tmp_path / "root", runs=("TS_a",), shape=(12, 64, 64), per_type=1, seed=4)
+    data_yaml = build_dataset(tmp_path / "root", tmp_path / "ds", z_stride=2, progress=False)
+    configure_offline()
+    import ultralytics.engine.trainer as trainer_mod
+
+    original = trainer_mod.BaseTrainer.save_model
+
+    def save_then_crash(self):
+        original(self)
+        if self.epoch == 0:
+            raise KeyboardInterrupt  # as if the job were killed after the first epoch
+
+    monkeypatch.setattr(trainer_mod.BaseTrainer, "save_model", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_yaml, tmp_path / "run", epochs=2, imgsz=64, batch=8, workers=0, plots=False)
+    record = json.loads((tmp_path / "run" / "weights" / "czii_kit_train.json").read_text())
+    assert record["status"] == "running"
+    monkeypatch.setattr(trainer_mod.BaseTrainer, "save_model", original)
+    best = train(data_yaml, tmp_path / "run", resume=True)
+    record = json.loads((best.parent / "czii_kit_train.json").read_text())
+    assert record["status"] == "finished" and len(record["resumed"]) == 1
+    import pandas as pd
+
+    assert len(pd.read_csv(tmp_path / "run" / "results.csv")) == 2  # epoch 1 then the resumed epoch 2
