@@ -141,6 +141,13 @@ def configure_offline(config_dir: str | Path | None = None) -> Path:
 
     import ultralytics.utils as uu
 
+    # when ultralytics was imported before us, its import-time ONLINE/AUTOINSTALL flags are stale
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("ultralytics") and mod is not None:
+            if getattr(mod, "ONLINE", None) is True:
+                mod.ONLINE = False
+            if getattr(mod, "AUTOINSTALL", None) is True:
+                mod.AUTOINSTALL = False
     cfg = Path(uu.USER_CONFIG_DIR)
     if _state.get("done") == cfg:
         return cfg
