@@ -3,7 +3,8 @@
 Call :func:`configure_offline` before building, training, exporting or running a YOLO model. It
 
 * sets ``YOLO_OFFLINE=1`` (ultralytics' ``ONLINE`` flag becomes false: no pip auto-install, no
-  GitHub asset download, no update checks) and ``YOLO_AUTOINSTALL=0``;
+  GitHub asset download, no update checks) and ``YOLO_AUTOINSTALL=0`` (and clears the flags
+  ultralytics computed at import when it was imported before this call);
 * points ultralytics at its own config folder (``$CZII_KIT_HOME/ultralytics``, default
   ``~/.cache/czii_kit/ultralytics``) unless the user set ``YOLO_CONFIG_DIR`` or ultralytics is
   already imported, and turns analytics ``sync`` and every third-party logger integration off there
