@@ -102,6 +102,31 @@ def export_path(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -
     raise ValueError(f"backend {backend!r} has no export")
 
 
+def _writable_copy(weights: Path, digest: str) -> Path:
+    """``weights`` itself when its folder is writable, else a copy in ``$CZII_KIT_HOME/exports/``.
+
+    Weights attached read-only (a Kaggle dataset under ``/kaggle/input``, a system-wide install)
+    are exported from that copy, so the export cache lands somewhere writable.
+    """
+    import os
+
+    if os.access(weights.parent, os.W_OK):
+        return weights
+    from czii_kit.offline import czii_home
+
+    folder = czii_home() / "exports" / digest[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / weights.name
+    if not copy.is_file():
+        tmp = folder / f".{weights.name}.tmp"
+        shutil.copyfile(weights, tmp)
+        tmp.rename(copy)
+    for side in weights.parent.glob("czii_kit_*.json"):  # train record and thresholds travel along
+        if not (folder / side.name).exists():
+            shutil.copyfile(side, folder / side.name)
+    return copy
+
+
 def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -> Path:
     """Export ``weights`` to ``backend`` once (cached beside the weights); return the model path.
 
@@ -112,9 +137,10 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8)
 
     configure_offline()
     w = Path(weights)
+    digest = _sha256(w)
+    w = _writable_copy(w, digest)
     dest = export_path(w, backend, imgsz, batch)
     rec_path = dest / EXPORT_RECORD if backend == "openvino" else dest.with_name(f"{dest.name}.{EXPORT_RECORD}")
-    digest = _sha256(w)
     if dest.exists() and rec_path.is_file():
         try:
             rec = json.loads(rec_path.read_text())

@@ -1,0 +1,27 @@
+"""Exports of read-only weights (Kaggle datasets under /kaggle/input) are cached in a writable folder."""
+
+import os
+
+from czii_kit import infer
+
+
+def test_writable_copy_for_read_only_weights(tmp_path, monkeypatch):
+    ro = tmp_path / "input" / "model"
+    ro.mkdir(parents=True)
+    w = ro / "best.pt"
+    w.write_bytes(b"weights-bytes")
+    (ro / "czii_kit_thresholds.json").write_text("{}")
+    home = tmp_path / "home"
+    monkeypatch.setenv("CZII_KIT_HOME", str(home))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == os.fspath(ro) else real_access(p, mode))
+
+    digest = infer._sha256(w)
+    copy = infer._writable_copy(w, digest)
+    assert copy.parent.parent == home / "exports" and copy.read_bytes() == b"weights-bytes"
+    assert (copy.parent / "czii_kit_thresholds.json").is_file()
+    assert infer.export_path(copy, "openvino", 640).parent == copy.parent
+    assert infer._writable_copy(w, digest) == copy  # reused
+
+    monkeypatch.setattr(os, "access", real_access)
+    assert infer._writable_copy(w, digest) == w  # writable folder: export beside the weights
