@@ -1,0 +1,44 @@
+"""The model shipped in czii_kit/models: complete, offline-loadable, and it really picks particles."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from czii_kit.catalog import class_names
+from czii_kit.predict import MODELS_DIR, default_weights
+
+pytestmark = pytest.mark.skipif(not any(MODELS_DIR.glob("*.pt")), reason="no model shipped in czii_kit/models")
+
+
+def test_shipped_files():
+    w = default_weights()
+    assert w.stat().st_size < 15 * 2**20, "shipped weights must stay under 15 MB"
+    thr = json.loads((w.parent / "czii_kit_thresholds.json").read_text())
+    assert set(thr["thresholds"]) == set(class_names().values())
+    assert all(0.0 <= t <= 1.0 for t in thr["thresholds"].values())
+    rec = json.loads((w.parent / "czii_kit_train.json").read_text())
+    assert rec["status"] == "finished" and rec["preprocess"]
+
+
+def test_model_classes_match_catalog():
+    from czii_kit.offline import configure_offline
+
+    configure_offline()
+    from ultralytics import YOLO
+
+    assert {int(k): v for k, v in YOLO(str(default_weights())).names.items()} == class_names()
+
+
+def test_picks_a_fresh_synthetic_run(tmp_path):
+    """On a small run of a seed never used in training the shipped model finds the big particles."""
+    from czii_kit.metric import score
+    from czii_kit.predict import predict
+    from czii_kit.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "d", n_train=0, n_test=1, size="small", seed=4242, progress=False)
+    picks = predict(root, split="test", backend="torch", progress=False)
+    result = score(pd.read_csv(root / "solution.csv"), picks)
+    table = result.table
+    assert table.loc["ribosome", "f_beta"] > 0.6, table
+    assert result.final > 0.4, table
