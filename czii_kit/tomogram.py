@@ -11,13 +11,12 @@ level-0 voxel at most). Chunks are blosc-lz4 compressed with byte shuffle, keyed
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from czii_kit.atomic import atomic_dir
 from czii_kit.errors import DataError, FileExistsNoForce
 
 DEFAULT_CHUNKS = (64, 256, 256)
@@ -286,10 +285,8 @@ def write_tomogram(
         raise ValueError("volume contains NaN or infinite values")
     if path.exists() and not overwrite:
         raise FileExistsNoForce(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     zarr = _zarr()
-    try:
+    with atomic_dir(path) as tmp:
         if _zarr_major() >= 3:
             group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         else:
@@ -300,10 +297,4 @@ def write_tomogram(
                 level = bin2(level)
             _create_level(group, str(k), level, chunks)
         group.attrs.update(multiscale_metadata(voxel_size, n_levels, name=path.stem))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -18,7 +18,7 @@ import platform
 from pathlib import Path
 
 from czii_kit import __version__
-from czii_kit.atomic import atomic_write_text
+from czii_kit.atomic import atomic_write_text, read_json
 from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
 from czii_kit.yolo_dataset import read_manifest
 
@@ -71,13 +71,7 @@ def _versions() -> dict:
 
 def read_train_record(weights: str | Path) -> dict:
     """The ``czii_kit_train.json`` beside ``weights`` (``{}`` when absent)."""
-    p = Path(weights).parent / TRAIN_RECORD
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(p, f"not valid JSON ({exc})") from exc
+    return read_json(Path(weights).parent / TRAIN_RECORD)
 
 
 def _resolve_model(model: str | Path) -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from czii_kit import __version__
-from czii_kit.atomic import atomic_write_text
+from czii_kit.atomic import atomic_write_text, read_json
 from czii_kit.catalog import PARTICLES, get_particle
 from czii_kit.errors import DataError
 from czii_kit.metric import BETA, DISTANCE_MULTIPLIER, f_beta
@@ -149,12 +149,9 @@ def compare_merges(detections: pd.DataFrame, voxel_sizes, solution: pd.DataFrame
 def read_thresholds(weights: str | Path) -> dict:
     """The ``czii_kit_thresholds.json`` beside ``weights`` (``{}`` when absent)."""
     p = Path(weights).parent / THRESHOLDS_FILE
-    if not p.is_file():
+    doc = read_json(p)
+    if not doc:
         return {}
-    try:
-        doc = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(p, f"not valid JSON ({exc})") from exc
     if not isinstance(doc.get("thresholds"), dict):
         raise DataError(p, "no 'thresholds' object")
     return doc

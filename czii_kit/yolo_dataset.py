@@ -20,8 +20,6 @@ Layout written::
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from czii_kit import __version__
+from czii_kit.atomic import atomic_dir, read_json
 from czii_kit.catalog import class_names, get_particle
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError, FileExistsNoForce
@@ -227,11 +226,10 @@ def build_dataset(
     picks = read_picks(root, split=split, runs=names)
     rng = np.random.default_rng(seed)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     counts = {"train": {"images": 0, "boxes": 0}, "val": {"images": 0, "boxes": 0}}
     per_class = {n: 0 for n in class_names().values()}
     voxel_sizes, shapes = {}, {}
-    try:
+    with atomic_dir(out_dir) as tmp:
         for sub in ("train", "val"):
             (tmp / "images" / sub).mkdir(parents=True)
             (tmp / "labels" / sub).mkdir(parents=True)
@@ -307,21 +305,9 @@ def build_dataset(
             "names": class_names(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "data.yaml"
 
 
 def read_manifest(data_yaml: str | Path) -> dict:
     """The ``czii_kit_dataset.json`` beside a ``data.yaml`` (``{}`` when absent)."""
-    p = Path(data_yaml).parent / MANIFEST
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(p, f"not valid JSON ({exc})") from exc
+    return read_json(Path(data_yaml).parent / MANIFEST)

@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+from nbrun import REPO, cell_text, run_notebook
 
 from czii_kit.picks import read_picks
 from czii_kit.submission import write_submission
-
-from nbrun import REPO, cell_text, run_notebook
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 

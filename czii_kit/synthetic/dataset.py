@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from czii_kit import __version__
-from czii_kit.atomic import atomic_write, atomic_write_text
+from czii_kit.atomic import atomic_dir, atomic_write, atomic_write_text
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import RUNS_DIR
@@ -137,10 +135,7 @@ def generate_dataset(
     _prepare_out(out_dir, overwrite)
     models = get_models(maps_dir)
     layouts = _layouts(picks_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         solution = []
         summary = []
         jobs = [("train", i) for i in range(n_train)] + [("test", n_train + j) for j in range(n_test)]
@@ -174,12 +169,6 @@ def generate_dataset(
                 "ranges": (ranges or SimRanges()).to_dict(), "runs": summary,
                 "tomograms": list(TOMOGRAM_NAMES)}
         atomic_write_text(tmp / MARKER, json.dumps(info, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
