@@ -55,6 +55,7 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
     dict
         ``final`` score, per-type ``particles`` figures, ``paths`` of the outputs and ``seconds`` per step.
     """
+    from czii_kit.infer import missing_backend_modules
     from czii_kit.metric import format_table, score
     from czii_kit.offline import configure_offline
     from czii_kit.predict import default_weights, predict, summary
@@ -65,6 +66,10 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
     out = Path(out)
     _prepare(out, force)
     weights = Path(weights) if weights is not None else default_weights()
+    if missing_backend_modules(backend):
+        echo(f"note: {backend} is not installed ({', '.join(missing_backend_modules(backend))}); using the torch "
+             "backend (pip install 'czii_kit[export]' for the faster OpenVINO backend)")
+        backend = "torch"
     maps_dir = shared_maps_dir() if maps == "auto" else (Path(maps) if maps else None)
     seconds = {}
 

@@ -127,6 +127,17 @@ def _writable_copy(weights: Path, digest: str) -> Path:
     return copy
 
 
+BACKEND_MODULES = {"torch": (), "onnx": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
+"""Python modules each backend needs beyond torch (installed by the ``[export]`` extra)."""
+
+
+def missing_backend_modules(backend: str) -> list[str]:
+    """The modules of :data:`BACKEND_MODULES` that are not importable here (``[]`` when all are)."""
+    import importlib.util
+
+    return [m for m in BACKEND_MODULES.get(backend, ()) if importlib.util.find_spec(m) is None]
+
+
 def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -> Path:
     """Export ``weights`` to ``backend`` once (cached beside the weights); return the model path.
 
@@ -243,6 +254,10 @@ class Detector:
         configure_offline()
         if backend not in BACKENDS:
             raise CziiKitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        missing = missing_backend_modules(backend)
+        if missing:
+            raise CziiKitError(f"the {backend} backend needs {', '.join(missing)}: pip install 'czii_kit[export]' "
+                               "(or use --backend torch)")
         self.weights = Path(weights)
         if not self.weights.is_file():
             raise DataError(self.weights, "no such weights file")

@@ -25,3 +25,18 @@ def test_writable_copy_for_read_only_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "access", real_access)
     assert infer._writable_copy(w, digest) == w  # writable folder: export beside the weights
+
+
+def test_missing_backend_gives_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from czii_kit.errors import CziiKitError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert infer.missing_backend_modules("openvino") == ["openvino"]
+    assert infer.missing_backend_modules("torch") == []
+    with pytest.raises(CziiKitError, match=r"czii_kit\[export\]"):
+        infer.Detector(tmp_path / "w.pt", "openvino")
