@@ -18,16 +18,23 @@ class DataError(CziiKitError, ValueError):
 
     Parameters
     ----------
-    path : path-like or None
-        The offending file or folder; it is named at the start of the message.
+    path : path-like, list of path-like, or None
+        The offending file or folder (or the folders pooled); named at the start of the message.
     message : str
         What is wrong with it.
     """
 
-    def __init__(self, path: str | Path | None, message: str):
-        self.path = None if path is None else Path(path)
+    def __init__(self, path: str | Path | list | tuple | None, message: str):
+        if isinstance(path, (list, tuple)):  # several folders pooled: name them all
+            self.paths = [Path(p) for p in path]
+            self.path = self.paths[0] if len(self.paths) == 1 else None
+            where = ", ".join(map(str, self.paths)) or None
+        else:
+            self.path = None if path is None else Path(path)
+            self.paths = [] if path is None else [self.path]
+            where = path
         self.message = message
-        super().__init__(f"{path}: {message}" if path is not None else message)
+        super().__init__(f"{where}: {message}" if where is not None else message)
 
 
 class UnknownParticleError(CziiKitError, ValueError):

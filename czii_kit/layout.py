@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,15 +87,16 @@ def _runs_in(experiment_runs: Path, split: str | None, into: dict) -> None:
             run.dirs.append(d)
 
 
-def find_runs(path: str | Path, split: str | None = None) -> list[Run]:
+def find_runs(path: str | Path | Sequence[str | Path], split: str | None = None) -> list[Run]:
     """Discover the runs under ``path``.
 
     Parameters
     ----------
-    path : path-like
+    path : path-like or sequence of path-like
         Dataset root (holding ``train/``, ``test/``), split folder (holding ``static/``,
         ``overlay/``), static or overlay root (holding ``ExperimentRuns/``), ``ExperimentRuns``
-        itself, or one run folder.
+        itself, or one run folder; or several of these, whose runs are pooled (a run name may
+        appear in only one of them per split).
     split : str, optional
         Keep only runs of this split (when ``path`` is a dataset root).
 
@@ -108,6 +110,8 @@ def find_runs(path: str | Path, split: str | None = None) -> list[Run]:
     DataError
         If ``path`` does not exist or holds no runs.
     """
+    if not isinstance(path, (str, Path)):
+        return _pool_runs(list(path), split)
     root = Path(path)
     if not root.exists():
         raise DataError(root, "no such file or folder")
@@ -139,6 +143,20 @@ def find_runs(path: str | Path, split: str | None = None) -> list[Run]:
             f"{{split}}/overlay/{RUNS_DIR}/{{run}}/Picks, or a run folder)",
         )
     return sorted(out, key=lambda r: (r.split or "", r.name))
+
+
+def _pool_runs(paths: list, split: str | None) -> list[Run]:
+    if not paths:
+        raise DataError(None, "no dataset folder given")
+    pooled: dict[tuple[str | None, str], tuple[Path, Run]] = {}
+    for p in paths:
+        for r in find_runs(p, split):
+            key = (r.split, r.name)
+            if key in pooled:
+                raise DataError(p, f"run {r.name!r} is also under {pooled[key][0]}; runs pooled from several "
+                                   "folders need distinct names")
+            pooled[key] = (Path(p), r)
+    return sorted((r for _, r in pooled.values()), key=lambda r: (r.split or "", r.name))
 
 
 def _split_dirs(root: Path) -> list[Path]:

@@ -8,7 +8,7 @@ tomogram frame). File names may be Kaggle's ``{particle}.json`` or copick's
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,7 @@ def read_picks_file(path: str | Path, run_name: str | None = None) -> pd.DataFra
 
 
 def read_picks(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     split: str | None = None,
     runs: Iterable[str] | None = None,
     user_id: str | None = None,
@@ -106,7 +106,7 @@ def read_picks(
     Parameters
     ----------
     path : path-like
-        Anything :func:`czii_kit.layout.find_runs` accepts, or a single ``.json`` file.
+        Anything :func:`czii_kit.layout.find_runs` accepts (one folder or several), or a single ``.json`` file.
     split : str, optional
         Only runs of this split.
     runs : iterable of str, optional
@@ -126,8 +126,7 @@ def read_picks(
         (e.g. two users' picks, or Kaggle and copick names side by side) that ``user_id`` does not
         narrow down to one.
     """
-    path = Path(path)
-    if path.is_file():
+    if isinstance(path, (str, Path)) and Path(path).is_file():
         return read_picks_file(path)
     keep = None if runs is None else set(runs)
     frames = []

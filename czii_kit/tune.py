@@ -157,7 +157,8 @@ def read_thresholds(weights: str | Path) -> dict:
     return doc
 
 
-def tune(weights: str | Path, root: str | Path, split: str = "train", runs: Sequence[str] | None = None,
+def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: str = "train",
+         runs: Sequence[str] | None = None,
          backend: str = "torch", tomogram: str = "denoised", config=None,
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
          overwrite: bool = True, progress: bool = True) -> dict:
@@ -165,6 +166,8 @@ def tune(weights: str | Path, root: str | Path, split: str = "train", runs: Sequ
 
     Parameters
     ----------
+    root : path-like or sequence of path-like
+        Dataset root(s) holding the validation runs and their picks.
     runs : sequence of str, optional
         Validation runs; default the ``val_runs`` recorded in ``czii_kit_train.json`` (else all
         runs of ``split`` that have picks).

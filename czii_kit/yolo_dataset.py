@@ -142,7 +142,7 @@ def choose_val_runs(run_names: Sequence[str], val_fraction: float = 0.2, seed: i
 
 
 def build_dataset(
-    root: str | Path,
+    root: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     split: str = "train",
     tomogram: str = "denoised",
@@ -164,8 +164,9 @@ def build_dataset(
 
     Parameters
     ----------
-    root : path-like
-        Dataset root (Kaggle layout) with tomograms and picks.
+    root : path-like or sequence of path-like
+        Dataset root (Kaggle layout) with tomograms and picks, or several roots whose runs are
+        pooled (run names must differ).
     out_dir : path-like
         New dataset folder (written to a temporary sibling, renamed at the end).
     split : str
@@ -284,7 +285,8 @@ def build_dataset(
         (tmp / "data.yaml").write_text(yaml_text)
         manifest = {
             "czii_kit_version": __version__,
-            "root": str(Path(root).absolute()),
+            "root": (str(Path(root).absolute()) if isinstance(root, (str, Path))
+                     else [str(Path(r).absolute()) for r in root]),
             "split": split,
             "tomogram": tomogram,
             "preprocess": cfg.to_dict(),

@@ -387,3 +387,20 @@ def test_picks_errors_are_czii_kit_errors(tmp_path):
         read_picks(tmp_path / "nowhere")
     with pytest.raises(CziiKitError):
         read_picks(tmp_path)  # empty folder: no runs
+
+
+def test_find_runs_pools_several_folders(make_dataset, tmp_path):
+    from czii_kit.layout import find_runs
+
+    r1, _, _ = make_dataset(runs=("TS_A", "TS_B"), root=tmp_path / "one")
+    r2, _, _ = make_dataset(runs=("TS_C",), root=tmp_path / "two")
+    runs = find_runs([r2, r1], "train")
+    assert [r.name for r in runs] == ["TS_A", "TS_B", "TS_C"]
+    assert find_runs([r1], "train")[0].dirs == find_runs(r1, "train")[0].dirs
+    with pytest.raises(DataError, match="no dataset folder given"):
+        find_runs([], "train")
+    with pytest.raises(DataError, match="TS_A.*distinct names"):
+        find_runs([r1, r1 / "train" / "static"], "train")
+    with pytest.raises(DataError) as info:
+        find_runs([r1, tmp_path / "missing"], "train")
+    assert "missing" in str(info.value) and "no such file" in str(info.value)

@@ -132,3 +132,27 @@ def test_cli_build_dataset(tmp_path, capsys):
     assert len(list((tmp_path / "ds" / "images" / "train").glob("*.png"))) == 4 * 2
     rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds"), "--quiet"])
     assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_build_dataset_pools_several_roots(tmp_path, capsys):
+    from czii_kit.cli import main
+    from czii_kit.picks import read_picks
+
+    a = make_root(tmp_path / "r1", runs=("TS_a", "TS_b"), shape=(8, 48, 56), per_type=1, seed=3)
+    b = make_root(tmp_path / "r2", runs=("TS_c",), shape=(8, 48, 56), per_type=1, seed=4)
+    both = read_picks([tmp_path / "r1", tmp_path / "r2"], split="train")
+    assert len(both) == len(a) + len(b) and set(both["experiment"]) == {"TS_a", "TS_b", "TS_c"}
+    rc = main(["build-dataset", str(tmp_path / "r1"), str(tmp_path / "r2"), "--out", str(tmp_path / "ds"),
+               "--val-runs", "TS_c", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "ds" / "czii_kit_dataset.json").read_text())
+    assert manifest["train_runs"] == ["TS_a", "TS_b"] and manifest["val_runs"] == ["TS_c"]
+    assert manifest["root"] == [str((tmp_path / "r1").absolute()), str((tmp_path / "r2").absolute())]
+    assert len(list((tmp_path / "ds" / "images" / "val").glob("TS_c_*.png"))) == 8
+    # the same run name under two roots is refused, naming the folder
+    make_root(tmp_path / "r3", runs=("TS_a",), shape=(8, 48, 56), per_type=1, seed=5)
+    rc = main(["build-dataset", str(tmp_path / "r1"), str(tmp_path / "r3"), "--out", str(tmp_path / "ds2"),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "TS_a" in err and "r3" in err and "distinct names" in err
+    assert not (tmp_path / "ds2").exists()

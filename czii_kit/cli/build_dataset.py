@@ -1,4 +1,4 @@
-"""``czii-kit build-dataset ROOT --out DIR``: tomograms + picks -> ultralytics YOLO dataset."""
+"""``czii-kit build-dataset ROOT [ROOT ...] --out DIR``: tomograms + picks -> ultralytics YOLO dataset."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Writes data.yaml (absolute path, catalog class names) and czii_kit_dataset.json."
         ),
     )
-    p.add_argument("root", metavar="ROOT", help="dataset root with tomograms and picks")
+    p.add_argument("root", metavar="ROOT", nargs="+",
+                   help="dataset root(s) with tomograms and picks (the runs of several roots are pooled)")
     p.add_argument("--out", required=True, help="new dataset folder")
     p.add_argument("--split", default="train", help="split to read (default: train)")
     p.add_argument("--tomogram", default="denoised", help="tomogram name (default: denoised)")

@@ -15,7 +15,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(czii_kit_thresholds.json), where predict picks them up."
         ),
     )
-    p.add_argument("root", metavar="ROOT", help="dataset root with tomograms and picks")
+    p.add_argument("root", metavar="ROOT", nargs="+", help="dataset root(s) with tomograms and picks")
     p.add_argument("--weights", required=True, help="trained .pt")
     p.add_argument("--split", default="train", help="split holding the validation runs (default train)")
     p.add_argument("--runs", nargs="+", help="validation runs (default: those recorded at training)")
