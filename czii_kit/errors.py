@@ -25,14 +25,11 @@ class DataError(CziiKitError, ValueError):
     """
 
     def __init__(self, path: str | Path | list | tuple | None, message: str):
-        if isinstance(path, (list, tuple)):  # several folders pooled: name them all
-            self.paths = [Path(p) for p in path]
-            self.path = self.paths[0] if len(self.paths) == 1 else None
-            where = ", ".join(map(str, self.paths)) or None
-        else:
-            self.path = None if path is None else Path(path)
-            self.paths = [] if path is None else [self.path]
-            where = path
+        if isinstance(path, (list, tuple)) and len(path) == 1:
+            path = path[0]
+        pooled = isinstance(path, (list, tuple))  # several folders pooled: name them all, no single .path
+        where = (", ".join(map(str, path)) or None) if pooled else path
+        self.path = None if pooled or path is None else Path(path)
         self.message = message
         super().__init__(f"{where}: {message}" if where is not None else message)
 

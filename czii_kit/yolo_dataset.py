@@ -209,6 +209,7 @@ def build_dataset(
         full_slices = crop is None
     if not full_slices and crop is None:
         raise ValueError("nothing to write: full_slices=False and no crop")
+    roots = [str(Path(r).absolute()) for r in ([root] if isinstance(root, (str, Path)) else root)]
     all_runs = find_runs(root, split)
     if runs is not None:
         wanted = set(runs)
@@ -285,8 +286,7 @@ def build_dataset(
         (tmp / "data.yaml").write_text(yaml_text)
         manifest = {
             "czii_kit_version": __version__,
-            "root": (str(Path(root).absolute()) if isinstance(root, (str, Path))
-                     else [str(Path(r).absolute()) for r in root]),
+            "root": roots[0] if len(roots) == 1 else roots,
             "split": split,
             "tomogram": tomogram,
             "preprocess": cfg.to_dict(),

@@ -130,6 +130,8 @@ def test_cli_build_dataset(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "data.yaml" in out and "TS_b" in out
     assert len(list((tmp_path / "ds" / "images" / "train").glob("*.png"))) == 4 * 2
+    manifest = json.loads((tmp_path / "ds" / "czii_kit_dataset.json").read_text())
+    assert manifest["root"] == str((tmp_path / "root").absolute())  # one root: a path, not a list
     rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds"), "--quiet"])
     assert rc == 2 and "already exists" in capsys.readouterr().err
 
