@@ -51,6 +51,13 @@ DEFAULTS: dict = {
 }
 """ultralytics ``train`` arguments czii_kit uses unless told otherwise (merged as ``{**DEFAULTS, **kwargs}``)."""
 
+FINETUNE_DEFAULTS: dict = {
+    "pretrained": True,  # start from the .pt's weights (ultralytics builds a fresh model when this is False)
+    "warmup_bias_lr": 0.0,  # the usual 0.1 bias warm-up knocks a trained detector back to scratch-level losses
+    "warmup_epochs": 1.0,
+}
+"""Merged over :data:`DEFAULTS` when training starts from a ``.pt`` (fine-tuning), before the caller's arguments."""
+
 
 def default_imgsz(manifest: dict) -> int:
     """Training image size from a dataset manifest: the crop side, else the largest slice side (multiple of 32)."""
@@ -162,7 +169,8 @@ def train(
         manifest = read_manifest(data_yaml)
         given = {"epochs": epochs, "batch": batch, "seed": seed,
                  "imgsz": imgsz if imgsz is not None else default_imgsz(manifest)}
-        args = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **overrides}
+        finetune = FINETUNE_DEFAULTS if str(model).endswith(".pt") else {}
+        args = {**DEFAULTS, **finetune, **{k: v for k, v in given.items() if v is not None}, **overrides}
         # project=out_dir, name="." saves exactly into out_dir (ultralytics renames a run called "model")
         args.update(data=str(data_yaml), project=str(out_dir), name=".", exist_ok=True)
         record = {

@@ -29,6 +29,7 @@ import pandas as pd
 
 from czii_kit import __version__
 from czii_kit.atomic import atomic_dir, read_json
+from czii_kit.augment import DegradeConfig, degrade
 from czii_kit.catalog import class_names, get_particle
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError, FileExistsNoForce
@@ -131,6 +132,14 @@ def _imwrite(path: Path, img: np.ndarray) -> None:
         raise OSError(f"{path}: cannot write image")
 
 
+def _image(stacks: dict, i: int, vols: list, windows: list, z: int, cfg: PreprocessConfig) -> np.ndarray:
+    """The uint8 2.5D image of slice ``z`` of tomogram ``i``, made once per slice (kept in ``stacks``)."""
+    if i not in stacks:
+        img = stack_slice(vols[i], z, windows[i], cfg)
+        stacks[i] = img if cfg.dtype == "uint8" else (img * 255.0 + 0.5).astype(np.uint8)
+    return stacks[i]
+
+
 def choose_val_runs(run_names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> list[str]:
     """A seeded choice of validation runs: ``round(val_fraction * n)`` runs, at least 1 when there are 2+."""
     names = sorted(run_names)
@@ -145,7 +154,7 @@ def build_dataset(
     root: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     split: str = "train",
-    tomogram: str = "denoised",
+    tomogram: str | Sequence[str] = "denoised",
     runs: Sequence[str] | None = None,
     val_runs: Sequence[str] | None = None,
     val_fraction: float = 0.2,
@@ -156,6 +165,8 @@ def build_dataset(
     min_frac: float = 0.3,
     min_visible: float = 0.4,
     preprocess: PreprocessConfig | dict | None = None,
+    tomogram_weights: Sequence[float] | None = None,
+    degrade_config: DegradeConfig | dict | None = None,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -171,8 +182,10 @@ def build_dataset(
         New dataset folder (written to a temporary sibling, renamed at the end).
     split : str
         Split of ``root`` to read (``"train"``).
-    tomogram : str
-        Tomogram name (``"denoised"``, ``"wbp"``, ...).
+    tomogram : str or sequence of str
+        Tomogram name (``"denoised"``, ``"wbp"``, ...), or several: each image is then cut from
+        one of them drawn at random (``tomogram_weights``), the labels being the same. Full
+        slices come from the first.
     runs : sequence of str, optional
         Restrict to these runs.
     val_runs : sequence of str, optional
@@ -192,6 +205,10 @@ def build_dataset(
         Drop a cropped box keeping less than this fraction of its area.
     preprocess : PreprocessConfig or dict, optional
         Normalisation/stacking (recorded in the manifest; training copies it beside the weights).
+    tomogram_weights : sequence of float, optional
+        Relative frequency of each of several tomograms (default: equal).
+    degrade_config : DegradeConfig or dict, optional
+        Blur + noise augmentation of a random fraction of the images (:func:`czii_kit.augment.degrade`).
     seed : int
         Same seed, same dataset.
     overwrite : bool
@@ -210,6 +227,16 @@ def build_dataset(
     if not full_slices and crop is None:
         raise ValueError("nothing to write: full_slices=False and no crop")
     roots = [str(Path(r).absolute()) for r in ([root] if isinstance(root, (str, Path)) else root)]
+    tomo_names = [tomogram] if isinstance(tomogram, str) else list(tomogram)
+    if not tomo_names or len(set(tomo_names)) != len(tomo_names):
+        raise ValueError(f"tomogram names must be distinct and at least one, got {tomo_names}")
+    if tomogram_weights is None:
+        tomogram_weights = [1.0] * len(tomo_names)
+    tw = np.asarray(tomogram_weights, dtype=float)
+    if tw.shape != (len(tomo_names),) or (tw < 0).any() or not tw.sum() > 0:
+        raise ValueError(f"need one non-negative weight per tomogram {tomo_names}, got {list(tomogram_weights)}")
+    tw = tw / tw.sum()
+    dcfg = degrade_config if isinstance(degrade_config, DegradeConfig) else DegradeConfig(**(degrade_config or {}))
     all_runs = find_runs(root, split)
     if runs is not None:
         wanted = set(runs)
@@ -227,43 +254,56 @@ def build_dataset(
             raise DataError(root, f"validation run(s) {sorted(missing)} not among the runs {names}")
     picks = read_picks(root, split=split, runs=names)
     rng = np.random.default_rng(seed)
+    aug_rng = np.random.default_rng([seed, 1])  # its own stream: degrading leaves the crops unchanged
 
     counts = {"train": {"images": 0, "boxes": 0}, "val": {"images": 0, "boxes": 0}}
+    per_tomogram = {n: 0 for n in tomo_names}
+    n_degraded = 0
     per_class = {n: 0 for n in class_names().values()}
     voxel_sizes, shapes = {}, {}
     with atomic_dir(out_dir) as tmp:
         for sub in ("train", "val"):
             (tmp / "images" / sub).mkdir(parents=True)
             (tmp / "labels" / sub).mkdir(parents=True)
-        tomos = {r.name: open_tomogram(r.tomogram_path(tomogram)) for r in all_runs}
-        total = sum(len(slice_indices(t.shape[0], z_stride)) for t in tomos.values())
+        tomos = {r.name: [open_tomogram(r.tomogram_path(t)) for t in tomo_names] for r in all_runs}
+        for run in all_runs:
+            first = tomos[run.name][0]
+            for t in tomos[run.name][1:]:
+                if t.shape != first.shape:
+                    raise DataError(t.path, f"shape {t.shape} differs from {first.path} {first.shape}")
+        total = sum(len(slice_indices(t[0].shape[0], z_stride)) for t in tomos.values())
         bar = tqdm(total=total, desc="build-dataset", unit="slice", disable=not progress)
         for run in all_runs:
             sub = "val" if run.name in val else "train"
-            tomo = tomos[run.name]
-            vol = tomo.read()
+            tomo = tomos[run.name][0]
+            vols = [t.read() for t in tomos[run.name]]
             voxel_sizes[run.name], shapes[run.name] = tomo.voxel_size, tomo.shape
-            window = robust_window(vol, cfg.lo, cfg.hi, cfg.sample_step, cfg.invert, source=tomo.path)
+            windows = [robust_window(v, cfg.lo, cfg.hi, cfg.sample_step, cfg.invert, source=t.path)
+                       for v, t in zip(vols, tomos[run.name], strict=True)]
             centres, radii, classes = particle_table(picks[picks["experiment"] == run.name], tomo.voxel_size)
             ny, nx = tomo.shape[1:]
             if crop is not None and (crop > ny or crop > nx):
                 raise DataError(tomo.path, f"crop {crop} is larger than the slice {ny}x{nx}")
             for z in slice_indices(tomo.shape[0], z_stride):
-                img = stack_slice(vol, int(z), window, cfg)
-                if cfg.dtype != "uint8":
-                    img = (img * 255.0 + 0.5).astype(np.uint8)
+                stacks: dict[int, np.ndarray] = {}  # tomogram index -> 2.5D image of slice z
                 boxes = slice_boxes(centres, radii, classes, int(z), (ny, nx), min_frac)
                 items = []
                 if full_slices:
-                    items.append((f"{run.name}_z{z:03d}", img, boxes))
+                    items.append((f"{run.name}_z{z:03d}", 0, _image(stacks, 0, vols, windows, int(z), cfg), boxes))
                 if crop is not None:
                     for k in range(crops_per_slice):
                         y0 = int(rng.integers(0, ny - crop + 1))
                         x0 = int(rng.integers(0, nx - crop + 1))
+                        i = int(rng.choice(len(tomo_names), p=tw)) if len(tomo_names) > 1 else 0
                         cb = clip_boxes(boxes, x0, y0, x0 + crop, y0 + crop, min_visible)
-                        items.append((f"{run.name}_z{z:03d}_c{k}", img[y0 : y0 + crop, x0 : x0 + crop], cb))
-                for stem, im, bx in items:
+                        img = _image(stacks, i, vols, windows, int(z), cfg)
+                        items.append((f"{run.name}_z{z:03d}_c{k}", i, img[y0 : y0 + crop, x0 : x0 + crop], cb))
+                for stem, i, im, bx in items:
                     h, w = im.shape[:2]
+                    if dcfg.prob > 0 and aug_rng.random() < dcfg.prob:
+                        im = degrade(im, aug_rng, dcfg)
+                        n_degraded += 1
+                    per_tomogram[tomo_names[i]] += 1
                     _imwrite(tmp / "images" / sub / f"{stem}.png", np.ascontiguousarray(im))
                     lines = bx.yolo_lines(w, h)
                     (tmp / "labels" / sub / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
@@ -272,7 +312,7 @@ def build_dataset(
                     for c in bx.cls:
                         per_class[class_names()[int(c)]] += 1
                 bar.update(1)
-            del vol
+            del vols
         bar.close()
         val_dir = "images/val" if counts["val"]["images"] else "images/train"
         yaml_text = (
@@ -288,7 +328,11 @@ def build_dataset(
             "czii_kit_version": __version__,
             "root": roots[0] if len(roots) == 1 else roots,
             "split": split,
-            "tomogram": tomogram,
+            "tomogram": tomo_names[0] if len(tomo_names) == 1 else tomo_names,
+            "tomogram_weights": tw.tolist(),
+            "images_per_tomogram": per_tomogram,
+            "degrade": dcfg.to_dict(),
+            "degraded_images": n_degraded,
             "preprocess": cfg.to_dict(),
             "crop": crop,
             "crops_per_slice": crops_per_slice if crop is not None else 0,

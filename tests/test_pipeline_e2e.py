@@ -120,6 +120,18 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
         train(data_yaml, out, resume=True)  # ultralytics would fall back to a downloadable dataset
     with pytest.raises(FileExistsNoForce):
         train(data_yaml, out, epochs=1)
+
+    # fine-tuning from a .pt starts from its weights: with a zero learning rate the convolutions come back unchanged
+    # (ultralytics rebuilds a fresh model when pretrained=False, which czii_kit sets for .yaml architectures only)
+    import torch
+
+    ft = train(data_yaml, tmp_path / "ft", model=best, epochs=1, imgsz=96, batch=8, workers=0, plots=False,
+               optimizer="SGD", lr0=0.0, momentum=0.0, weight_decay=0.0)
+    ft_args = json.loads((ft.parent / "czii_kit_train.json").read_text())["train_args"]
+    assert ft_args["pretrained"] is True and ft_args["warmup_bias_lr"] == 0.0
+    w0, w1 = (torch.load(w, map_location="cpu", weights_only=False)["model"].state_dict() for w in (best, ft))
+    convs = [k for k in w0 if k.endswith("conv.weight")]
+    assert len(convs) > 50 and all(torch.equal(w0[k], w1[k]) for k in convs)
     rc = main(["predict", str(root), "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.csv")])
     assert rc == 2 and "missing.pt" in capsys.readouterr().err
 

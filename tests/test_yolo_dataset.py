@@ -158,3 +158,85 @@ def test_build_dataset_pools_several_roots(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "TS_a" in err and "r3" in err and "distinct names" in err
     assert not (tmp_path / "ds2").exists()
+
+
+def _add_tomogram(root: Path, run: str, name: str, transform) -> None:
+    """Write tomogram ``name`` of ``run`` as ``transform(denoised)``."""
+    from czii_kit.tomogram import open_tomogram, write_tomogram
+
+    base = root / "train" / "static" / "ExperimentRuns" / run / "VoxelSpacing10.000"
+    vol = open_tomogram(base / "denoised.zarr").read()
+    write_tomogram(base / f"{name}.zarr", transform(vol), VOXEL, n_levels=1, chunks=(32, 64, 64))
+
+
+def test_build_dataset_mixes_tomograms_with_the_same_labels(tmp_path):
+    make_root(tmp_path / "root", runs=("TS_a", "TS_b"), shape=(12, 64, 80), per_type=1, seed=5)
+    for run in ("TS_a", "TS_b"):
+        _add_tomogram(tmp_path / "root", run, "inverted", lambda v: -v)
+    kw = dict(crop=48, crops_per_slice=3, z_stride=2, seed=7, progress=False, val_runs=["TS_b"],
+              tomogram=["denoised", "inverted"])
+    mixed = build_dataset(tmp_path / "root", tmp_path / "mixed", tomogram_weights=[1, 1], **kw).parent
+    plain = build_dataset(tmp_path / "root", tmp_path / "plain", tomogram_weights=[1, 0], **kw).parent
+    m = json.loads((mixed / "czii_kit_dataset.json").read_text())
+    n = 2 * 6 * 3
+    assert m["tomogram"] == ["denoised", "inverted"] and sum(m["images_per_tomogram"].values()) == n
+    assert min(m["images_per_tomogram"].values()) > 5  # both drawn
+    assert json.loads((plain / "czii_kit_dataset.json").read_text())["images_per_tomogram"]["inverted"] == 0
+    import cv2
+
+    n_same = n_inverted = 0
+    for f in sorted(plain.rglob("*.png")):
+        rel = f.relative_to(plain)
+        lab = rel.as_posix().replace("images", "labels")[:-4] + ".txt"
+        # the crop windows and labels do not depend on which tomogram an image is cut from
+        assert (plain / lab).read_text() == (mixed / lab).read_text()
+        a, b = cv2.imread(str(f)).astype(int), cv2.imread(str(mixed / rel)).astype(int)
+        if np.array_equal(a, b):
+            n_same += 1
+        elif np.corrcoef(a.ravel(), b.ravel())[0, 1] < -0.9:  # the same crop of the negated volume
+            n_inverted += 1
+    assert n_same + n_inverted == n and n_inverted == m["images_per_tomogram"]["inverted"]
+    kw.pop("tomogram")
+    with pytest.raises(DataError, match="no tomogram .missing. .found: denoised, inverted"):
+        build_dataset(tmp_path / "root", tmp_path / "x", tomogram=["denoised", "missing"], **kw)
+    with pytest.raises(ValueError, match="one non-negative weight per tomogram"):
+        build_dataset(tmp_path / "root", tmp_path / "y", tomogram=["denoised", "inverted"], tomogram_weights=[1], **kw)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_build_dataset_degrade_changes_pixels_not_crops(tmp_path):
+    make_root(tmp_path / "root", runs=("TS_a",), shape=(8, 64, 80), per_type=1, seed=4)
+    kw = dict(crop=48, crops_per_slice=2, seed=3, progress=False)
+    plain = build_dataset(tmp_path / "root", tmp_path / "plain", **kw).parent
+    deg = build_dataset(tmp_path / "root", tmp_path / "deg", degrade_config={"prob": 0.5}, **kw).parent
+    again = build_dataset(tmp_path / "root", tmp_path / "again", degrade_config={"prob": 0.5}, **kw).parent
+    m = json.loads((deg / "czii_kit_dataset.json").read_text())
+    n = 8 * 2
+    assert 0 < m["degraded_images"] < n and m["degrade"]["prob"] == 0.5
+    changed = 0
+    for f in sorted(plain.rglob("*.png")):
+        rel = f.relative_to(plain)
+        assert (deg / rel).read_bytes() == (again / rel).read_bytes()  # seeded
+        lab = rel.as_posix().replace("images", "labels")[:-4] + ".txt"
+        assert (plain / lab).read_text() == (deg / lab).read_text()
+        changed += (deg / rel).read_bytes() != f.read_bytes()
+    assert changed == m["degraded_images"]
+
+
+def test_cli_build_dataset_mixing_options(tmp_path, capsys):
+    from czii_kit.cli import main
+
+    make_root(tmp_path / "root", runs=("TS_a", "TS_b"), shape=(8, 48, 56), per_type=1, seed=2)
+    for run in ("TS_a", "TS_b"):
+        _add_tomogram(tmp_path / "root", run, "wbp", lambda v: v + np.float32(3.0))
+    rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds"), "--crop", "32",
+               "--tomogram", "denoised", "wbp", "--tomogram-weights", "3,1", "--degrade", "0.5", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "images per tomogram: denoised" in out and "degraded:" in out
+    m = json.loads((tmp_path / "ds" / "czii_kit_dataset.json").read_text())
+    assert m["tomogram_weights"] == [0.75, 0.25]
+    rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "e"), "--tomogram", "denoised",
+               "wbp", "--tomogram-weights", "1", "--quiet"])
+    assert rc == 2 and "--tomogram-weights needs 2" in capsys.readouterr().err
+    rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "e"), "--degrade", "1.5", "--quiet"])
+    assert rc == 2 and "--degrade" in capsys.readouterr().err

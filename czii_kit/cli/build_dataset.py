@@ -13,6 +13,13 @@ def _offsets(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "build-dataset",
@@ -28,7 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="dataset root(s) with tomograms and picks (the runs of several roots are pooled)")
     p.add_argument("--out", required=True, help="new dataset folder")
     p.add_argument("--split", default="train", help="split to read (default: train)")
-    p.add_argument("--tomogram", default="denoised", help="tomogram name (default: denoised)")
+    p.add_argument("--tomogram", nargs="+", default=["denoised"],
+                   help="tomogram name(s) (default: denoised); with several, each crop is cut from one drawn "
+                        "at random (--tomogram-weights), full slices from the first")
+    p.add_argument("--tomogram-weights", type=_floats, help="relative frequency of each tomogram, e.g. 4,1")
     p.add_argument("--runs", nargs="+", help="only these runs")
     p.add_argument("--val-runs", nargs="+", help="validation runs (default: a seeded 20%% of the runs)")
     p.add_argument("--crop", type=int, help="random square crops of this side (pixels) instead of full slices")
@@ -39,6 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slab", type=int, default=1, help="slices averaged per channel (odd, default 1)")
     p.add_argument("--min-frac", type=float, default=0.3,
                    help="skip a particle on slices where its box half-side < FRAC * radius (default 0.3)")
+    p.add_argument("--degrade", type=float, default=0.0, metavar="P",
+                   help="blur and add correlated noise to a fraction P of the images (imaging augmentation; "
+                        "default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (crops, val split)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -46,15 +59,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    import sys
+
     from czii_kit.preprocess import PreprocessConfig
     from czii_kit.yolo_dataset import MANIFEST, build_dataset
 
+    w = args.tomogram_weights
+    if w is not None and (len(w) != len(args.tomogram) or min(w) < 0 or not sum(w) > 0):
+        print(f"czii-kit build-dataset: error: --tomogram-weights needs {len(args.tomogram)} non-negative "
+              f"number(s), not all 0, one per --tomogram; got {','.join(map(str, w))}", file=sys.stderr)
+        return 2
+    if not 0 <= args.degrade <= 1:
+        print(f"czii-kit build-dataset: error: --degrade must be in [0, 1], got {args.degrade}", file=sys.stderr)
+        return 2
     cfg = PreprocessConfig(offsets=args.offsets, slab=args.slab)
+    tomogram = args.tomogram[0] if len(args.tomogram) == 1 else args.tomogram
     data_yaml = build_dataset(
-        args.root, args.out, split=args.split, tomogram=args.tomogram, runs=args.runs, val_runs=args.val_runs,
+        args.root, args.out, split=args.split, tomogram=tomogram, runs=args.runs, val_runs=args.val_runs,
         crop=args.crop, crops_per_slice=args.crops_per_slice,
         full_slices=True if args.full_slices else None, z_stride=args.z_stride, min_frac=args.min_frac,
-        preprocess=cfg, seed=args.seed, overwrite=args.force, progress=not args.quiet,
+        preprocess=cfg, tomogram_weights=args.tomogram_weights,
+        degrade_config={"prob": args.degrade}, seed=args.seed, overwrite=args.force, progress=not args.quiet,
     )
     m = json.loads((data_yaml.parent / MANIFEST).read_text())
     c = m["counts"]
@@ -62,5 +87,8 @@ def run(args) -> int:
     print(f"train runs: {', '.join(m['train_runs'])}  ({c['train']['images']} images, {c['train']['boxes']} boxes)")
     val = ", ".join(m["val_runs"]) or "(none: validation uses the training images)"
     print(f"val runs:   {val}  ({c['val']['images']} images, {c['val']['boxes']} boxes)")
+    if len(m["images_per_tomogram"]) > 1 or m["degraded_images"]:
+        print("images per tomogram: " + ", ".join(f"{k} {v}" for k, v in m["images_per_tomogram"].items())
+              + f"; degraded: {m['degraded_images']}")
     print("boxes per class: " + ", ".join(f"{k} {v}" for k, v in m["boxes_per_class"].items()))
     return 0

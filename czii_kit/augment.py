@@ -1,0 +1,90 @@
+"""Imaging augmentation baked into training images (pure numpy/scipy).
+
+Ultralytics augments geometry and brightness, but not the imaging itself. Tomograms from other
+microscopes, reconstructions or denoisers differ in resolution and in the amount and grain of noise,
+so :func:`degrade` blurs a 2.5D image and adds spatially correlated Gaussian noise, each channel
+(= z-slice) with its own noise. Images are ``(ny, nx, channels)`` uint8 in and out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    """Ranges of :func:`degrade`, each drawn uniformly per image.
+
+    Attributes
+    ----------
+    prob : float
+        Fraction of the images degraded (0 = off).
+    blur : (float, float)
+        Gaussian blur sigma of the image, pixels.
+    noise : (float, float)
+        Added noise standard deviation, as a fraction of the image's own standard deviation.
+    grain : (float, float)
+        Gaussian sigma (pixels) correlating the noise (0 = white noise).
+    """
+
+    prob: float = 0.0
+    blur: tuple[float, float] = (0.0, 1.2)
+    noise: tuple[float, float] = (0.2, 1.0)
+    grain: tuple[float, float] = (0.0, 1.5)
+
+    def __post_init__(self):
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"degrade probability must be in [0, 1], got {self.prob}")
+        for name in ("blur", "noise", "grain"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo <= hi:
+                raise ValueError(f"degrade {name} range must satisfy 0 <= low <= high, got ({lo}, {hi})")
+            object.__setattr__(self, name, (float(lo), float(hi)))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator, config: DegradeConfig = DegradeConfig(prob=1.0)
+            ) -> np.ndarray:
+    """Blur ``image`` and add correlated noise (parameters drawn from ``config``'s ranges with ``rng``).
+
+    Parameters
+    ----------
+    image : ndarray ``(ny, nx, C)`` or ``(ny, nx)`` uint8
+    rng : numpy Generator
+        Source of the parameters and the noise (same state, same output).
+    config : DegradeConfig
+        Ranges; ``config.prob`` is not consulted here (the caller decides which images to degrade).
+
+    Returns
+    -------
+    ndarray, same shape, uint8.
+    """
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"degrade expects a uint8 image, got {img.dtype}")
+    f = img.astype(np.float32)
+    if f.ndim == 2:
+        f = f[..., None]
+    blur = rng.uniform(*config.blur)
+    noise = rng.uniform(*config.noise)
+    grain = rng.uniform(*config.grain)
+    out = np.empty_like(f)
+    for c in range(f.shape[-1]):
+        ch = f[..., c]
+        std = float(ch.std())
+        sig = gaussian_filter(ch, blur) if blur > 0 else ch
+        n = rng.standard_normal(ch.shape).astype(np.float32)
+        if grain > 0:
+            n = gaussian_filter(n, grain)
+        ns = float(n.std())
+        if ns > 0 and std > 0:
+            n *= np.float32(noise * std / ns)
+        out[..., c] = sig + n
+    np.clip(out + 0.5, 0, 255.49, out=out)
+    return out.astype(np.uint8).reshape(img.shape)
