@@ -400,6 +400,25 @@ def test_cli_synth(tmp_path):
     assert main(["synth"]) == 2
 
 
+def test_cli_synth_ranges(tmp_path, capsys):
+    from czii_kit.cli import main
+
+    out = tmp_path / "noisy"
+    assert main(["synth", "--out", str(out), "--runs", "1", "--test-runs", "0", "--size", "tiny", "--quiet",
+                 "--range", "dose=20", "--range", "residual_noise=0.95,1.0"]) == 0
+    meta = json.loads((out / "synthetic.json").read_text())
+    assert meta["ranges"]["dose"] == [20.0, 20.0] and meta["ranges"]["residual_noise"] == [0.95, 1.0]
+    assert meta["ranges"]["defocus"] == list(SimRanges().defocus)  # the others keep their defaults
+    params = json.loads(next(out.rglob("sim_params.json")).read_text())
+    assert params["dose"] == 20.0 and 0.95 <= params["residual_noise"] <= 1.0
+    capsys.readouterr()
+    for bad, msg in (("nope=1", "unknown simulation ranges"), ("dose=a", "NAME=LO,HI"), ("dose", "NAME=LO,HI"),
+                     ("dose=50,20", "lo <= hi")):
+        assert main(["synth", "--out", str(tmp_path / "x"), "--size", "tiny", "--quiet", "--range", bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_entry_point_help():
     exe = shutil.which("czii-kit")
     cmd = [exe] if exe else [sys.executable, "-m", "czii_kit"]

@@ -32,6 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="folder of MRC density maps (e.g. ../shared/data/density_maps); default: built-in models")
     p.add_argument("--picks", type=Path, default=None,
                    help="place particles at these picks (e.g. real Kaggle train/overlay), one layout per run")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LO,HI",
+                   help="override one simulation parameter range, e.g. --range dose=20,40 or "
+                        "--range residual_noise=0.9 (repeatable; names and defaults: "
+                        "czii_kit.synthetic.params.SimRanges)")
     p.add_argument("--workers", type=int, default=None, help="threads for the heavy stages [2]")
     p.add_argument("--force", action="store_true", help="replace an existing synthetic dataset at --out")
     p.add_argument("--bench", action="store_true", help="time one run stage by stage (nothing is kept)")
@@ -39,6 +43,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="write the README figure (x-y slice with picks, x-z slice) of one simulated run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def parse_ranges(items: list[str]):
+    """``["dose=20,40", "residual_noise=0.9"]`` -> SimRanges with those ranges replaced (``None`` if empty)."""
+    from czii_kit.synthetic.params import SimParamError, SimRanges
+
+    if not items:
+        return None
+    given = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            nums = [float(v) for v in value.split(",")] if sep else []
+        except ValueError:
+            nums = []
+        if len(nums) not in (1, 2):
+            raise SimParamError(f"--range {item!r}: expected NAME=LO,HI or NAME=VALUE")
+        given[name.strip()] = nums * 2 if len(nums) == 1 else nums
+    return SimRanges.from_dict(given)
 
 
 def run(args) -> int:
@@ -66,7 +89,7 @@ def run(args) -> int:
         root = generate_dataset(
             args.out, n_train=args.runs, n_test=args.test_runs, size=args.size, seed=args.seed,
             maps_dir=args.maps, picks_dir=args.picks, overwrite=args.force, progress=not args.quiet,
-            workers=args.workers,
+            workers=args.workers, ranges=parse_ranges(args.range),
         )
         print(f"wrote {args.runs} training and {args.test_runs} test runs to {root}")
         did = True
