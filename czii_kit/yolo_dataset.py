@@ -184,8 +184,7 @@ def build_dataset(
         Split of ``root`` to read (``"train"``).
     tomogram : str or sequence of str
         Tomogram name (``"denoised"``, ``"wbp"``, ...), or several: each image is then cut from
-        one of them drawn at random (``tomogram_weights``), the labels being the same. Full
-        slices come from the first.
+        one of them drawn at random (``tomogram_weights``), the labels being the same.
     runs : sequence of str, optional
         Restrict to these runs.
     val_runs : sequence of str, optional
@@ -289,7 +288,8 @@ def build_dataset(
                 boxes = slice_boxes(centres, radii, classes, int(z), (ny, nx), min_frac)
                 items = []
                 if full_slices:
-                    items.append((f"{run.name}_z{z:03d}", 0, _image(stacks, 0, vols, windows, int(z), cfg), boxes))
+                    i = int(rng.choice(len(tomo_names), p=tw)) if len(tomo_names) > 1 else 0
+                    items.append((f"{run.name}_z{z:03d}", i, _image(stacks, i, vols, windows, int(z), cfg), boxes))
                 if crop is not None:
                     for k in range(crops_per_slice):
                         y0 = int(rng.integers(0, ny - crop + 1))

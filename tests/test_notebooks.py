@@ -56,7 +56,7 @@ def trained(tiny_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("nbtrain")
     nb = run_notebook("train.ipynb", work, {
         "DATA_ROOT": str(tiny_dataset), "WORK_DIR": "work", "CROP": None, "Z_STRIDE": 2, "EPOCHS": 1,
-        "IMGSZ": 128, "BATCH": 8, "SEED": 0,
+        "IMGSZ": 128, "BATCH": 8, "SEED": 0, "TOMOGRAMS": ["denoised", "wbp"], "DEGRADE": 0.5,
     })
     return work, nb
 
@@ -66,6 +66,8 @@ def test_train_notebook(trained):
     weights = work / "work" / "model" / "weights"
     assert (weights / "best.pt").is_file()
     assert (weights / "czii_kit_train.json").is_file()
+    manifest = json.loads((work / "work" / "yolo_dataset" / "czii_kit_dataset.json").read_text())
+    assert manifest["tomogram"] == ["denoised", "wbp"] and manifest["degraded_images"] > 0
     doc = json.loads((weights / "czii_kit_thresholds.json").read_text())
     assert set(doc["thresholds"]) >= {"apo-ferritin", "ribosome", "virus-like-particle"}
     assert (work / "work" / "training_curves.png").stat().st_size > 2000

@@ -36,8 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new dataset folder")
     p.add_argument("--split", default="train", help="split to read (default: train)")
     p.add_argument("--tomogram", nargs="+", default=["denoised"],
-                   help="tomogram name(s) (default: denoised); with several, each crop is cut from one drawn "
-                        "at random (--tomogram-weights), full slices from the first")
+                   help="tomogram name(s) (default: denoised); with several, each image is cut from one drawn "
+                        "at random (--tomogram-weights)")
     p.add_argument("--tomogram-weights", type=_floats, help="relative frequency of each tomogram, e.g. 4,1")
     p.add_argument("--runs", nargs="+", help="only these runs")
     p.add_argument("--val-runs", nargs="+", help="validation runs (default: a seeded 20%% of the runs)")
