@@ -62,6 +62,10 @@ class InferenceConfig:
         2D NMS IoU threshold inside each slice.
     max_det : int
         Boxes kept per slice.
+    multi_label : bool
+        Keep a box once per class whose score passes ``conf`` (not only its best class), so a
+        particle the network hesitates about (beta-galactosidase or thyroglobulin?) stays a
+        candidate of both; the per-type thresholds tuned afterwards decide.
     device : str or None
         ultralytics device string (``"cpu"``, ``"0"``); ``None`` lets ultralytics choose.
     """
@@ -73,6 +77,7 @@ class InferenceConfig:
     conf: float = 0.05
     iou: float = 0.6
     max_det: int = 300
+    multi_label: bool = False
     device: str | None = None
 
     def to_dict(self) -> dict:
@@ -300,7 +305,7 @@ class Detector:
 
         c = self.config
         out = non_max_suppression(y, c.conf, c.iou, max_det=c.max_det, nc=len(self.names), max_time_img=2.0,
-                                  end2end=bool(getattr(self.model, "end2end", False)))
+                                  multi_label=c.multi_label, end2end=bool(getattr(self.model, "end2end", False)))
         res = []
         s = float(self.imgsz)
         for d in out:

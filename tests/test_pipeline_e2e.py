@@ -90,6 +90,13 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
             if len(a) and len(b):
                 np.testing.assert_allclose(a[0, 4], b[0, 4], atol=0.02)
     assert (best.parent / "best_96_b8_openvino_model" / "czii_kit_export.json").is_file()
+    # multi-label: boxes come back once per class passing the floor, so some positions carry two classes
+    one = Detector(best, "torch", InferenceConfig(conf=0.001, max_det=2000), imgsz=96).detect(imgs)
+    many = Detector(best, "torch", InferenceConfig(conf=0.001, max_det=2000, multi_label=True), imgsz=96).detect(imgs)
+    for a, b in zip(one, many, strict=True):
+        assert len(b) > len(a)
+        _, n_cls = np.unique(b[:, :4].round(3), axis=0, return_counts=True)
+        assert n_cls.max() >= 2
 
     # tune on the validation run, then predict the test split through the CLI
     rc = main(["tune", str(root), "--weights", str(best), "--quiet"])

@@ -25,6 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="slice stride (default 1; 2 halves the time; predict repeats the tuned stride)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--multi-label", action="store_true",
+                   help="keep each box for every class scoring above the detection floor, not only its best")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -34,7 +36,7 @@ def run(args) -> int:
     from czii_kit.infer import InferenceConfig
     from czii_kit.tune import tune
 
-    cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta)
+    cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label)
     doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
                tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet)
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
