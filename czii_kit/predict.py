@@ -42,7 +42,7 @@ def default_weights() -> Path:
 
 
 def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
-                 tta: bool | None = None, imgsz: int | None = None
+                 tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None
                  ) -> tuple[InferenceConfig, MergeConfig, dict[str, float]]:
     """Inference config, merge config and thresholds for ``weights`` (tuned file, then overrides)."""
     doc = read_thresholds(weights)
@@ -51,7 +51,7 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
                       f"threshold of {DEFAULT_THRESHOLD} for every type (run `czii-kit tune`)", stacklevel=2)
     known = {f.name for f in fields(InferenceConfig)}
     inf = {k: v for k, v in (doc.get("inference") or {}).items() if k in known}
-    for k, v in {"z_stride": z_stride, "batch": batch, "tta": tta, "imgsz": imgsz}.items():
+    for k, v in {"z_stride": z_stride, "batch": batch, "tta": tta, "imgsz": imgsz, "polarity": polarity}.items():
         if v is not None:
             inf[k] = v
     thresholds = {n: float(doc.get("thresholds", {}).get(n, DEFAULT_THRESHOLD)) for n in PARTICLE_NAMES}
@@ -61,7 +61,8 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
 def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
             weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
-            thresholds: dict[str, float] | None = None, progress: bool = True) -> pd.DataFrame:
+            thresholds: dict[str, float] | None = None, polarity: str | None = None,
+            progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
@@ -79,6 +80,8 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         Override the inference settings recorded by ``tune``.
     thresholds : dict, optional
         Override the tuned per-type thresholds.
+    polarity : {"auto", "dark", "bright"}, optional
+        Contrast of the tomograms (default ``"auto"``: see :class:`czii_kit.infer.InferenceConfig`).
     """
     weights = Path(weights) if weights is not None else default_weights()
     if not weights.is_file():
@@ -91,7 +94,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             raise DataError(root, f"no run(s) {missing} (found: {', '.join(r.name for r in all_runs)})")
     else:
         chosen = all_runs
-    inf, merge, thr = settings_for(weights, z_stride, batch, tta)
+    inf, merge, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity)
     if thresholds:
         thr.update(thresholds)
     dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, inf, progress)

@@ -90,6 +90,24 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
             if len(a) and len(b):
                 np.testing.assert_allclose(a[0, 4], b[0, 4], atol=0.02)
     assert (best.parent / "best_96_b8_openvino_model" / "czii_kit_export.json").is_file()
+    # a tomogram written with the opposite sign is recognised and inverted back (polarity "auto")
+    from czii_kit.infer import detect_volume, preprocess_config_for
+    from czii_kit.tomogram import open_tomogram
+
+    vol = open_tomogram(root / "test" / "static" / "ExperimentRuns" / "TS_t" / "VoxelSpacing10.000" / "denoised.zarr").read()
+    det = Detector(best, "torch", InferenceConfig(conf=0.001), imgsz=96)  # a 1-epoch model: low scores
+    prep = preprocess_config_for(best)
+    plain = detect_volume(det, vol, "TS_t", prep)
+    with pytest.warns(UserWarning, match="looks bright"):
+        flipped = detect_volume(det, np.float32(5000.0) - vol, "TS_t", prep)
+    assert len(plain) > 0 and abs(len(flipped) - len(plain)) <= 0.1 * len(plain) + 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # polarity "dark": no inversion, no warning
+        detect_volume(Detector(best, "torch", InferenceConfig(conf=0.001, polarity="dark"), imgsz=96), -vol,
+                      "TS_t", prep)
+
     # multi-label: boxes come back once per class passing the floor, so some positions carry two classes
     one = Detector(best, "torch", InferenceConfig(conf=0.001, max_det=2000), imgsz=96).detect(imgs)
     many = Detector(best, "torch", InferenceConfig(conf=0.001, max_det=2000, multi_label=True), imgsz=96).detect(imgs)

@@ -132,3 +132,28 @@ def test_prepare_batch_pads_reverses_channels_and_scales():
     np.testing.assert_allclose(x[0, :, :, 52:], 114 / 255.0)
     with pytest.raises(ValueError):
         prepare_batch(np.zeros((30, 50, 3), np.uint8), 64)
+
+
+def test_contrast_polarity_is_detected_and_undone():
+    from pipeline_fixture import place_particles, sphere_volume
+
+    from czii_kit.preprocess import BRIGHT_SKEW, contrast_skew, window_for
+
+    rng = np.random.default_rng(0)
+    shape = (32, 72, 88)
+    centres, names = place_particles(shape, rng, 2)
+    dark = sphere_volume(shape, centres, names, rng)  # dark spheres, like cryo-ET
+    bright = np.float32(2000.0) - dark
+    assert contrast_skew(dark) < -BRIGHT_SKEW and contrast_skew(bright) > BRIGHT_SKEW
+    cfg = PreprocessConfig()
+    w_dark, s_dark = window_for(dark, cfg)
+    w_bright, s_bright = window_for(bright, cfg)
+    assert not w_dark.invert and w_bright.invert and s_dark < 0 < s_bright
+    # the inverted bright volume gives the dark volume's images (to a grey level of rounding)
+    a = stack_slice(dark, 16, w_dark, cfg).astype(int)
+    b = stack_slice(bright, 16, w_bright, cfg).astype(int)
+    assert np.abs(a - b).max() <= 1
+    assert not window_for(bright, cfg, "dark")[0].invert and window_for(dark, cfg, "bright")[0].invert
+    assert window_for(dark, cfg, "dark")[1] is None
+    with pytest.raises(ValueError, match="polarity"):
+        window_for(dark, cfg, "grey")

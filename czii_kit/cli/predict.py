@@ -25,6 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--z-stride", type=int, help="slice stride (default: as tuned, else 1)")
     p.add_argument("--batch", type=int, help="slices per forward pass (default: as tuned)")
     p.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    p.add_argument("--polarity", choices=["auto", "dark", "bright"],
+                   help="contrast of the tomograms: dark particles (cryo-ET), bright (inverted first), or auto "
+                        "(inverted when the intensity skew shows bright dense matter; default)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -37,7 +40,7 @@ def run(args) -> int:
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
-        progress=not args.quiet,
+        polarity=args.polarity, progress=not args.quiet,
     )
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")
