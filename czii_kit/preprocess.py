@@ -146,8 +146,8 @@ BRIGHT_SKEW = 0.5
 def contrast_skew(volume: np.ndarray, step: int = 2, sigma: float = 1.0) -> float:
     """Skewness of the smoothed central half (in z) of a ``[z, y, x]`` volume, sampled every ``step`` voxels.
 
-    Dense matter (protein, membranes, gold) is dark in cryo-ET, so the skew is negative: -0.2 to -35
-    on the simulator's denoised and WBP tomograms. A volume whose dense matter is bright (a density
+    Dense matter (protein, membranes, gold) is dark in cryo-ET, so the skew is negative: -0.3 to -35
+    on the simulator's denoised tomograms, -0.03 to -12 on its noisier WBP ones. A volume whose dense matter is bright (a density
     map, or data written with the opposite sign) has it positive.
     """
     from scipy.ndimage import gaussian_filter
