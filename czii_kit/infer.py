@@ -31,7 +31,7 @@ import pandas as pd
 
 from czii_kit.errors import CziiKitError, DataError
 from czii_kit.postprocess import DETECTION_COLUMNS, empty_detections
-from czii_kit.preprocess import BRIGHT_SKEW, PreprocessConfig, iter_stacks, slice_indices, window_for
+from czii_kit.preprocess import PreprocessConfig, iter_stacks, slice_indices, window_for
 from czii_kit.tomogram import open_tomogram
 
 BACKENDS = ("torch", "onnx", "openvino")
@@ -62,15 +62,15 @@ class InferenceConfig:
         2D NMS IoU threshold inside each slice.
     max_det : int
         Boxes kept per slice.
+    multi_label : bool
+        Keep a box once per class whose score passes ``conf`` (not only its best class), so a
+        particle the network hesitates about (beta-galactosidase or thyroglobulin?) stays a
+        candidate of both; the per-type thresholds tuned afterwards decide.
     polarity : {"auto", "dark", "bright"}
         Contrast of the input: ``"dark"`` dense matter (the cryo-ET convention the models are
         trained on), ``"bright"`` inverted before detection, ``"auto"`` inverted only when the
         volume's smoothed intensity skew shows clearly bright dense matter
         (:func:`czii_kit.preprocess.window_for`; a warning names the tomogram).
-    multi_label : bool
-        Keep a box once per class whose score passes ``conf`` (not only its best class), so a
-        particle the network hesitates about (beta-galactosidase or thyroglobulin?) stays a
-        candidate of both; the per-type thresholds tuned afterwards decide.
     device : str or None
         ultralytics device string (``"cpu"``, ``"0"``); ``None`` lets ultralytics choose.
     """
@@ -369,10 +369,7 @@ def preprocess_config_for(weights: str | Path) -> PreprocessConfig:
 def detect_volume(detector: Detector, volume: np.ndarray, run: str, preprocess: PreprocessConfig,
                   z_stride: int = 1, source=None, progress=None) -> pd.DataFrame:
     """Detections of one ``[z, y, x]`` volume (see module docstring for the columns)."""
-    window, skew = window_for(volume, preprocess, detector.config.polarity, source=source)
-    if skew is not None and skew > BRIGHT_SKEW:
-        warnings.warn(f"{source or run}: dense matter looks bright (contrast skew {skew:+.2f} > {BRIGHT_SKEW}); "
-                      "inverting the contrast (polarity='dark' keeps it as is)", stacklevel=2)
+    window, _ = window_for(volume, preprocess, detector.config.polarity, source=source or run)
     rows = []
     zs = slice_indices(volume.shape[0], z_stride)
     for zb, imgs in iter_stacks(volume, window, preprocess, zs, detector.config.batch):

@@ -147,8 +147,8 @@ def contrast_skew(volume: np.ndarray, step: int = 2, sigma: float = 1.0) -> floa
     """Skewness of the smoothed central half (in z) of a ``[z, y, x]`` volume, sampled every ``step`` voxels.
 
     Dense matter (protein, membranes, gold) is dark in cryo-ET, so the skew is negative: -0.3 to -35
-    on the simulator's denoised tomograms, -0.03 to -12 on its noisier WBP ones. A volume whose dense matter is bright (a density
-    map, or data written with the opposite sign) has it positive.
+    on the simulator's denoised tomograms, -0.03 to -12 on its noisier WBP ones. A volume whose dense
+    matter is bright (a density map, or data written with the opposite sign) has it positive.
     """
     from scipy.ndimage import gaussian_filter
 
@@ -167,13 +167,19 @@ def window_for(volume: np.ndarray, config: PreprocessConfig = PreprocessConfig()
 
     ``polarity``: ``"dark"`` keeps the data as is (particles dark, as the models are trained),
     ``"bright"`` inverts it, ``"auto"`` inverts only when :func:`contrast_skew` exceeds
-    :data:`BRIGHT_SKEW` (clear evidence of bright dense matter; ``skew`` is ``None`` otherwise).
-    ``config.invert`` is applied on top.
+    :data:`BRIGHT_SKEW` (clear evidence of bright dense matter; a warning names ``source``; ``skew``
+    is ``None`` for the other polarities). ``config.invert`` is applied on top.
     """
     if polarity not in ("auto", "dark", "bright"):
         raise ValueError(f"polarity must be 'auto', 'dark' or 'bright', got {polarity!r}")
     skew = contrast_skew(volume) if polarity == "auto" else None
-    flip = polarity == "bright" or (skew is not None and skew > BRIGHT_SKEW)
+    looks_bright = skew is not None and skew > BRIGHT_SKEW
+    if looks_bright:
+        import warnings
+
+        warnings.warn(f"{source}: dense matter looks bright (contrast skew {skew:+.2f} > {BRIGHT_SKEW}); "
+                      "inverting the contrast (polarity='dark' keeps it as is)", stacklevel=2)
+    flip = polarity == "bright" or looks_bright
     window = robust_window(volume, config.lo, config.hi, config.sample_step, config.invert != flip, source=source)
     return window, skew
 

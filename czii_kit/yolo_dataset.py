@@ -140,6 +140,11 @@ def _image(stacks: dict, i: int, vols: list, windows: list, z: int, cfg: Preproc
     return stacks[i]
 
 
+def _draw(rng: np.random.Generator, weights: np.ndarray) -> int:
+    """Index of the tomogram an image is cut from (``weights`` normalised; no draw for a single one)."""
+    return int(rng.choice(len(weights), p=weights)) if len(weights) > 1 else 0
+
+
 def choose_val_runs(run_names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> list[str]:
     """A seeded choice of validation runs: ``round(val_fraction * n)`` runs, at least 1 when there are 2+."""
     names = sorted(run_names)
@@ -288,13 +293,13 @@ def build_dataset(
                 boxes = slice_boxes(centres, radii, classes, int(z), (ny, nx), min_frac)
                 items = []
                 if full_slices:
-                    i = int(rng.choice(len(tomo_names), p=tw)) if len(tomo_names) > 1 else 0
+                    i = _draw(rng, tw)
                     items.append((f"{run.name}_z{z:03d}", i, _image(stacks, i, vols, windows, int(z), cfg), boxes))
                 if crop is not None:
                     for k in range(crops_per_slice):
                         y0 = int(rng.integers(0, ny - crop + 1))
                         x0 = int(rng.integers(0, nx - crop + 1))
-                        i = int(rng.choice(len(tomo_names), p=tw)) if len(tomo_names) > 1 else 0
+                        i = _draw(rng, tw)
                         cb = clip_boxes(boxes, x0, y0, x0 + crop, y0 + crop, min_visible)
                         img = _image(stacks, i, vols, windows, int(z), cfg)
                         items.append((f"{run.name}_z{z:03d}_c{k}", i, img[y0 : y0 + crop, x0 : x0 + crop], cb))

@@ -147,7 +147,8 @@ def test_contrast_polarity_is_detected_and_undone():
     assert contrast_skew(dark) < -BRIGHT_SKEW and contrast_skew(bright) > BRIGHT_SKEW
     cfg = PreprocessConfig()
     w_dark, s_dark = window_for(dark, cfg)
-    w_bright, s_bright = window_for(bright, cfg)
+    with pytest.warns(UserWarning, match="looks bright"):
+        w_bright, s_bright = window_for(bright, cfg, source="bright.zarr")
     assert not w_dark.invert and w_bright.invert and s_dark < 0 < s_bright
     # the inverted bright volume gives the dark volume's images (to a grey level of rounding)
     a = stack_slice(dark, 16, w_dark, cfg).astype(int)
