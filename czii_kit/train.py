@@ -2,11 +2,13 @@
 
 Weights land in ``{out_dir}/weights/{best,last}.pt``; ``czii_kit_train.json`` beside them records
 the training arguments, the dataset manifest (including the preprocessing that inference must
-repeat), and the czii_kit / ultralytics / torch versions.
+repeat), and the czii_kit / ultralytics / torch versions; a run fine-tuned from a ``.pt`` also keeps
+that model's own record under ``base_model``, so a chain of stages stays traceable.
 
 Augmentation defaults suit 2.5D cryo-ET stacks: hue and saturation jitter are off (they would mix
 the z-slices held in the colour channels), scale jitter is small (particle size is a class cue),
-flips and mosaic are on, rotations off; models start from scratch (``pretrained=False``).
+flips and mosaic are on, rotations off; a ``.yaml`` architecture starts from scratch
+(``pretrained=False``), a ``.pt`` is fine-tuned from its weights (:data:`FINETUNE_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ def train(
             "dataset": manifest,
             "versions": _versions(),
         }
+        if finetune:
+            record["base_model"] = {"weights": str(Path(model).absolute()), "record": read_train_record(model)}
         wdir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record_path, json.dumps(record, indent=1, default=str), overwrite=True)
         yolo = YOLO(_resolve_model(model))

@@ -152,8 +152,12 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
 
     ft = train(data_yaml, tmp_path / "ft", model=best, epochs=1, imgsz=96, batch=8, workers=0, plots=False,
                optimizer="SGD", lr0=0.0, momentum=0.0, weight_decay=0.0)
-    ft_args = json.loads((ft.parent / "czii_kit_train.json").read_text())["train_args"]
+    ft_record = json.loads((ft.parent / "czii_kit_train.json").read_text())
+    ft_args = ft_record["train_args"]
     assert ft_args["pretrained"] is True and ft_args["warmup_bias_lr"] == 0.0
+    # the base model's own record is kept, so a multi-stage model stays traceable
+    assert ft_record["base_model"]["weights"] == str(best.absolute())
+    assert ft_record["base_model"]["record"]["train_args"]["epochs"] == 1
     w0, w1 = (torch.load(w, map_location="cpu", weights_only=False)["model"].state_dict() for w in (best, ft))
     convs = [k for k in w0 if k.endswith("conv.weight")]
     assert len(convs) > 50 and all(torch.equal(w0[k], w1[k]) for k in convs)
