@@ -43,8 +43,9 @@ def default_weights() -> Path:
 
 def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
                  tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None
-                 ) -> tuple[InferenceConfig, MergeConfig, dict[str, float]]:
-    """Inference config, merge config and thresholds for ``weights`` (tuned file, then overrides)."""
+                 ) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
+    """Inference config, merge config, per-type merge configs and thresholds for ``weights``
+    (tuned file, then overrides)."""
     doc = read_thresholds(weights)
     if not doc:
         warnings.warn(f"{Path(weights).parent / THRESHOLDS_FILE} not found: using greedy merging and a "
@@ -55,7 +56,8 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
         if v is not None:
             inf[k] = v
     thresholds = {n: float(doc.get("thresholds", {}).get(n, DEFAULT_THRESHOLD)) for n in PARTICLE_NAMES}
-    return InferenceConfig(**inf), MergeConfig.from_dict(doc.get("merge")), thresholds
+    per_type = {n: MergeConfig.from_dict(c) for n, c in (doc.get("merge_per_type") or {}).items()}
+    return InferenceConfig(**inf), MergeConfig.from_dict(doc.get("merge")), per_type, thresholds
 
 
 def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
@@ -94,11 +96,11 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             raise DataError(root, f"no run(s) {missing} (found: {', '.join(r.name for r in all_runs)})")
     else:
         chosen = all_runs
-    inf, merge, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity)
+    inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity)
     if thresholds:
         thr.update(thresholds)
     dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, inf, progress)
-    picks = apply_thresholds(merge_detections(dets, voxel_sizes, merge), thr)
+    picks = apply_thresholds(merge_detections(dets, voxel_sizes, merge, per_type), thr)
     return picks
 
 

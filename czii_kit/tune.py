@@ -6,6 +6,11 @@ TP(t) = references with a candidate of score >= t within ``0.5 * radius``, FP(t)
 >= t minus TP(t), FN(t) = references minus TP(t) (summed over runs). The chosen threshold is the
 midpoint between the best candidate score and the next lower one.
 
+Merging: every configuration of :data:`CANDIDATE_MERGES` is tuned; the best weighted F4 gives the
+default configuration, and a particle type whose own F4 is higher under another configuration by
+more than :data:`PER_TYPE_MARGIN` uses that one (the types are scored independently, so the choices
+combine without interfering).
+
 The result is saved beside the weights as ``czii_kit_thresholds.json`` and used by
 :mod:`czii_kit.predict`.
 """
@@ -36,9 +41,14 @@ CANDIDATE_MERGES: dict[str, MergeConfig] = {
     "greedy-tight": MergeConfig(method="greedy", xy_frac=0.5, z_frac=0.8, refine=1),
     "greedy-sphere": MergeConfig(method="greedy", xy_frac=1.0, z_frac=1.0, refine=0),
     "components": MergeConfig(method="components", link_frac=0.5, link_dz=2.0),
+    # many small clusters: a long column of detections gives several candidates along z
+    "greedy-split": MergeConfig(method="greedy", xy_frac=0.6, z_frac=0.8, refine=0, top_k=1),
 }
 """Merging configurations compared by :func:`tune` (``link_dz`` is scaled by the z-stride); on a tie
 the first listed (the default) wins."""
+
+PER_TYPE_MARGIN = 0.01
+"""F4 gain on the validation runs a particle type needs to leave the default merging configuration."""
 
 
 def threshold_curve(candidates: pd.DataFrame, solution: pd.DataFrame, particle: str,
@@ -146,6 +156,23 @@ def compare_merges(detections: pd.DataFrame, voxel_sizes, solution: pd.DataFrame
     return pd.DataFrame(rows).sort_values("final", ascending=False, kind="stable").reset_index(drop=True)
 
 
+def choose_per_type(comparison: pd.DataFrame, margin: float = PER_TYPE_MARGIN) -> dict[str, str]:
+    """Particle types whose F4 beats the best overall configuration's by more than ``margin``.
+
+    ``comparison`` is :func:`compare_merges`' table (best first); returns ``{particle name: merge name}``.
+    """
+    best = comparison.iloc[0]
+    out = {}
+    for p in PARTICLES:
+        col = f"F4 {p.name}"
+        if col not in comparison.columns:
+            continue
+        i = int(np.argmax(comparison[col].to_numpy()))  # first max: ties keep the better overall configuration
+        if comparison[col].iloc[i] > best[col] + margin:
+            out[p.name] = str(comparison["name"].iloc[i])
+    return out
+
+
 def read_thresholds(weights: str | Path) -> dict:
     """The ``czii_kit_thresholds.json`` beside ``weights`` (``{}`` when absent)."""
     p = Path(weights).parent / THRESHOLDS_FILE
@@ -204,7 +231,9 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     comparison = compare_merges(dets, voxel_sizes, solution, merges, config.z_stride)
     best = comparison.iloc[0]
     merge_cfg = MergeConfig.from_dict(best["config"])
-    cands = merge_detections(dets, voxel_sizes, merge_cfg)
+    configs = comparison.set_index("name")["config"]
+    per_type = {t: {"name": n, **configs[n]} for t, n in choose_per_type(comparison).items()}
+    cands = merge_detections(dets, voxel_sizes, merge_cfg, per_type)
     thresholds, table = tune_thresholds(cands, solution)
     from czii_kit.metric import score
 
@@ -218,6 +247,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         "inference": config.to_dict(),
         "merge_name": str(best["name"]),
         "merge": merge_cfg.to_dict(),
+        "merge_per_type": per_type,
         "thresholds": thresholds,
         "final_f4": float(check.final),
         "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}

@@ -122,6 +122,7 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
     tuned = json.loads((best.parent / "czii_kit_thresholds.json").read_text())
     assert tuned["val_runs"] == ["TS_b"] and set(tuned["thresholds"]) >= {"ribosome", "apo-ferritin"}
     assert {row["name"] for row in tuned["comparison"]} >= {"greedy", "components"}
+    assert {c["name"] for c in tuned["merge_per_type"].values()} <= {row["name"] for row in tuned["comparison"]}
 
     csv = tmp_path / "submission.csv"
     rc = main(["predict", str(root), "--split", "test", "--weights", str(best), "--out", str(csv),

@@ -175,3 +175,63 @@ def test_greedy_beats_connected_components_on_real_particle_layouts(train_picks_
     assert cmp.loc["greedy", "final"] > 0.97
     assert cmp.loc["greedy", "final"] > cmp.loc["components", "final"] + 0.03
     assert cmp.loc["greedy", "F4 ribosome"] > cmp.loc["components", "F4 ribosome"]
+
+
+def test_per_type_merge_config_applies_to_its_type_only():
+    # stacked ribosomes (chained by components) next to stacked apo-ferritins; components for apo-ferritin only
+    def column(cls, yx, seed):
+        r = get_particle(cls).radius / VS
+        z1, z2 = 30.0, 30.0 + 2 * r
+        return pd.concat([particle_detections("TS_1", cls, (z, *yx), np.arange(int(z - r) + 1, int(z + r) + 1),
+                                              seed=seed + i) for i, z in enumerate((z1, z2))], ignore_index=True)
+
+    det = pd.concat([column("ribosome", (60.0, 70.0), 0), column("apo-ferritin", (20.0, 130.0), 5)])
+    strong = lambda c, t: (c[c.particle_type == t]["score"] >= 0.3).sum()  # noqa: E731
+    base = merge_detections(det, VS, MergeConfig(method="greedy"))
+    mixed = merge_detections(det, VS, MergeConfig(method="greedy"),
+                             per_type={"apo-ferritin": {"name": "components", "method": "components"}})
+    assert strong(base, "ribosome") == 2 and strong(base, "apo-ferritin") == 2
+    assert strong(mixed, "ribosome") == 2 and (mixed.particle_type == "apo-ferritin").sum() == 1
+    pd.testing.assert_frame_equal(base[base.particle_type == "ribosome"].reset_index(drop=True),
+                                  mixed[mixed.particle_type == "ribosome"].reset_index(drop=True))
+    # a per-type minimum confidence filters that type only
+    floor = merge_detections(det, VS, per_type={"ribosome": MergeConfig(min_conf=2.0)})
+    assert set(floor.particle_type) == {"apo-ferritin"}
+    from czii_kit.errors import UnknownParticleError
+
+    with pytest.raises(UnknownParticleError, match="ferritin-x"):
+        merge_detections(det, VS, per_type={"ferritin-x": MergeConfig()})
+
+
+def test_choose_per_type_needs_a_clear_gain():
+    from czii_kit.tune import choose_per_type
+
+    cmp = pd.DataFrame({
+        "name": ["greedy-sphere", "greedy", "greedy-split"], "final": [0.84, 0.83, 0.80],
+        "F4 apo-ferritin": [0.65, 0.65, 0.71], "F4 ribosome": [0.995, 1.0, 0.99],
+        "F4 thyroglobulin": [0.90, 0.93, 0.88], "F4 beta-galactosidase": [0.7, 0.7, 0.7],
+    })
+    # apo-ferritin +0.06 and thyroglobulin +0.03 switch; ribosome +0.005 stays (margin 0.01); ties stay
+    assert choose_per_type(cmp) == {"apo-ferritin": "greedy-split", "thyroglobulin": "greedy"}
+    assert choose_per_type(cmp, margin=0.05) == {"apo-ferritin": "greedy-split"}
+    assert choose_per_type(cmp, margin=0.0) == {"apo-ferritin": "greedy-split", "ribosome": "greedy",
+                                                "thyroglobulin": "greedy"}
+
+
+def test_predict_settings_repeat_the_tuned_per_type_merges(tmp_path):
+    import json
+
+    from czii_kit.predict import settings_for
+
+    weights = tmp_path / "m.pt"
+    weights.write_bytes(b"")
+    doc = {"thresholds": {"ribosome": 0.4}, "inference": {"z_stride": 2, "multi_label": True},
+           "merge": MergeConfig(method="greedy", xy_frac=1.0, refine=0).to_dict(),
+           "merge_per_type": {"apo-ferritin": {"name": "greedy-split", "method": "greedy", "z_frac": 0.8,
+                                               "top_k": 1}}}
+    (tmp_path / "czii_kit_thresholds.json").write_text(json.dumps(doc))
+    inf, merge, per_type, thr = settings_for(weights, batch=4)
+    assert inf.z_stride == 2 and inf.multi_label and inf.batch == 4
+    assert merge.xy_frac == 1.0 and merge.refine == 0
+    assert per_type == {"apo-ferritin": MergeConfig(method="greedy", z_frac=0.8, top_k=1)}
+    assert thr["ribosome"] == 0.4 and thr["apo-ferritin"] == 0.5

@@ -11,7 +11,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="choose 3D merging and per-class thresholds maximising F4 on validation runs",
         description=(
             "Detect on validation runs (default: the val runs recorded at training), compare the 3D merging "
-            "methods, choose per-class score thresholds maximising F4, and save them beside the weights "
+            "methods (the best overall, and per particle type where another is clearly better), choose per-class score thresholds maximising F4, and save them beside the weights "
             "(czii_kit_thresholds.json), where predict picks them up."
         ),
     )
@@ -44,6 +44,8 @@ def run(args) -> int:
     for row in doc["comparison"]:
         print(f"  {row['name']:<16}{row['final']:.4f}")
     print(f"chosen: {doc['merge_name']}")
+    for name, cfg in doc["merge_per_type"].items():
+        print(f"  except {name}: {cfg['name']}")
     print(f"{'particle_type':<22}{'threshold':>10}{'TP':>6}{'FP':>6}{'FN':>6}{'F4':>8}")
     for name, r in doc["table"].items():
         print(f"{name:<22}{r['threshold']:>10.3f}{int(r['tp']):>6d}{int(r['fp']):>6d}{int(r['fn']):>6d}"
