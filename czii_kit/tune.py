@@ -4,7 +4,10 @@ The competition score is a weighted sum of per-type F-beta, so each type's thres
 its own: for every candidate threshold ``t`` we count, exactly as :mod:`czii_kit.metric` does,
 TP(t) = references with a candidate of score >= t within ``0.5 * radius``, FP(t) = candidates
 >= t minus TP(t), FN(t) = references minus TP(t) (summed over runs). The chosen threshold is the
-midpoint between the best candidate score and the next lower one.
+lowest whose F4 is within :data:`THRESHOLD_TOLERANCE` of the best (placed midway to the next lower
+candidate score): F4 curves are flat near their optimum, and on tomograms unlike the tuning runs
+the detector is usually less confident, so the low end of the plateau keeps recall (beta = 4
+weighs recall 16 times precision) where the high end loses it.
 
 Merging: every configuration of :data:`CANDIDATE_MERGES` is tuned; the best weighted F4 gives the
 default configuration, and a particle type whose own F4 is higher under another configuration by
@@ -35,6 +38,8 @@ from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections
 
 THRESHOLDS_FILE = "czii_kit_thresholds.json"
 DEFAULT_THRESHOLD = 0.5
+THRESHOLD_TOLERANCE = 0.01
+"""F-beta a tuned threshold may give up on the validation runs to sit lower (see the module docstring)."""
 
 CANDIDATE_MERGES: dict[str, MergeConfig] = {
     "greedy": MergeConfig(method="greedy", xy_frac=0.6, z_frac=1.0, refine=1),
@@ -94,13 +99,15 @@ def threshold_curve(candidates: pd.DataFrame, solution: pd.DataFrame, particle: 
     return pd.DataFrame({"threshold": thresholds, "tp": tp, "fp": fp, "fn": fn, "f_beta": f})
 
 
-def tune_thresholds(candidates: pd.DataFrame, solution: pd.DataFrame, beta: float = BETA
-                    ) -> tuple[dict[str, float], pd.DataFrame]:
-    """Per-type thresholds maximising F-beta; returns ``(thresholds, table)``.
+def tune_thresholds(candidates: pd.DataFrame, solution: pd.DataFrame, beta: float = BETA,
+                    tolerance: float = THRESHOLD_TOLERANCE) -> tuple[dict[str, float], pd.DataFrame]:
+    """Per-type thresholds: the lowest whose F-beta is within ``tolerance`` of the best; returns ``(thresholds, table)``.
 
-    ``table`` (index particle_type): threshold, tp, fp, fn, f_beta, weight, n_reference. A type
-    without reference points keeps :data:`DEFAULT_THRESHOLD`.
+    ``table`` (index particle_type): threshold, tp, fp, fn, f_beta (at the chosen threshold),
+    f_beta_max, weight, n_reference. A type without reference points keeps :data:`DEFAULT_THRESHOLD`.
     """
+    if not tolerance >= 0:
+        raise ValueError(f"threshold tolerance must be >= 0, got {tolerance!r}")
     out, rows = {}, {}
     for p in PARTICLES:
         curve = threshold_curve(candidates, solution, p.name, beta)
@@ -108,9 +115,10 @@ def tune_thresholds(candidates: pd.DataFrame, solution: pd.DataFrame, beta: floa
         if n_ref == 0:
             out[p.name] = DEFAULT_THRESHOLD
             rows[p.name] = {"threshold": DEFAULT_THRESHOLD, "tp": 0, "fp": 0, "fn": 0, "f_beta": 0.0,
-                            "weight": p.weight, "n_reference": 0}
+                            "f_beta_max": 0.0, "weight": p.weight, "n_reference": 0}
             continue
-        i = int(np.argmax(curve["f_beta"].to_numpy()))  # first max = highest threshold reaching it
+        f = curve["f_beta"].to_numpy()
+        i = int(np.nonzero(f >= f.max() - tolerance)[0][-1])  # curve runs from high to low thresholds
         t = float(curve["threshold"].iloc[i])
         if np.isinf(t):
             thr = float(np.nextafter(curve["threshold"].iloc[1], np.inf)) if len(curve) > 1 else 1.0
@@ -121,7 +129,8 @@ def tune_thresholds(candidates: pd.DataFrame, solution: pd.DataFrame, beta: floa
         out[p.name] = float(min(max(thr, 0.0), 1.0))
         r = curve.iloc[i]
         rows[p.name] = {"threshold": out[p.name], "tp": int(r["tp"]), "fp": int(r["fp"]), "fn": int(r["fn"]),
-                        "f_beta": float(r["f_beta"]), "weight": p.weight, "n_reference": n_ref}
+                        "f_beta": float(r["f_beta"]), "f_beta_max": float(f.max()), "weight": p.weight,
+                        "n_reference": n_ref}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "particle_type"
     return out, table
@@ -133,7 +142,8 @@ def weighted_final(table: pd.DataFrame) -> float:
 
 
 def compare_merges(detections: pd.DataFrame, voxel_sizes, solution: pd.DataFrame,
-                   merges: dict[str, MergeConfig] | None = None, z_stride: int = 1) -> pd.DataFrame:
+                   merges: dict[str, MergeConfig] | None = None, z_stride: int = 1,
+                   tolerance: float = THRESHOLD_TOLERANCE) -> pd.DataFrame:
     """Tune thresholds for each merging configuration; one row per configuration.
 
     Columns: ``name, final`` (weighted F4 at tuned thresholds) and ``F4`` per particle type, sorted
@@ -147,7 +157,7 @@ def compare_merges(detections: pd.DataFrame, voxel_sizes, solution: pd.DataFrame
         if cfg.method == "components":
             cfg = replace(cfg, link_dz=cfg.link_dz * z_stride)
         cands = merge_detections(detections, voxel_sizes, cfg)
-        thr, table = tune_thresholds(cands, solution)
+        thr, table = tune_thresholds(cands, solution, tolerance=tolerance)
         row = {"name": name, "final": weighted_final(table), "n_candidates": len(cands)}
         row.update({f"F4 {k}": float(v) for k, v in table["f_beta"].items()})
         row["config"] = cfg.to_dict()
@@ -188,7 +198,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
          runs: Sequence[str] | None = None,
          backend: str = "torch", tomogram: str = "denoised", config=None,
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
-         overwrite: bool = True, progress: bool = True) -> dict:
+         overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE) -> dict:
     """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
 
     Parameters
@@ -202,6 +212,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         Inference settings (recorded so that ``predict`` repeats them).
     out : path-like, optional
         Output JSON (default ``czii_kit_thresholds.json`` beside the weights).
+    tolerance : float
+        F4 a threshold may give up to sit lower (:func:`tune_thresholds`).
 
     Returns
     -------
@@ -228,13 +240,13 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     if solution.empty:
         raise DataError(root, "the validation runs have no picks to tune against")
     dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, config, progress)
-    comparison = compare_merges(dets, voxel_sizes, solution, merges, config.z_stride)
+    comparison = compare_merges(dets, voxel_sizes, solution, merges, config.z_stride, tolerance)
     best = comparison.iloc[0]
     merge_cfg = MergeConfig.from_dict(best["config"])
     configs = comparison.set_index("name")["config"]
     per_type = {t: {"name": n, **configs[n]} for t, n in choose_per_type(comparison).items()}
     cands = merge_detections(dets, voxel_sizes, merge_cfg, per_type)
-    thresholds, table = tune_thresholds(cands, solution)
+    thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
     from czii_kit.metric import score
 
     check = score(solution, apply_thresholds(cands, thresholds))
@@ -249,6 +261,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         "merge": merge_cfg.to_dict(),
         "merge_per_type": per_type,
         "thresholds": thresholds,
+        "threshold_tolerance": tolerance,
         "final_f4": float(check.final),
         "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}
                   for k, row in table.iterrows()},

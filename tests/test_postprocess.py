@@ -147,7 +147,7 @@ def test_threshold_tuning_matches_the_metric():
     bad = pd.DataFrame({"experiment": "A", "particle_type": "thyroglobulin", "x": rng.uniform(6000, 9000, 15),
                         "y": 100.0, "z": 100.0, "score": rng.uniform(0.0, 0.35, 15)})
     cands = pd.concat([good, bad], ignore_index=True)
-    thr, table = tune_thresholds(cands, ref)
+    thr, table = tune_thresholds(cands, ref, tolerance=0.0)
     t = thr["thyroglobulin"]
     res = score(ref, apply_thresholds(cands, thr))
     assert res.table.loc["thyroglobulin", "f_beta"] == pytest.approx(table.loc["thyroglobulin", "f_beta"])
@@ -235,3 +235,22 @@ def test_predict_settings_repeat_the_tuned_per_type_merges(tmp_path):
     assert merge.xy_frac == 1.0 and merge.refine == 0
     assert per_type == {"apo-ferritin": MergeConfig(method="greedy", z_frac=0.8, top_k=1)}
     assert thr["ribosome"] == 0.4 and thr["apo-ferritin"] == 0.5
+
+
+def test_tuned_threshold_sits_at_the_low_end_of_the_f4_plateau():
+    # 10 references found with scores 0.9..0.5; false candidates at 0.45 and 0.3 (cheap under beta=4)
+    ref = pd.DataFrame({"experiment": "A", "particle_type": "ribosome", "x": np.arange(10) * 1000.0,
+                        "y": 0.0, "z": 0.0})
+    good = ref.assign(score=np.linspace(0.9, 0.5, 10))
+    bad = pd.DataFrame({"experiment": "A", "particle_type": "ribosome", "x": [20000.0, 30000.0], "y": 0.0,
+                        "z": 0.0, "score": [0.45, 0.3]})
+    cands = pd.concat([good, bad], ignore_index=True)
+    curve = threshold_curve(cands, ref, "ribosome").set_index("threshold")
+    assert curve.loc[0.5, "f_beta"] == 1.0 and 0.99 < curve.loc[0.45, "f_beta"] < 1.0
+    assert tune_thresholds(cands, ref, tolerance=0.0)[0]["ribosome"] == pytest.approx(0.475)
+    thr, table = tune_thresholds(cands, ref, tolerance=0.01)  # gives up < 0.01 F4 for the lower threshold
+    assert thr["ribosome"] == pytest.approx(0.375) and table.loc["ribosome", "fp"] == 1
+    assert table.loc["ribosome", "f_beta_max"] == 1.0 and table.loc["ribosome", "f_beta"] == curve.loc[0.45, "f_beta"]
+    assert tune_thresholds(cands, ref, tolerance=1.0)[0]["ribosome"] == 0.3  # lowest candidate score
+    with pytest.raises(ValueError, match="tolerance"):
+        tune_thresholds(cands, ref, tolerance=-0.1)

@@ -27,18 +27,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--multi-label", action="store_true",
                    help="keep each box for every class scoring above the detection floor, not only its best")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="F4 a class threshold may give up on the validation runs to sit lower, which keeps recall "
+                        "on unlike data (default 0.01; 0 = the best F4's lowest threshold)")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
 def run(args) -> int:
+    import sys
+
+    if args.tolerance is not None and not args.tolerance >= 0:
+        print(f"czii-kit tune: error: --tolerance must be >= 0, got {args.tolerance}", file=sys.stderr)
+        return 2
     from czii_kit.infer import InferenceConfig
-    from czii_kit.tune import tune
+    from czii_kit.tune import THRESHOLD_TOLERANCE, tune
 
     cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label)
     doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
-               tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet)
+               tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet,
+               tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance)
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
     print("merging methods (weighted F4 at tuned thresholds):")
     for row in doc["comparison"]:
@@ -50,6 +59,7 @@ def run(args) -> int:
     for name, r in doc["table"].items():
         print(f"{name:<22}{r['threshold']:>10.3f}{int(r['tp']):>6d}{int(r['fp']):>6d}{int(r['fn']):>6d}"
               f"{r['f_beta']:>8.3f}")
-    print(f"final F4 on validation: {doc['final_f4']:.4f}")
+    print(f"final F4 on validation: {doc['final_f4']:.4f} (thresholds within {doc['threshold_tolerance']} "
+          "of each class's best F4, at its low end)")
     print(f"saved {doc['path']}")
     return 0
