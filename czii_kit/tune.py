@@ -9,10 +9,11 @@ candidate score): F4 curves are flat near their optimum, and on tomograms unlike
 the detector is usually less confident, so the low end of the plateau keeps recall (beta = 4
 weighs recall 16 times precision) where the high end loses it.
 
-Merging: every configuration of :data:`CANDIDATE_MERGES` is tuned; the best weighted F4 gives the
-default configuration, and a particle type whose own F4 is higher under another configuration by
-more than :data:`PER_TYPE_MARGIN` uses that one (the types are scored independently, so the choices
-combine without interfering).
+Merging: every configuration of :data:`CANDIDATE_MERGES` is tuned and the best weighted F4 wins.
+With ``per_type=True`` a particle type whose own F4 is higher under another configuration by more
+than :data:`PER_TYPE_MARGIN` uses that one (the types are scored independently, so the choices
+combine without interfering); off by default, since it has not helped on tomograms unlike the
+tuning runs (README, "Tuning").
 
 The result is saved beside the weights as ``czii_kit_thresholds.json`` and used by
 :mod:`czii_kit.predict`.
@@ -198,7 +199,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
          runs: Sequence[str] | None = None,
          backend: str = "torch", tomogram: str = "denoised", config=None,
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
-         overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE) -> dict:
+         overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE,
+         per_type: bool = False) -> dict:
     """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
 
     Parameters
@@ -214,6 +216,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         Output JSON (default ``czii_kit_thresholds.json`` beside the weights).
     tolerance : float
         F4 a threshold may give up to sit lower (:func:`tune_thresholds`).
+    per_type : bool
+        Let a particle type use its own merging configuration (:func:`choose_per_type`).
 
     Returns
     -------
@@ -244,8 +248,9 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     best = comparison.iloc[0]
     merge_cfg = MergeConfig.from_dict(best["config"])
     configs = comparison.set_index("name")["config"]
-    per_type = {t: {"name": n, **configs[n]} for t, n in choose_per_type(comparison).items()}
-    cands = merge_detections(dets, voxel_sizes, merge_cfg, per_type)
+    chosen_types = choose_per_type(comparison) if per_type else {}
+    merge_per_type = {t: {"name": n, **configs[n]} for t, n in chosen_types.items()}
+    cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
     from czii_kit.metric import score
 
@@ -259,7 +264,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         "inference": config.to_dict(),
         "merge_name": str(best["name"]),
         "merge": merge_cfg.to_dict(),
-        "merge_per_type": per_type,
+        "merge_per_type": merge_per_type,
         "thresholds": thresholds,
         "threshold_tolerance": tolerance,
         "final_f4": float(check.final),

@@ -117,7 +117,7 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
         assert n_cls.max() >= 2
 
     # tune on the validation run, then predict the test split through the CLI
-    rc = main(["tune", str(root), "--weights", str(best), "--quiet"])
+    rc = main(["tune", str(root), "--weights", str(best), "--quiet", "--per-type-merge"])
     assert rc == 0
     tuned = json.loads((best.parent / "czii_kit_thresholds.json").read_text())
     assert tuned["val_runs"] == ["TS_b"] and set(tuned["thresholds"]) >= {"ribosome", "apo-ferritin"}

@@ -11,7 +11,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="choose 3D merging and per-class thresholds maximising F4 on validation runs",
         description=(
             "Detect on validation runs (default: the val runs recorded at training), compare the 3D merging "
-            "methods (the best overall, and per particle type where another is clearly better), choose per-class score thresholds maximising F4, and save them beside the weights "
+            "methods (the best overall; with --per-type-merge, per particle type where another is clearly better), choose per-class score thresholds maximising F4, and save them beside the weights "
             "(czii_kit_thresholds.json), where predict picks them up."
         ),
     )
@@ -27,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--multi-label", action="store_true",
                    help="keep each box for every class scoring above the detection floor, not only its best")
+    p.add_argument("--per-type-merge", action="store_true",
+                   help="let a particle type use another merging configuration when its own F4 is clearly higher")
     p.add_argument("--tolerance", type=float, default=None,
                    help="F4 a class threshold may give up on the validation runs to sit lower, which keeps recall "
                         "on unlike data (default 0.01; 0 = the best F4's lowest threshold)")
@@ -47,7 +49,8 @@ def run(args) -> int:
     cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label)
     doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
                tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet,
-               tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance)
+               tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance,
+               per_type=args.per_type_merge)
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
     print("merging methods (weighted F4 at tuned thresholds):")
     for row in doc["comparison"]:
