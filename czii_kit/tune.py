@@ -119,7 +119,8 @@ def tune_thresholds(candidates: pd.DataFrame, solution: pd.DataFrame, beta: floa
                             "f_beta_max": 0.0, "weight": p.weight, "n_reference": 0}
             continue
         f = curve["f_beta"].to_numpy()
-        i = int(np.nonzero(f >= f.max() - tolerance)[0][-1])  # curve runs from high to low thresholds
+        # the curve runs from high to low thresholds; a type never found keeps its highest (nothing passes)
+        i = int(np.nonzero(f >= f.max() - tolerance)[0][-1]) if f.max() > 0 else 0
         t = float(curve["threshold"].iloc[i])
         if np.isinf(t):
             thr = float(np.nextafter(curve["threshold"].iloc[1], np.inf)) if len(curve) > 1 else 1.0

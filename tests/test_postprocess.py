@@ -252,5 +252,9 @@ def test_tuned_threshold_sits_at_the_low_end_of_the_f4_plateau():
     assert thr["ribosome"] == pytest.approx(0.375) and table.loc["ribosome", "fp"] == 1
     assert table.loc["ribosome", "f_beta_max"] == 1.0 and table.loc["ribosome", "f_beta"] == curve.loc[0.45, "f_beta"]
     assert tune_thresholds(cands, ref, tolerance=1.0)[0]["ribosome"] == 0.3  # lowest candidate score
+    # a type that is never found keeps a threshold above all its candidates, whatever the tolerance
+    far = cands.assign(x=cands["x"] + 50000.0)
+    thr, table = tune_thresholds(far, ref, tolerance=0.01)
+    assert thr["ribosome"] > 0.9 and len(apply_thresholds(far, thr)) == 0 and table.loc["ribosome", "fp"] == 0
     with pytest.raises(ValueError, match="tolerance"):
         tune_thresholds(cands, ref, tolerance=-0.1)
