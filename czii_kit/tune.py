@@ -102,7 +102,9 @@ def threshold_curve(candidates: pd.DataFrame, solution: pd.DataFrame, particle: 
 
 def tune_thresholds(candidates: pd.DataFrame, solution: pd.DataFrame, beta: float = BETA,
                     tolerance: float = THRESHOLD_TOLERANCE) -> tuple[dict[str, float], pd.DataFrame]:
-    """Per-type thresholds: the lowest whose F-beta is within ``tolerance`` of the best; returns ``(thresholds, table)``.
+    """Per-type thresholds, each the lowest whose F-beta is within ``tolerance`` of the type's best.
+
+    Returns ``(thresholds, table)``.
 
     ``table`` (index particle_type): threshold, tp, fp, fn, f_beta (at the chosen threshold),
     f_beta_max, weight, n_reference. A type without reference points keeps :data:`DEFAULT_THRESHOLD`.

@@ -94,7 +94,8 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
     from czii_kit.infer import detect_volume, preprocess_config_for
     from czii_kit.tomogram import open_tomogram
 
-    vol = open_tomogram(root / "test" / "static" / "ExperimentRuns" / "TS_t" / "VoxelSpacing10.000" / "denoised.zarr").read()
+    run_dir = root / "test" / "static" / "ExperimentRuns" / "TS_t" / "VoxelSpacing10.000"
+    vol = open_tomogram(run_dir / "denoised.zarr").read()
     det = Detector(best, "torch", InferenceConfig(conf=0.001), imgsz=96)  # a 1-epoch model: low scores
     prep = preprocess_config_for(best)
     plain = detect_volume(det, vol, "TS_t", prep)

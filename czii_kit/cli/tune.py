@@ -11,7 +11,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="choose 3D merging and per-class thresholds maximising F4 on validation runs",
         description=(
             "Detect on validation runs (default: the val runs recorded at training), compare the 3D merging "
-            "methods (the best overall; with --per-type-merge, per particle type where another is clearly better), choose per-class score thresholds maximising F4, and save them beside the weights "
+            "methods (the best overall; with --per-type-merge, per particle type where another is clearly "
+            "better), choose per-class score thresholds maximising F4, and save them beside the weights "
             "(czii_kit_thresholds.json), where predict picks them up."
         ),
     )
