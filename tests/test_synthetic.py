@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import angstrom_to_voxel
@@ -35,6 +37,7 @@ from czii_kit.synthetic.imaging import (
     interaction_constant,
     project,
     project_spheres,
+    reconstruction_frame,
 )
 from czii_kit.synthetic.params import COUNT_RANGES
 from czii_kit.synthetic.phantom import build_phantom, make_slab, read_map
@@ -111,6 +114,38 @@ def test_point_reconstruction_is_in_place_and_elongated_in_z():
     rec_f = wbp(project(v, ang_full), ang_full, shape)
     zf = (rec_f[26, 11, 50] + rec_f[28, 11, 50]) / rec_f.max()
     assert zf < 0.7 * z_half / peak
+
+
+@pytest.mark.parametrize("offset", [-4.0, 4.0])
+def test_tilt_angle_error_turns_the_reconstruction_as_reconstruction_frame_says(offset):
+    shape = (40, 24, 96)
+    v = np.zeros(shape, np.float32)
+    v[30, 11, 85] = 1.0  # 37.5 voxels from the tilt axis in x: a 4 deg turn moves it 2-3 voxels in z
+    ang = np.arange(-60, 61, 3.0)
+    rec = wbp(project(v, ang + offset), ang, shape)  # recorded at ang + offset, reconstructed at ang
+    peak = np.array(np.unravel_index(rec.argmax(), shape))
+    x, y, z = reconstruction_frame([[85 * 10.0, 11 * 10.0, 30 * 10.0]], offset, shape, 10.0)[0] / 10.0
+    assert abs(z - 30) > 1.5  # the error is large enough to matter ...
+    np.testing.assert_allclose(peak, [z, y, x], atol=0.75)  # ... and the frame follows it
+
+
+def test_simulated_picks_are_in_the_tomogram_frame():
+    params = sample_params(np.random.default_rng(3), TEST_SHAPE, VOXEL_SIZE)
+    params = dataclasses.replace(params, tilt_angle_offset=4.0)
+    place = pd.DataFrame({"particle_type": ["ribosome", "ribosome"],
+                          "x": [20 * VOXEL_SIZE, 140 * VOXEL_SIZE], "y": [64 * VOXEL_SIZE] * 2,
+                          "z": [32 * VOXEL_SIZE] * 2})
+    tomos, picks = simulate_run(TEST_SHAPE, seed=3, params=params, picks=place)
+    got = picks.sort_values("x")[["x", "y", "z"]].to_numpy() / VOXEL_SIZE
+    # x 60 voxels either side of the axis: z moves by -+60 sin(4 deg) = -+4.2 voxels
+    np.testing.assert_allclose(got[:, 2] - 32, [60 * np.sin(np.deg2rad(4.0)), -60 * np.sin(np.deg2rad(4.0))],
+                               atol=0.05)
+    # and the dark density is there (z centroid of the darkness in a column), not at the specimen's z 32
+    den = ndimage.gaussian_filter(tomos["denoised"], 1.5)
+    for x, y, z in got:
+        prof = den[:, int(round(y)) - 6 : int(round(y)) + 7, int(round(x)) - 6 : int(round(x)) + 7].mean((1, 2))
+        w = np.clip(np.median(prof) - prof, 0, None)
+        assert abs((w * np.arange(len(prof))).sum() / w.sum() - z) < 1.5, (x, z)
 
 
 def test_gold_sphere_projection_matches_the_voxel_projector():
@@ -287,7 +322,10 @@ def test_real_picks_placement(train_picks_dir):
     assert len(picks) == inside.sum() > 5
     a = run[inside].sort_values(["particle_type", "x"]).reset_index(drop=True)
     b = picks.sort_values(["particle_type", "x"]).reset_index(drop=True)
-    np.testing.assert_allclose(a[["x", "y", "z"]].to_numpy(), b[["x", "y", "z"]].to_numpy(), atol=1e-6)
+    # placed exactly there in the specimen; reported where they land in the tomogram
+    a_rec = reconstruction_frame(a[["x", "y", "z"]].to_numpy(), params.tilt_angle_offset, params.shape,
+                                 VOXEL_SIZE)
+    np.testing.assert_allclose(a_rec, b[["x", "y", "z"]].to_numpy(), atol=1e-6)
     # the slab was fitted to hold the real particles
     slab = make_slab(params, np.random.default_rng(0))
     bi = idx[inside]

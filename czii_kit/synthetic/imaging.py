@@ -143,6 +143,39 @@ def project(
     return out
 
 
+def reconstruction_frame(points_xyz, rotation_deg: float, shape, voxel_size: float) -> np.ndarray:
+    """Where specimen points appear in a tomogram reconstructed with tilt angles that are off.
+
+    A tilt series recorded at ``θ + δ`` and back-projected at the nominal ``θ`` (see the module's
+    geometry) gives the specimen turned by ``δ`` about the tilt axis ``y`` through the volume centre:
+    ``x' = x cos δ + z sin δ``, ``z' = -x sin δ + z cos δ`` (relative to the centre). Annotations of a
+    tomogram live in this frame, so the simulator's ground truth is written in it.
+
+    Parameters
+    ----------
+    points_xyz : array ``(N, 3)``
+        ``(x, y, z)`` in Å, voxel ``i`` centred at ``i * voxel_size``.
+    rotation_deg : float
+        ``δ``: mean of (recorded - nominal) tilt angle, degrees.
+    shape : (nz, ny, nx)
+        The tomogram's shape (voxels).
+    voxel_size : float
+        Å per voxel.
+
+    Returns
+    -------
+    ndarray ``(N, 3)`` float64, ``(x, y, z)`` Å.
+    """
+    p = np.array(points_xyz, dtype=np.float64).reshape(-1, 3)
+    nz, _, nx = (int(n) for n in shape)
+    d = np.deg2rad(float(rotation_deg))
+    cx, cz = (nx - 1) / 2.0 * voxel_size, (nz - 1) / 2.0 * voxel_size
+    x, z = p[:, 0] - cx, p[:, 2] - cz
+    p[:, 0] = x * np.cos(d) + z * np.sin(d) + cx
+    p[:, 2] = -x * np.sin(d) + z * np.cos(d) + cz
+    return p
+
+
 GOLD_POTENTIAL = 22.0
 """Mean inner potential of gold minus that of ice, V."""
 GOLD_ABSORPTION_LENGTH = 150.0

@@ -13,7 +13,13 @@ import pandas as pd
 
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.synthetic.denoise import denoised_tomogram
-from czii_kit.synthetic.imaging import GOLD_POTENTIAL, form_images, project, project_spheres
+from czii_kit.synthetic.imaging import (
+    GOLD_POTENTIAL,
+    form_images,
+    project,
+    project_spheres,
+    reconstruction_frame,
+)
 from czii_kit.synthetic.params import (
     VOXEL_SIZE,
     RunParams,
@@ -89,7 +95,8 @@ def simulate_run(
         Folder of MRC maps, models from :func:`czii_kit.synthetic.phantom.load_maps`, or ``None``
         for the built-in procedural models.
     picks : DataFrame, optional
-        ``particle_type, x, y, z`` (Å): place the particles exactly there (e.g. a real run's picks).
+        ``particle_type, x, y, z`` (Å): place the particles exactly there in the specimen (e.g. a
+        real run's picks); the returned picks are where they land in the tomogram.
     ranges : SimRanges, optional
         Parameter ranges when ``params`` is not given.
     run_name : str
@@ -107,7 +114,9 @@ def simulate_run(
         ``{"denoised": (nz, ny, nx) float32, "wbp": (nz, ny, nx) float32}`` in arbitrary units;
         protein is darker (lower) than the ice around it.
     picks : DataFrame
-        ``experiment, particle_type, x, y, z`` (Å).
+        ``experiment, particle_type, x, y, z`` (Å) in the tomogram's frame: the specimen turned about
+        ``y`` by the run's tilt-angle error (see
+        :func:`~czii_kit.synthetic.imaging.reconstruction_frame`), as an annotator would pick them.
     params : RunParams
         Only with ``return_params``.
     """
@@ -186,6 +195,12 @@ def simulate_run(
              "wbp": scaled(rec, params.wbp_scale, params.wbp_offset)}
     bar.close()
     df = phantom.picks.copy()
+    # ground truth in the tomogram's frame (where an annotator would pick), not the specimen's: the
+    # tilt-angle error turns the reconstruction about y (up to ~5 voxels in z at the x edges). The
+    # per-tilt jitter (mean ~0.02 deg, < 0.15 voxel) is left out so sim_params.json alone gives the frame.
+    xyz = reconstruction_frame(df[["x", "y", "z"]].to_numpy(float), params.tilt_angle_offset,
+                               params.shape, params.voxel_size)
+    df[["x", "y", "z"]] = xyz
     df.insert(0, "experiment", run_name)
     timings["total"] = time.perf_counter() - t_all
     if return_params:
