@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import scipy.fft as sfft
 
+from czii_kit.coords import voxel_to_angstrom
 from czii_kit.synthetic.params import RunParams
 
 
@@ -169,7 +170,7 @@ def reconstruction_frame(points_xyz, rotation_deg: float, shape, voxel_size: flo
     p = np.array(points_xyz, dtype=np.float64).reshape(-1, 3)
     nz, _, nx = (int(n) for n in shape)
     d = np.deg2rad(float(rotation_deg))
-    cx, cz = (nx - 1) / 2.0 * voxel_size, (nz - 1) / 2.0 * voxel_size
+    cx, _, cz = voxel_to_angstrom([((nz - 1) / 2.0, 0.0, (nx - 1) / 2.0)], voxel_size)[0]  # tilt axis
     x, z = p[:, 0] - cx, p[:, 2] - cz
     p[:, 0] = x * np.cos(d) + z * np.sin(d) + cx
     p[:, 2] = -x * np.sin(d) + z * np.cos(d) + cz
