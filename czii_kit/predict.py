@@ -60,11 +60,45 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
     return InferenceConfig(**inf), MergeConfig.from_dict(doc.get("merge")), per_type, thresholds
 
 
+def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[Path, dict] | None:
+    """The rescorer file and the ``"rescore"`` section tuned for ``weights``, or ``None`` (no rescoring).
+
+    ``rescore=None`` rescores when ``czii-kit tune`` recorded a rescorer and that very file (same
+    SHA-256) is there, and warns when it was recorded but is missing or changed; ``True`` requires
+    it; ``False`` never rescores (the detector-only thresholds).
+    """
+    if rescore is False:
+        return None
+    from czii_kit.rescore import file_sha256
+
+    weights = Path(weights)
+    section = read_thresholds(weights).get("rescore")
+    where = weights.parent / THRESHOLDS_FILE
+    if not section:
+        if rescore:
+            raise DataError(where, "was tuned without a rescorer (run `czii-kit tune` with czii_kit_rescorer.pt "
+                                   "beside the weights)")
+        return None
+    path = Path(section.get("file", ""))
+    path = path if path.is_absolute() else weights.parent / path
+    problem = None
+    if not path.is_file():
+        problem = "is missing"
+    elif section.get("sha256") and file_sha256(path) != section["sha256"]:
+        problem = "differs from the one the thresholds were tuned with"
+    if problem:
+        if rescore:
+            raise DataError(path, f"rescorer {problem}")
+        warnings.warn(f"{path}: rescorer {problem}; using the detector-only thresholds", stacklevel=2)
+        return None
+    return path, section
+
+
 def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
             weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
-            progress: bool = True) -> pd.DataFrame:
+            rescore: bool | None = None, progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
@@ -84,6 +118,9 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         Override the tuned per-type thresholds.
     polarity : {"auto", "dark", "bright"}, optional
         Contrast of the tomograms (default ``"auto"``: see :class:`czii_kit.infer.InferenceConfig`).
+    rescore : bool, optional
+        Second-stage 3D rescoring (:mod:`czii_kit.rescore`; see :func:`rescore_settings`): default
+        when it was tuned, ``False`` to skip it.
     """
     weights = Path(weights) if weights is not None else default_weights()
     if not weights.is_file():
@@ -97,11 +134,20 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     else:
         chosen = all_runs
     inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity)
+    plan = rescore_settings(weights, rescore)
+    if plan is not None:
+        thr.update({n: float(v) for n, v in plan[1].get("thresholds", {}).items() if n in thr})
     if thresholds:
         thr.update(thresholds)
     dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, inf, progress)
-    picks = apply_thresholds(merge_detections(dets, voxel_sizes, merge, per_type), thr)
-    return picks
+    cands = merge_detections(dets, voxel_sizes, merge, per_type)
+    if plan is not None:
+        from czii_kit.infer import preprocess_config_for
+        from czii_kit.rescore import RescoreConfig, Rescorer, rescore_runs
+
+        cands = rescore_runs(cands, chosen, Rescorer(plan[0]), tomogram, preprocess_config_for(weights),
+                             inf.polarity, RescoreConfig.from_dict(plan[1].get("config")), progress)
+    return apply_thresholds(cands, thr)
 
 
 def predict_to_csv(root: str | Path, out: str | Path, force: bool = False, **kwargs) -> tuple[Path, pd.DataFrame]:

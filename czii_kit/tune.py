@@ -203,7 +203,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
          backend: str = "torch", tomogram: str = "denoised", config=None,
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
          overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE,
-         per_type: bool = False) -> dict:
+         per_type: bool = False, rescorer: str | Path | bool | None = None, rescore_config=None) -> dict:
     """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
 
     Parameters
@@ -221,6 +221,12 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         F4 a threshold may give up to sit lower (:func:`tune_thresholds`).
     per_type : bool
         Let a particle type use its own merging configuration (:func:`choose_per_type`).
+    rescorer : path-like or bool, optional
+        3D rescorer (:mod:`czii_kit.rescore`) whose rescored candidates get thresholds of their own
+        (saved under ``"rescore"``; ``predict`` then uses them). Default: ``czii_kit_rescorer.pt``
+        beside the weights if there is one; ``False``: none.
+    rescore_config : RescoreConfig, optional
+        How the detector's and the rescorer's scores are combined.
 
     Returns
     -------
@@ -279,9 +285,61 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         ],
         "n_detections": len(dets),
     }
+    rescorer_path = _rescorer_path(weights, rescorer)
+    if rescorer_path is not None:
+        doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, tomogram, weights, config,
+                                                 rescore_config, tolerance, progress)
+    else:
+        rescored = None
     dest = Path(out) if out else weights.parent / THRESHOLDS_FILE
     atomic_write_text(dest, json.dumps(doc, indent=1), overwrite=overwrite)
     doc["path"] = str(dest)
     doc["_detections"] = dets
+    doc["_candidates"] = cands
+    doc["_rescored"] = rescored
     doc["_solution"] = solution
     return doc
+
+
+def _rescorer_path(weights: Path, rescorer) -> Path | None:
+    from czii_kit.rescore import rescorer_for
+
+    if rescorer is False:
+        return None
+    if rescorer is None or rescorer is True:
+        found = rescorer_for(weights)
+        if found is None and rescorer is True:
+            raise DataError(weights.parent, "no czii_kit_rescorer.pt beside the weights")
+        return found
+    return Path(rescorer)
+
+
+def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, tomogram: str,
+                  weights: Path, config, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
+                  progress: bool = True) -> tuple[dict, pd.DataFrame]:
+    """Rescore the validation candidates and tune thresholds on the rescored score.
+
+    Returns the ``"rescore"`` section of the thresholds file (rescorer file name and SHA-256, the
+    :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table and final F4) and the rescored candidates.
+    """
+    from czii_kit.infer import preprocess_config_for
+    from czii_kit.metric import score
+    from czii_kit.rescore import RescoreConfig, Rescorer, file_sha256, rescore_runs
+
+    rcfg = rescore_config or RescoreConfig()
+    model = Rescorer(rescorer_path)
+    rescored = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
+                            rcfg, progress)
+    thresholds, table = tune_thresholds(rescored, solution, tolerance=tolerance)
+    check = score(solution, apply_thresholds(rescored, thresholds))
+    same_dir = rescorer_path.resolve().parent == weights.resolve().parent
+    section = {
+        "file": rescorer_path.name if same_dir else str(rescorer_path),
+        "sha256": file_sha256(rescorer_path),
+        "config": rcfg.to_dict(),
+        "thresholds": thresholds,
+        "final_f4": float(check.final),
+        "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}
+                  for k, row in table.iterrows()},
+    }
+    return section, rescored

@@ -22,6 +22,7 @@ COMMANDS = {
     "build-dataset": "build_dataset",
     "train": "train",
     "tune": "tune",
+    "rescorer": "rescorer",
     "predict": "predict",
     "bench": "bench",
     "baseline": "baseline",

@@ -33,6 +33,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None,
                    help="F4 a class threshold may give up on the validation runs to sit lower, which keeps recall "
                         "on unlike data (default 0.01; 0 = the best F4's lowest threshold)")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--rescorer", help="3D rescorer to tune thresholds for as well (default: czii_kit_rescorer.pt "
+                                      "beside the weights, when there is one)")
+    r.add_argument("--no-rescorer", action="store_true", help="tune the detector-only thresholds alone")
+    p.add_argument("--rescore-mix", type=float, default=None,
+                   help="exponent of the rescorer's probability in det^(1-mix) * p^mix (default 0.5)")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -44,14 +50,19 @@ def run(args) -> int:
     if args.tolerance is not None and not args.tolerance >= 0:
         print(f"czii-kit tune: error: --tolerance must be >= 0, got {args.tolerance}", file=sys.stderr)
         return 2
+    if args.rescore_mix is not None and not 0 <= args.rescore_mix <= 1:
+        print(f"czii-kit tune: error: --rescore-mix must lie in [0, 1], got {args.rescore_mix}", file=sys.stderr)
+        return 2
     from czii_kit.infer import InferenceConfig
+    from czii_kit.rescore import RescoreConfig
     from czii_kit.tune import THRESHOLD_TOLERANCE, tune
 
     cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label)
     doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
                tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet,
                tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance,
-               per_type=args.per_type_merge)
+               per_type=args.per_type_merge, rescorer=False if args.no_rescorer else args.rescorer,
+               rescore_config=RescoreConfig(**({} if args.rescore_mix is None else {"mix": args.rescore_mix})))
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
     print("merging methods (weighted F4 at tuned thresholds):")
     for row in doc["comparison"]:
@@ -59,11 +70,20 @@ def run(args) -> int:
     print(f"chosen: {doc['merge_name']}")
     for name, cfg in doc["merge_per_type"].items():
         print(f"  except {name}: {cfg['name']}")
-    print(f"{'particle_type':<22}{'threshold':>10}{'TP':>6}{'FP':>6}{'FN':>6}{'F4':>8}")
-    for name, r in doc["table"].items():
-        print(f"{name:<22}{r['threshold']:>10.3f}{int(r['tp']):>6d}{int(r['fp']):>6d}{int(r['fn']):>6d}"
-              f"{r['f_beta']:>8.3f}")
+    _table(doc["table"])
     print(f"final F4 on validation: {doc['final_f4']:.4f} (thresholds within {doc['threshold_tolerance']} "
           "of each class's best F4, at its low end)")
+    if doc.get("rescore"):
+        r = doc["rescore"]
+        print(f"with the 3D rescorer {r['file']} (score = det^{1 - r['config']['mix']:g} * p^{r['config']['mix']:g}):")
+        _table(r["table"])
+        print(f"final F4 on validation, rescored: {r['final_f4']:.4f} (predict uses these thresholds)")
     print(f"saved {doc['path']}")
     return 0
+
+
+def _table(table: dict) -> None:
+    print(f"{'particle_type':<22}{'threshold':>10}{'TP':>6}{'FP':>6}{'FN':>6}{'F4':>8}")
+    for name, r in table.items():
+        print(f"{name:<22}{r['threshold']:>10.3f}{int(r['tp']):>6d}{int(r['fp']):>6d}{int(r['fn']):>6d}"
+              f"{r['f_beta']:>8.3f}")

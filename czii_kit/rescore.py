@@ -1,0 +1,525 @@
+"""Second stage: rescore merged 3D candidates with a small 3D CNN that sees the whole particle.
+
+The 2.5D detector sees five slices at a time, so it cannot tell a beta-galactosidase from a
+thyroglobulin seen from one side, nor a particle from a dense blob of junk. The rescorer looks at a
+cube of ``PATCH_SIZE`` voxels (32³ = 320 Å, wider than every particle but the virus-like particle)
+centred on each candidate and gives the probability of each particle type and of "nothing here"
+(class :data:`BACKGROUND`). A candidate's score becomes ``det ** (1 - mix) * p ** mix``, with ``det``
+the detector's merged score and ``p`` the rescorer's probability of the candidate's type; the
+per-type thresholds are then tuned on that score (:func:`czii_kit.tune.tune`).
+
+Patches are cut from the tomogram normalised exactly as for the detector (intensity window, dark
+particles) and standardised one by one (zero mean, unit variance), so intensity units do not matter.
+
+The network (``build_network``: four 3x3x3 conv blocks, 74 k parameters) is trained by
+:func:`train_rescorer` on patches from :func:`collect_patches`: the reference picks of training runs,
+random background, and the detector's own candidates on those runs labelled by the nearest reference
+(the hard negatives that matter). Its file, ``czii_kit_rescorer.pt`` beside the detector weights,
+holds the state dict and a ``meta`` dict (classes, patch size, how it was trained).
+
+Arrays are indexed ``[z, y, x]``; candidate positions are ``(x, y, z)`` in Å and converted with
+:mod:`czii_kit.coords` only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from czii_kit import __version__
+from czii_kit.catalog import PARTICLE_NAMES, get_particle
+from czii_kit.coords import nearest_voxel, voxel_to_angstrom
+from czii_kit.errors import DataError
+from czii_kit.metric import DISTANCE_MULTIPLIER
+from czii_kit.preprocess import PreprocessConfig, window_for
+
+RESCORER_FILE = "czii_kit_rescorer.pt"
+PATCH_SIZE = 32
+STORE_SIZE = 36
+"""Side of the stored training patches: random 32³ crops of them shift the centre by up to 2 voxels."""
+CLASSES = (*PARTICLE_NAMES, "background")
+BACKGROUND = len(PARTICLE_NAMES)
+
+
+@dataclass
+class RescoreConfig:
+    """How rescored candidates are scored.
+
+    Attributes
+    ----------
+    mix : float
+        Exponent of the rescorer's probability in ``det ** (1 - mix) * p ** mix`` (0 = detector
+        only, 1 = rescorer only).
+    tta : bool
+        Average the probabilities over the 8 flips of the patch (8x the time; a few seconds per run).
+    batch : int
+        Patches per forward pass.
+    """
+
+    mix: float = 0.5
+    tta: bool = False
+    batch: int = 256
+
+    def __post_init__(self):
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {self.mix}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> RescoreConfig:
+        known = {"mix", "tta", "batch"}
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
+
+
+# --- patches (pure numpy) -------------------------------------------------------------------
+
+
+def normalised_volume(volume: np.ndarray, preprocess: PreprocessConfig | None = None, polarity: str = "auto",
+                      source=None) -> np.ndarray:
+    """``volume [z, y, x]`` windowed as for the detector: float32 in 0..1, particles dark."""
+    window, _ = window_for(volume, preprocess or PreprocessConfig(), polarity, source=source)
+    return window.apply(volume, "float32")
+
+
+def extract_patches(volume: np.ndarray, centres_zyx, size: int = PATCH_SIZE) -> np.ndarray:
+    """Cubes of side ``size`` centred on integer voxel indices ``centres_zyx (N, 3)``.
+
+    Voxel ``c - size // 2 ... c + size // 2 - 1`` along each axis; beyond the volume the edge voxel
+    is repeated. Returns float32 ``(N, size, size, size)`` indexed ``[n, z, y, x]``.
+    """
+    c = np.asarray(centres_zyx, dtype=np.int64).reshape(-1, 3)
+    out = np.empty((len(c), size, size, size), np.float32)
+    offs = np.arange(size) - size // 2
+    nz, ny, nx = volume.shape
+    for i, (z, y, x) in enumerate(c):
+        iz = np.clip(z + offs, 0, nz - 1)
+        iy = np.clip(y + offs, 0, ny - 1)
+        ix = np.clip(x + offs, 0, nx - 1)
+        if iz[0] == z - size // 2 and iz[-1] == z + size - size // 2 - 1 and \
+                iy[0] == y - size // 2 and iy[-1] == y + size - size // 2 - 1 and \
+                ix[0] == x - size // 2 and ix[-1] == x + size - size // 2 - 1:
+            out[i] = volume[iz[0]:iz[-1] + 1, iy[0]:iy[-1] + 1, ix[0]:ix[-1] + 1]
+        else:
+            out[i] = volume[np.ix_(iz, iy, ix)]
+    return out
+
+
+def standardise(patches: np.ndarray) -> np.ndarray:
+    """Each patch to zero mean and unit variance (float32, same shape)."""
+    x = np.asarray(patches, np.float32)
+    axes = tuple(range(1, x.ndim))
+    return (x - x.mean(axes, keepdims=True)) / (x.std(axes, keepdims=True) + 1e-3)
+
+
+def centre_crop(patches: np.ndarray, size: int = PATCH_SIZE) -> np.ndarray:
+    """The central ``size``³ of patches ``(N, S, S, S)`` (S >= size)."""
+    o = (patches.shape[1] - size) // 2
+    return patches[:, o:o + size, o:o + size, o:o + size]
+
+
+def augment(patches: np.ndarray, rng: np.random.Generator, size: int = PATCH_SIZE) -> np.ndarray:
+    """Random crop (centre shift), flips of each axis, a quarter turn in y/x, contrast and noise.
+
+    ``patches (N, S, S, S)`` with ``S >= size`` -> float32 ``(N, size, size, size)``, not standardised.
+    The whole batch shares crop offset and orientation (cheap); contrast and noise are per patch.
+    """
+    s = patches.shape[1]
+    oz, oy, ox = rng.integers(0, s - size + 1, 3)
+    x = patches[:, oz:oz + size, oy:oy + size, ox:ox + size]
+    x = np.rot90(x, int(rng.integers(4)), axes=(2, 3))
+    for ax in (1, 2, 3):
+        if rng.random() < 0.5:
+            x = np.flip(x, ax)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    mean = x.mean((1, 2, 3), keepdims=True)
+    gain = rng.uniform(0.7, 1.3, (len(x), 1, 1, 1)).astype(np.float32)
+    noise = rng.normal(0.0, 1.0, x.shape).astype(np.float32)
+    noise *= (x.std((1, 2, 3), keepdims=True) * rng.uniform(0.0, 0.5, (len(x), 1, 1, 1))).astype(np.float32)
+    return (x - mean) * gain + mean + noise
+
+
+# --- the network -----------------------------------------------------------------------------
+
+
+def build_network(n_classes: int = len(CLASSES)):
+    """The 3D CNN: ``(N, 1, 32, 32, 32)`` float -> logits ``(N, n_classes)``."""
+    import torch.nn as nn
+
+    def block(i: int, o: int):
+        return nn.Sequential(nn.Conv3d(i, o, 3, padding=1, bias=False), nn.BatchNorm3d(o), nn.ReLU(inplace=True))
+
+    return nn.Sequential(
+        block(1, 8), nn.MaxPool3d(2), block(8, 16), nn.MaxPool3d(2), block(16, 32), nn.MaxPool3d(2),
+        block(32, 64), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, n_classes),
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Rescorer:
+    """A trained rescorer: ``predict_proba(patches) -> (N, 7)`` probabilities (columns :data:`CLASSES`)."""
+
+    def __init__(self, path: str | Path):
+        import torch
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(self.path, "no such rescorer file")
+        try:
+            doc = torch.load(self.path, map_location="cpu", weights_only=True)
+            meta = doc["meta"]
+            self.net = build_network(len(meta["classes"]))
+            self.net.load_state_dict(doc["state_dict"])
+        except Exception as exc:  # not a torch file, wrong layout, ...
+            raise DataError(self.path, f"not a czii_kit rescorer ({type(exc).__name__}: {exc})") from exc
+        if tuple(meta["classes"]) != CLASSES:
+            raise DataError(self.path, f"classes {meta['classes']} differ from this czii_kit's {list(CLASSES)}")
+        self.meta = dict(meta)
+        self.patch_size = int(meta.get("patch_size", PATCH_SIZE))
+        self.net.eval()
+
+    def predict_proba(self, patches: np.ndarray, batch: int = 256, tta: bool = False) -> np.ndarray:
+        """Probabilities ``(N, 7)`` of raw (unstandardised) patches ``(N, s, s, s)``."""
+        import torch
+
+        x = standardise(patches)
+        views = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)] if tta else [()]
+        out = np.zeros((len(x), len(CLASSES)), np.float64)
+        with torch.inference_mode():
+            for axes in views:
+                v = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+                for b in range(0, len(v), batch):
+                    t = torch.from_numpy(v[b:b + batch][:, None])
+                    out[b:b + batch] += torch.softmax(self.net(t), 1).double().numpy()
+        return out / len(views)
+
+
+# --- rescoring candidates --------------------------------------------------------------------
+
+
+def rescore_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: float, rescorer: Rescorer,
+                   config: RescoreConfig | None = None) -> pd.DataFrame:
+    """Rescore one run's candidates ``experiment, particle_type, x, y, z (Å), score``.
+
+    ``volume`` is the normalised tomogram (:func:`normalised_volume`). Returns a copy with the
+    detector's score kept as ``det_score``, the rescorer's probability of the candidate's type as
+    ``p_type``, that of no particle as ``p_background``, and ``score`` replaced by the mix.
+    """
+    config = config or RescoreConfig()
+    out = candidates.copy()
+    if out.empty:
+        for c in ("det_score", "p_type", "p_background"):
+            out[c] = pd.Series(dtype=float)
+        return out
+    vox = nearest_voxel(out[["x", "y", "z"]].to_numpy(float), voxel_size)
+    uniq, inverse = np.unique(vox, axis=0, return_inverse=True)  # multi-label candidates share a patch
+    probs = rescorer.predict_proba(extract_patches(volume, uniq, rescorer.patch_size), config.batch, config.tta)
+    probs = probs[inverse.ravel()]
+    cls = out["particle_type"].map({n: i for i, n in enumerate(PARTICLE_NAMES)}).to_numpy()
+    p_type = probs[np.arange(len(out)), cls]
+    out["det_score"] = out["score"].to_numpy(float)
+    out["p_type"] = p_type
+    out["p_background"] = probs[:, BACKGROUND]
+    out["score"] = out["det_score"] ** (1.0 - config.mix) * p_type ** config.mix
+    return out
+
+
+def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
+                 preprocess: PreprocessConfig | None = None, polarity: str = "auto",
+                 config: RescoreConfig | None = None, progress: bool = True) -> pd.DataFrame:
+    """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time."""
+    from tqdm.auto import tqdm
+
+    from czii_kit.infer import read_volume
+    from czii_kit.tomogram import open_tomogram
+
+    frames = []
+    runs = [r for r in runs if (candidates["experiment"].astype(str) == r.name).any()]
+    for run in tqdm(runs, desc="rescore", unit="run", disable=not progress):
+        tomo = open_tomogram(run.tomogram_path(tomogram))
+        vol = normalised_volume(read_volume(tomo), preprocess, polarity, source=tomo.path)
+        g = candidates[candidates["experiment"].astype(str) == run.name]
+        frames.append(rescore_volume(g, vol, tomo.voxel_size, rescorer, config))
+        del vol
+    if not frames:
+        return rescore_volume(candidates.iloc[:0], np.zeros((1, 1, 1), np.float32), 1.0, rescorer, config)
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values(["experiment", "particle_type", "score"], ascending=[True, True, False],
+                           kind="stable").reset_index(drop=True)
+
+
+# --- training data ---------------------------------------------------------------------------
+
+
+def label_points(points_xyz, experiment: str, solution: pd.DataFrame,
+                 distance_multiplier: float = DISTANCE_MULTIPLIER) -> np.ndarray:
+    """Class index of what lies at each point ``(N, 3)`` (x, y, z Å) of one run.
+
+    The type of the nearest reference within ``distance_multiplier * radius`` of that type (the
+    metric's hit rule), else :data:`BACKGROUND`.
+    """
+    pts = np.asarray(points_xyz, float).reshape(-1, 3)
+    labels = np.full(len(pts), BACKGROUND, np.int64)
+    best = np.full(len(pts), np.inf)
+    sol = solution[solution["experiment"].astype(str) == str(experiment)]
+    for name, g in sol.groupby("particle_type"):
+        p = get_particle(name)
+        d, _ = cKDTree(g[["x", "y", "z"]].to_numpy(float)).query(pts)
+        rel = d / p.radius
+        hit = (rel <= distance_multiplier) & (rel < best)
+        labels[hit] = PARTICLE_NAMES.index(p.name)
+        best[hit] = rel[hit]
+    return labels
+
+
+def background_points(shape_zyx: Sequence[int], reference_zyx: np.ndarray, n: int, rng: np.random.Generator,
+                      min_distance: float = 8.0) -> np.ndarray:
+    """``n`` random voxel indices ``(n, 3)`` (z, y, x) at least ``min_distance`` voxels from every reference."""
+    tree = cKDTree(reference_zyx) if len(reference_zyx) else None
+    found: list[np.ndarray] = []
+    have = 0
+    for _ in range(100):
+        q = rng.uniform([0, 0, 0], np.asarray(shape_zyx) - 1, (max(4 * n, 16), 3))
+        if tree is not None:
+            q = q[tree.query(q)[0] >= min_distance]
+        found.append(q[: n - have])
+        have += len(found[-1])
+        if have >= n:
+            break
+    return np.rint(np.concatenate(found)).astype(np.int64) if found else np.zeros((0, 3), np.int64)
+
+
+def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataFrame | None = None,
+                    tomograms: Sequence[str] = ("denoised",), background_ratio: float = 1.0,
+                    preprocess: PreprocessConfig | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Training patches of ``runs``: references, random background and (optionally) detector candidates.
+
+    Parameters
+    ----------
+    runs : sequence of czii_kit.layout.Run
+    solution : DataFrame
+        Reference picks of those runs (``experiment, particle_type, x, y, z`` Å).
+    candidates : DataFrame, optional
+        Detector candidates (``experiment, x, y, z``), labelled with :func:`label_points`; one patch
+        per distinct voxel.
+    tomograms : sequence of str
+        Tomogram kinds to cut from (each run's missing kinds are skipped).
+    background_ratio : float
+        Random background patches per reference.
+
+    Returns
+    -------
+    dict
+        ``X`` float16 ``(N, 36, 36, 36)``, ``y`` int64 class indices, ``run`` and ``source``
+        (``"reference"``, ``"background"``, ``"candidate"``) and ``tomogram`` per patch.
+    """
+    from tqdm.auto import tqdm
+
+    from czii_kit.infer import read_volume
+    from czii_kit.tomogram import open_tomogram
+
+    rng = np.random.default_rng(seed)
+    X, y, run_of, source, kind_of = [], [], [], [], []
+    jobs = [(r, k) for r in runs for k in tomograms if k in r.tomograms()]
+    if not jobs:
+        raise DataError([str(r.path) for r in runs] or None, f"no tomograms {list(tomograms)} in these runs")
+    for run, kind in tqdm(jobs, desc="patches", unit="tomogram", disable=not progress):
+        tomo = open_tomogram(run.tomogram_path(kind))
+        vs = tomo.voxel_size
+        vol = normalised_volume(read_volume(tomo), preprocess, "dark", source=tomo.path)
+        sol = solution[solution["experiment"].astype(str) == run.name]
+        ref_xyz = sol[["x", "y", "z"]].to_numpy(float)
+        ref = nearest_voxel(ref_xyz, vs)
+        ref_labels = np.array([PARTICLE_NAMES.index(get_particle(n).name) for n in sol["particle_type"]], np.int64)
+        parts = [(ref, ref_labels, "reference")]
+        nb = int(round(background_ratio * max(len(ref), 1)))
+        parts.append((background_points(vol.shape, ref.astype(float), nb, rng), None, "background"))
+        if candidates is not None:
+            c = candidates[candidates["experiment"].astype(str) == run.name]
+            if len(c):
+                vox = np.unique(nearest_voxel(c[["x", "y", "z"]].to_numpy(float), vs), axis=0)
+                parts.append((vox, label_points(voxel_to_angstrom(vox, vs), run.name, solution), "candidate"))
+        for vox, labels, src in parts:
+            if len(vox) == 0:
+                continue
+            if labels is None:
+                labels = np.full(len(vox), BACKGROUND, np.int64)
+            X.append(extract_patches(vol, vox, STORE_SIZE).astype(np.float16))
+            y.append(labels)
+            run_of += [run.name] * len(vox)
+            source += [src] * len(vox)
+            kind_of += [kind] * len(vox)
+        del vol
+    return {"X": np.concatenate(X), "y": np.concatenate(y), "run": np.array(run_of), "source": np.array(source),
+            "tomogram": np.array(kind_of)}
+
+
+def save_patches(data: dict, path: str | Path, overwrite: bool = False) -> Path:
+    """Write :func:`collect_patches` output as an ``.npz`` (atomically)."""
+    from czii_kit.atomic import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **data)
+
+    return atomic_write(path, write, overwrite=overwrite)
+
+
+def load_patches(paths: str | Path | Sequence[str | Path]) -> dict:
+    """Read and concatenate one or more patch files written by :func:`save_patches`."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    parts = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise DataError(p, "no such patch file")
+        try:
+            with np.load(p) as d:
+                parts.append({k: d[k] for k in ("X", "y", "run", "source", "tomogram")})
+        except (KeyError, ValueError, OSError) as exc:
+            raise DataError(p, f"not a czii_kit patch file ({exc})") from exc
+        if parts[-1]["X"].ndim != 4 or len(parts[-1]["X"]) != len(parts[-1]["y"]):
+            raise DataError(p, f"patches of shape {parts[-1]['X'].shape} do not match {len(parts[-1]['y'])} labels")
+    return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
+
+
+# --- training --------------------------------------------------------------------------------
+
+TRAIN_DEFAULTS = {"epochs": 6, "batch": 64, "lr": 2e-3, "weight_decay": 1e-4, "label_smoothing": 0.05,
+                  "seed": 0, "threads": None}
+
+
+def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, val_runs: Sequence[str] = (),
+                   overwrite: bool = False, progress: bool = True, **kwargs) -> dict:
+    """Train the rescorer on patch files; save it to ``out`` (usually beside the detector weights).
+
+    Resumable: a checkpoint ``out + '.ckpt'`` is written after every epoch and picked up by the next
+    call with the same arguments. Patches of ``val_runs`` are held out and scored after each epoch.
+    Keyword arguments override :data:`TRAIN_DEFAULTS`. Same seed and threads -> same weights.
+
+    Returns
+    -------
+    dict
+        The ``meta`` saved with the weights (``history`` holds loss / validation accuracy per epoch).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from czii_kit.atomic import atomic_write
+    from czii_kit.errors import FileExistsNoForce
+
+    args = {**TRAIN_DEFAULTS, **kwargs}
+    unknown = set(args) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown training arguments {sorted(unknown)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsNoForce(f"{out}: already exists (use --force to replace it)")
+    data = load_patches(patches)
+    is_val = np.isin(data["run"], list(val_runs))
+    if val_runs and not is_val.any():
+        raise DataError(patches, f"no patches of the validation runs {list(val_runs)}")
+    X, y = data["X"][~is_val], data["y"][~is_val]
+    Xv, yv = centre_crop(data["X"][is_val]), data["y"][is_val]
+    if len(X) < args["batch"]:
+        raise DataError(patches, f"only {len(X)} training patches (batch {args['batch']})")
+    if args["threads"]:
+        torch.set_num_threads(int(args["threads"]))
+    torch.manual_seed(int(args["seed"]))
+    net = build_network()
+    opt = torch.optim.AdamW(net.parameters(), args["lr"], weight_decay=args["weight_decay"])
+    steps = len(X) // args["batch"]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args["lr"], total_steps=args["epochs"] * steps)
+    lossf = torch.nn.CrossEntropyLoss(label_smoothing=args["label_smoothing"])
+    ckpt = Path(str(out) + ".ckpt")
+    fingerprint = {"n": int(len(X)), "counts": np.bincount(y, minlength=len(CLASSES)).tolist(),
+                   **{k: args[k] for k in ("epochs", "batch", "lr", "seed")}}
+    start, history = 0, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            start, history = int(state["epoch"]), list(state["history"])
+    for epoch in range(start, args["epochs"]):
+        rng = np.random.default_rng([int(args["seed"]), epoch])
+        net.train()
+        perm = rng.permutation(len(X))
+        total = 0.0
+        bar = tqdm(range(steps), desc=f"rescorer epoch {epoch + 1}/{args['epochs']}", unit="batch",
+                   disable=not progress)
+        for b in bar:
+            idx = np.sort(perm[b * args["batch"]:(b + 1) * args["batch"]])
+            xb = torch.from_numpy(standardise(augment(X[idx].astype(np.float32), rng))[:, None])
+            loss = lossf(net(xb), torch.from_numpy(y[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{total / (b + 1):.3f}")
+        rec = {"epoch": epoch + 1, "loss": total / steps}
+        if len(Xv):
+            net.eval()
+            with torch.inference_mode():
+                pred = np.concatenate([
+                    net(torch.from_numpy(standardise(Xv[i:i + 256])[:, None])).argmax(1).numpy()
+                    for i in range(0, len(Xv), 256)])
+            rec["val_accuracy"] = float((pred == yv).mean())
+        history.append(rec)
+        torch.save({"fingerprint": fingerprint, "net": net.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "epoch": epoch + 1, "history": history}, ckpt)
+    meta = {
+        "classes": list(CLASSES), "patch_size": PATCH_SIZE, "czii_kit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "patches": [str(p) for p in ([patches] if isinstance(patches, (str, Path)) else patches)],
+        "n_train": int(len(X)), "n_val": int(len(Xv)), "val_runs": list(val_runs),
+        "class_counts": fingerprint["counts"], "train_args": args, "history": history,
+    }
+
+    def write(tmp: Path) -> None:
+        torch.save({"state_dict": net.state_dict(), "meta": json.loads(json.dumps(meta))}, tmp)
+
+    atomic_write(out, write, overwrite=overwrite)
+    ckpt.unlink(missing_ok=True)
+    return meta
+
+
+def rescorer_for(weights: str | Path) -> Path | None:
+    """The rescorer file beside ``weights``, or ``None``."""
+    p = Path(weights).parent / RESCORER_FILE
+    return p if p.is_file() else None
+
+
+def detector_candidates(weights: str | Path, runs: Sequence, tomogram: str = "denoised", backend: str = "openvino",
+                        floor: float = 0.5, progress: bool = True) -> pd.DataFrame:
+    """The detector's merged candidates on ``runs`` whose score is >= ``floor`` x the tuned threshold.
+
+    Uses the inference, merging and thresholds tuned beside ``weights`` (as ``predict`` does).
+    """
+    from czii_kit.infer import detect_runs
+    from czii_kit.postprocess import merge_detections
+    from czii_kit.predict import settings_for
+
+    inf, merge, per_type, thr = settings_for(weights)
+    dets, voxel_sizes = detect_runs(weights, runs, tomogram, backend, inf, progress)
+    cands = merge_detections(dets, voxel_sizes, merge, per_type)
+    keep = cands["score"] >= cands["particle_type"].map(thr).astype(float) * floor
+    return cands[keep].reset_index(drop=True)
