@@ -421,7 +421,6 @@ def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, 
     import torch
     from tqdm.auto import tqdm
 
-    from czii_kit.atomic import atomic_write
     from czii_kit.errors import FileExistsNoForce
 
     args = {**TRAIN_DEFAULTS, **kwargs}
@@ -460,6 +459,7 @@ def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, 
             start, history = int(state["epoch"]), list(state["history"])
     for epoch in range(start, args["epochs"]):
         rng = np.random.default_rng([int(args["seed"]), epoch])
+        torch.manual_seed(int(args["seed"]) * 1000 + epoch)  # dropout: a resumed epoch repeats exactly
         net.train()
         perm = rng.permutation(len(X))
         total = 0.0
@@ -494,12 +494,23 @@ def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, 
         "class_counts": fingerprint["counts"], "train_args": args, "history": history,
     }
 
+    save_rescorer(net, out, meta, overwrite=overwrite)
+    ckpt.unlink(missing_ok=True)
+    return meta
+
+
+def save_rescorer(net, path: str | Path, meta: Mapping | None = None, overwrite: bool = False) -> Path:
+    """Write a network from :func:`build_network` as a rescorer file (atomically); ``meta`` must be JSON-able."""
+    import torch
+
+    from czii_kit.atomic import atomic_write
+
+    meta = {"classes": list(CLASSES), "patch_size": PATCH_SIZE, **(meta or {})}
+
     def write(tmp: Path) -> None:
         torch.save({"state_dict": net.state_dict(), "meta": json.loads(json.dumps(meta))}, tmp)
 
-    atomic_write(out, write, overwrite=overwrite)
-    ckpt.unlink(missing_ok=True)
-    return meta
+    return atomic_write(path, write, overwrite=overwrite)
 
 
 def rescorer_for(weights: str | Path) -> Path | None:
