@@ -53,6 +53,9 @@ CANDIDATE_MERGES: dict[str, MergeConfig] = {
 """Merging configurations compared by :func:`tune` (``link_dz`` is scaled by the z-stride); on a tie
 the first listed (the default) wins."""
 
+RESCORE_MIXES = (1.0, 0.75, 0.5)
+"""Exponents of the rescorer's probability compared by :func:`tune` (``det ** (1 - mix) * p ** mix``)."""
+
 PER_TYPE_MARGIN = 0.01
 """F4 gain on the validation runs a particle type needs to leave the default merging configuration."""
 
@@ -203,7 +206,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
          backend: str = "torch", tomogram: str = "denoised", config=None,
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
          overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE,
-         per_type: bool = False, rescorer: str | Path | bool | None = None, rescore_config=None) -> dict:
+         per_type: bool = False, rescorer: str | Path | bool | None = None, rescore_config=None,
+         rescore_mixes: Sequence[float] | None = RESCORE_MIXES) -> dict:
     """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
 
     Parameters
@@ -226,7 +230,9 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         (saved under ``"rescore"``; ``predict`` then uses them). Default: ``czii_kit_rescorer.pt``
         beside the weights if there is one; ``False``: none.
     rescore_config : RescoreConfig, optional
-        How the detector's and the rescorer's scores are combined.
+        How the rescorer runs (and, with ``rescore_mixes=None``, the one mix used).
+    rescore_mixes : sequence of float, optional
+        Exponents compared on the validation runs (:func:`tune_rescored`).
 
     Returns
     -------
@@ -288,7 +294,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     rescorer_path = _rescorer_path(weights, rescorer)
     if rescorer_path is not None:
         doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, tomogram, weights, config,
-                                                 rescore_config, tolerance, progress)
+                                                 rescore_config, tolerance, progress, rescore_mixes)
     else:
         rescored = None
     dest = Path(out) if out else weights.parent / THRESHOLDS_FILE
@@ -316,8 +322,12 @@ def _rescorer_path(weights: Path, rescorer) -> Path | None:
 
 def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, tomogram: str,
                   weights: Path, config, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
-                  progress: bool = True) -> tuple[dict, pd.DataFrame]:
+                  progress: bool = True, mixes: Sequence[float] | None = RESCORE_MIXES
+                  ) -> tuple[dict, pd.DataFrame]:
     """Rescore the validation candidates and tune thresholds on the rescored score.
+
+    Each exponent of ``mixes`` (``None``: only ``rescore_config.mix``) is tried and the one with the
+    best validation F4 kept (the first on a tie).
 
     Returns the ``"rescore"`` section of the thresholds file (rescorer file name and SHA-256, the
     :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table and final F4) and the rescored candidates.
@@ -327,16 +337,27 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     from czii_kit.rescore import RescoreConfig, Rescorer, file_sha256, rescore_runs
 
     rcfg = rescore_config or RescoreConfig()
+    mixes = [rcfg.mix] if mixes is None else list(mixes)
     model = Rescorer(rescorer_path)
     rescored = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
                             rcfg, progress)
-    thresholds, table = tune_thresholds(rescored, solution, tolerance=tolerance)
+    best, comparison = None, []
+    for mix in mixes:
+        trial = rescored.assign(score=rescored["det_score"] ** (1.0 - mix) * rescored["p_type"] ** mix)
+        thr, tab = tune_thresholds(trial, solution, tolerance=tolerance)
+        final = float(score(solution, apply_thresholds(trial, thr)).final)
+        comparison.append({"mix": float(mix), "final": final})
+        if best is None or final > best[0]:
+            best = (final, float(mix), trial, thr, tab)
+    _, mix, rescored, thresholds, table = best
+    rcfg = RescoreConfig(**{**rcfg.to_dict(), "mix": mix})
     check = score(solution, apply_thresholds(rescored, thresholds))
     same_dir = rescorer_path.resolve().parent == weights.resolve().parent
     section = {
         "file": rescorer_path.name if same_dir else str(rescorer_path),
         "sha256": file_sha256(rescorer_path),
         "config": rcfg.to_dict(),
+        "mix_comparison": comparison,
         "thresholds": thresholds,
         "final_f4": float(check.final),
         "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}

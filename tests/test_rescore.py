@@ -240,7 +240,10 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):
     assert section["file"] == RESCORER_FILE and len(section["sha256"]) == 64
     assert set(section["thresholds"]) == set(PARTICLE_NAMES)
     rescored = doc["_rescored"]
-    np.testing.assert_allclose(rescored["score"], np.sqrt(rescored["det_score"] * rescored["p_type"]))
+    mix = section["config"]["mix"]
+    trials = {m["mix"]: m["final"] for m in section["mix_comparison"]}
+    assert set(trials) == {1.0, 0.75, 0.5} and trials[mix] == max(trials.values()) == section["final_f4"]
+    np.testing.assert_allclose(rescored["score"], rescored["det_score"] ** (1 - mix) * rescored["p_type"] ** mix)
 
     kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
     cols = ["experiment", "particle_type", "x", "y", "z"]

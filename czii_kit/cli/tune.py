@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                       "beside the weights, when there is one)")
     r.add_argument("--no-rescorer", action="store_true", help="tune the detector-only thresholds alone")
     p.add_argument("--rescore-mix", type=float, default=None,
-                   help="exponent of the rescorer's probability in det^(1-mix) * p^mix (default 0.5)")
+                   help="exponent of the rescorer's probability in det^(1-mix) * p^mix (default: the best of "
+                        "1, 0.75 and 0.5 on the validation runs)")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -55,14 +56,15 @@ def run(args) -> int:
         return 2
     from czii_kit.infer import InferenceConfig
     from czii_kit.rescore import RescoreConfig
-    from czii_kit.tune import THRESHOLD_TOLERANCE, tune
+    from czii_kit.tune import RESCORE_MIXES, THRESHOLD_TOLERANCE, tune
 
     cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label)
     doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
                tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet,
                tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance,
                per_type=args.per_type_merge, rescorer=False if args.no_rescorer else args.rescorer,
-               rescore_config=RescoreConfig(**({} if args.rescore_mix is None else {"mix": args.rescore_mix})))
+               rescore_config=RescoreConfig(**({} if args.rescore_mix is None else {"mix": args.rescore_mix})),
+               rescore_mixes=RESCORE_MIXES if args.rescore_mix is None else None)
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
     print("merging methods (weighted F4 at tuned thresholds):")
     for row in doc["comparison"]:
@@ -75,7 +77,9 @@ def run(args) -> int:
           "of each class's best F4, at its low end)")
     if doc.get("rescore"):
         r = doc["rescore"]
-        print(f"with the 3D rescorer {r['file']} (score = det^{1 - r['config']['mix']:g} * p^{r['config']['mix']:g}):")
+        mixes = ", ".join(f"{m['mix']:g}: {m['final']:.4f}" for m in r["mix_comparison"])
+        print(f"with the 3D rescorer {r['file']}, score = det^(1-mix) * p^mix; validation F4 by mix: {mixes}")
+        print(f"chosen mix {r['config']['mix']:g}")
         _table(r["table"])
         print(f"final F4 on validation, rescored: {r['final_f4']:.4f} (predict uses these thresholds)")
     print(f"saved {doc['path']}")
