@@ -401,6 +401,7 @@ def load_patches(paths: str | Path | Sequence[str | Path]) -> dict:
 
 # --- training --------------------------------------------------------------------------------
 
+MIN_TRAIN_PATCHES = 8
 TRAIN_DEFAULTS = {"epochs": 6, "batch": 64, "lr": 2e-3, "weight_decay": 1e-4, "label_smoothing": 0.05,
                   "seed": 0, "threads": None}
 
@@ -436,8 +437,13 @@ def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, 
         raise DataError(patches, f"no patches of the validation runs {list(val_runs)}")
     X, y = data["X"][~is_val], data["y"][~is_val]
     Xv, yv = centre_crop(data["X"][is_val]), data["y"][is_val]
+    if len(X) < MIN_TRAIN_PATCHES:
+        raise DataError(patches, f"only {len(X)} training patches (at least {MIN_TRAIN_PATCHES} needed)")
     if len(X) < args["batch"]:
-        raise DataError(patches, f"only {len(X)} training patches (batch {args['batch']})")
+        import warnings
+
+        warnings.warn(f"only {len(X)} training patches: batch {args['batch']} -> {len(X)}", stacklevel=2)
+        args["batch"] = len(X)
     if args["threads"]:
         torch.set_num_threads(int(args["threads"]))
     torch.manual_seed(int(args["seed"]))

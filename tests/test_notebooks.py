@@ -57,6 +57,7 @@ def trained(tiny_dataset, tmp_path_factory):
     nb = run_notebook("train.ipynb", work, {
         "DATA_ROOT": str(tiny_dataset), "WORK_DIR": "work", "CROP": None, "Z_STRIDE": 2, "EPOCHS": 1,
         "IMGSZ": 128, "BATCH": 8, "SEED": 0, "TOMOGRAMS": ["denoised", "wbp"], "DEGRADE": 0.5,
+        "RESCORER_EPOCHS": 1,
     })
     return work, nb
 
@@ -72,6 +73,10 @@ def test_train_notebook(trained):
     assert set(doc["thresholds"]) >= {"apo-ferritin", "ribosome", "virus-like-particle"}
     assert (work / "work" / "training_curves.png").stat().st_size > 2000
     assert "final F4 on validation" in cell_text(nb)
+    # the optional rescorer: trained beside the weights, thresholds tuned for it (the inference notebook uses it)
+    assert (weights / "czii_kit_rescorer.pt").is_file() and (work / "work" / "rescorer_patches.npz").is_file()
+    assert doc["rescore"]["file"] == "czii_kit_rescorer.pt" and set(doc["rescore"]["thresholds"]) == set(doc["thresholds"])
+    assert "final F4 on validation, rescored" in cell_text(nb)
 
 
 def test_inference_notebook(trained, tiny_dataset, tmp_path):
