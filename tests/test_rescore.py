@@ -272,3 +272,20 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):
     with pytest.raises(DataError, match="tuned without a rescorer"):
         predict(root, rescore=True, **kw)
     assert len(predict(root, **kw)) == len(plain)
+
+
+def test_bench_times_the_rescorer(tmp_path):
+    """The benchmark's rescore worker rescoring its candidates on a (small) tomogram."""
+    import argparse
+
+    import torch
+
+    from czii_kit.bench import RESCORE_CANDIDATES, _worker, synthetic_tomogram
+
+    tomo = synthetic_tomogram(tmp_path / "t.zarr", shape=(40, 64, 80), n_per_type=1)
+    torch.manual_seed(0)
+    weights = save_rescorer(build_network(), tmp_path / "r.pt")
+    args = argparse.Namespace(tomogram=str(tomo), weights=str(weights), backend="torch", mode="rescore",
+                              batch=1, z_stride=1, imgsz=None)
+    out = _worker(args)
+    assert out["candidates"] == RESCORE_CANDIDATES and out["rescore_s"] > 0 and out["peak_rss_mb"] > 0

@@ -25,6 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--z-strides", type=int, nargs="+", default=[1, 2], help="z-strides to time (default 1 2)")
     p.add_argument("--imgsz", type=int, default=640, help="network input size (default 640)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive per-slice loop")
+    p.add_argument("--no-rescore", action="store_true", help="skip timing the second-stage 3D rescorer")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return p
 
@@ -34,7 +35,7 @@ def run(args) -> int:
 
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     out = run_bench(args.weights, tuple(args.backends), args.batch, tuple(args.z_strides), args.imgsz,
-                    naive=not args.no_naive, progress=log)
+                    naive=not args.no_naive, progress=log, rescore=not args.no_rescore)
     naive = out["naive"]
     if naive:
         for r in out["results"]:
@@ -50,6 +51,10 @@ def run(args) -> int:
               f"{r['peak_rss_mb']:>13.0f}{sp:>10}")
     if naive:
         print(f"{'naive':<10}{1:>9}{naive['naive_s']:>11.2f}{'':>14}{naive['peak_rss_mb']:>13.0f}{'1.0x':>10}")
+    if out["rescore"]:
+        r = out["rescore"]
+        print(f"3D rescorer: {r['rescore_s']:.2f} s for {r['candidates']} candidates (read, normalise, patches, "
+              f"forward), peak RSS {r['peak_rss_mb']:.0f} MB")
     print(f"(tomogram {out['setup']['shape']}, imgsz {out['setup']['imgsz']}, batch {out['setup']['batch']}, "
           f"{out['setup']['cpu_count']} CPUs)")
     return 0
