@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -389,6 +390,8 @@ def load_patches(paths: str | Path | Sequence[str | Path]) -> dict:
         p = Path(p)
         if not p.is_file():
             raise DataError(p, "no such patch file")
+        if not zipfile.is_zipfile(p):
+            raise DataError(p, "not a czii_kit patch file (not an .npz archive)")
         try:
             with np.load(p) as d:
                 parts.append({k: d[k] for k in ("X", "y", "run", "source", "tomogram")})

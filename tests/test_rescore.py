@@ -124,6 +124,15 @@ def test_bad_rescorer_file_names_the_file(tmp_path):
         Rescorer(bad)
     with pytest.raises(DataError, match="no such"):
         Rescorer(tmp_path / "missing.pt")
+    from czii_kit.rescore import load_patches
+
+    bad_patches = tmp_path / "patches.npz"
+    bad_patches.write_text("not an archive")
+    with pytest.raises(DataError, match="patches.npz: not a czii_kit patch file"):
+        load_patches(bad_patches)
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(DataError, match="other.npz: not a czii_kit patch file"):
+        load_patches(tmp_path / "other.npz")
 
 
 def _blob_patches(n, rng, radius=5.0):
