@@ -40,6 +40,7 @@ from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import DataError
 from czii_kit.metric import DISTANCE_MULTIPLIER
+from czii_kit.postprocess import nms_3d
 from czii_kit.preprocess import PreprocessConfig, window_for
 
 RESCORER_FILE = "czii_kit_rescorer.pt"
@@ -59,13 +60,22 @@ class RescoreConfig:
     mix : float
         Exponent of the rescorer's probability in ``det ** (1 - mix) * p ** mix`` (0 = detector
         only, 1 = rescorer only).
+    cross_type : bool
+        Propose every particle type at every candidate location: a type the detector did not
+        propose there gets the location's best detector score as ``det`` and its own probability
+        as ``p`` (then per-type 3D NMS), so the rescorer can recover a particle the detector
+        labelled with the wrong type.
+    nms_frac : float
+        Radius of that NMS in particle radii (as :class:`czii_kit.postprocess.MergeConfig`).
     tta : bool
-        Average the probabilities over the 8 flips of the patch (8x the time; a few seconds per run).
+        Average the probabilities over the 8 flips of the patch (8x the time).
     batch : int
         Patches per forward pass.
     """
 
     mix: float = 0.5
+    cross_type: bool = False
+    nms_frac: float = 0.8
     tta: bool = False
     batch: int = 256
 
@@ -78,7 +88,7 @@ class RescoreConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> RescoreConfig:
-        known = {"mix", "tta", "batch"}
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
@@ -215,54 +225,100 @@ class Rescorer:
 
 
 def rescore_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: float, rescorer: Rescorer,
-                   config: RescoreConfig | None = None) -> pd.DataFrame:
+                   config: RescoreConfig | None = None, raw: bool = False) -> pd.DataFrame:
     """Rescore one run's candidates ``experiment, particle_type, x, y, z (Å), score``.
 
     ``volume`` is the normalised tomogram (:func:`normalised_volume`). Returns a copy with the
     detector's score kept as ``det_score``, the rescorer's probability of the candidate's type as
-    ``p_type``, that of no particle as ``p_background``, and ``score`` replaced by the mix.
+    ``p_type``, that of no particle as ``p_background``, ``proposed`` (True for the cross-type
+    proposals of ``config.cross_type``) and ``score`` from :func:`combine_scores`. ``raw=True``
+    returns every proposal and skips :func:`combine_scores` (``score`` = ``det_score``).
     """
     config = config or RescoreConfig()
     out = candidates.copy()
     if out.empty:
         for c in ("det_score", "p_type", "p_background"):
             out[c] = pd.Series(dtype=float)
+        out["proposed"] = pd.Series(dtype=bool)
         return out
     vox = nearest_voxel(out[["x", "y", "z"]].to_numpy(float), voxel_size)
     uniq, inverse = np.unique(vox, axis=0, return_inverse=True)  # multi-label candidates share a patch
-    probs = rescorer.predict_proba(extract_patches(volume, uniq, rescorer.patch_size), config.batch, config.tta)
-    probs = probs[inverse.ravel()]
+    inverse = inverse.ravel()
+    probs_u = rescorer.predict_proba(extract_patches(volume, uniq, rescorer.patch_size), config.batch, config.tta)
     cls = out["particle_type"].map({n: i for i, n in enumerate(PARTICLE_NAMES)}).to_numpy()
-    p_type = probs[np.arange(len(out)), cls]
     out["det_score"] = out["score"].to_numpy(float)
-    out["p_type"] = p_type
-    out["p_background"] = probs[:, BACKGROUND]
-    out["score"] = out["det_score"] ** (1.0 - config.mix) * p_type ** config.mix
-    return out
+    out["p_type"] = probs_u[inverse, cls]
+    out["p_background"] = probs_u[inverse, BACKGROUND]
+    out["proposed"] = False
+    if config.cross_type:
+        out = pd.concat([out, _cross_type_proposals(out, inverse, cls, probs_u)], ignore_index=True)
+    return out if raw else combine_scores(out, config)
+
+
+def _cross_type_proposals(cands: pd.DataFrame, loc: np.ndarray, cls: np.ndarray, probs_u: np.ndarray
+                          ) -> pd.DataFrame:
+    """Candidates of every type missing at each location, at its best candidate's position and score."""
+    n_loc, n_types = len(probs_u), len(PARTICLE_NAMES)
+    det = cands["det_score"].to_numpy(float)
+    order = np.lexsort((-det, loc))  # by location, best detector score first
+    first = order[np.r_[True, loc[order][1:] != loc[order][:-1]]]  # best candidate of location 0, 1, ...
+    missing = np.ones((n_loc, n_types), bool)
+    missing[loc, cls] = False
+    u, t = np.nonzero(missing)
+    best = cands.iloc[first[u]]
+    return pd.DataFrame({
+        "experiment": best["experiment"].to_numpy(), "particle_type": np.array(PARTICLE_NAMES)[t],
+        "x": best["x"].to_numpy(), "y": best["y"].to_numpy(), "z": best["z"].to_numpy(),
+        "score": det[first[u]], "det_score": det[first[u]], "p_type": probs_u[u, t],
+        "p_background": probs_u[u, BACKGROUND], "proposed": True,
+    })
+
+
+def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFrame:
+    """``score = det_score ** (1 - mix) * p_type ** mix`` of raw rescored candidates (:func:`rescore_volume`).
+
+    Without ``config.cross_type`` the proposals are dropped; with it, per run and type, 3D NMS
+    (``config.nms_frac`` radii) on the new score. Sorted by experiment, type and descending score.
+    """
+    out = rescored if config.cross_type else rescored[~rescored["proposed"].astype(bool)]
+    out = out.assign(score=out["det_score"].to_numpy(float) ** (1.0 - config.mix)
+                     * out["p_type"].to_numpy(float) ** config.mix)
+    if config.cross_type and len(out):
+        keep = []
+        for (_, name), g in out.groupby(["experiment", "particle_type"], sort=False):
+            radius = config.nms_frac * get_particle(name).radius  # Å, like the points
+            idx = nms_3d(g[["x", "y", "z"]].to_numpy(float), g["score"].to_numpy(float), radius)
+            keep.append(g.index.to_numpy()[idx])
+        out = out.loc[np.sort(np.concatenate(keep))]
+    return out.sort_values(["experiment", "particle_type", "score"], ascending=[True, True, False],
+                           kind="stable").reset_index(drop=True)
 
 
 def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
                  preprocess: PreprocessConfig | None = None, polarity: str = "auto",
-                 config: RescoreConfig | None = None, progress: bool = True) -> pd.DataFrame:
-    """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time."""
+                 config: RescoreConfig | None = None, progress: bool = True, raw: bool = False) -> pd.DataFrame:
+    """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
+
+    ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
+    """
     from tqdm.auto import tqdm
 
     from czii_kit.infer import read_volume
     from czii_kit.tomogram import open_tomogram
 
+    config = config or RescoreConfig()
     frames = []
     runs = [r for r in runs if (candidates["experiment"].astype(str) == r.name).any()]
     for run in tqdm(runs, desc="rescore", unit="run", disable=not progress):
         tomo = open_tomogram(run.tomogram_path(tomogram))
         vol = normalised_volume(read_volume(tomo), preprocess, polarity, source=tomo.path)
         g = candidates[candidates["experiment"].astype(str) == run.name]
-        frames.append(rescore_volume(g, vol, tomo.voxel_size, rescorer, config))
+        frames.append(rescore_volume(g, vol, tomo.voxel_size, rescorer, config, raw=True))
         del vol
     if not frames:
-        return rescore_volume(candidates.iloc[:0], np.zeros((1, 1, 1), np.float32), 1.0, rescorer, config)
+        return rescore_volume(candidates.iloc[:0], np.zeros((1, 1, 1), np.float32), 1.0, rescorer, config, raw)
     out = pd.concat(frames, ignore_index=True)
-    return out.sort_values(["experiment", "particle_type", "score"], ascending=[True, True, False],
-                           kind="stable").reset_index(drop=True)
+    return out if raw else combine_scores(out, config)
 
 
 # --- training data ---------------------------------------------------------------------------

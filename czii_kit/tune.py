@@ -232,7 +232,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     rescore_config : RescoreConfig, optional
         How the rescorer runs (and, with ``rescore_mixes=None``, the one mix used).
     rescore_mixes : sequence of float, optional
-        Exponents compared on the validation runs (:func:`tune_rescored`).
+        Exponents compared on the validation runs (:func:`tune_rescored`), with and without
+        cross-type proposals (:class:`~czii_kit.rescore.RescoreConfig`).
 
     Returns
     -------
@@ -322,42 +323,44 @@ def _rescorer_path(weights: Path, rescorer) -> Path | None:
 
 def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, tomogram: str,
                   weights: Path, config, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
-                  progress: bool = True, mixes: Sequence[float] | None = RESCORE_MIXES
-                  ) -> tuple[dict, pd.DataFrame]:
+                  progress: bool = True, mixes: Sequence[float] | None = RESCORE_MIXES,
+                  cross_types: Sequence[bool] | None = (False, True)) -> tuple[dict, pd.DataFrame]:
     """Rescore the validation candidates and tune thresholds on the rescored score.
 
-    Each exponent of ``mixes`` (``None``: only ``rescore_config.mix``) is tried and the one with the
-    best validation F4 kept (the first on a tie).
+    Every combination of ``cross_types`` and ``mixes`` (``None``: only ``rescore_config``'s) is
+    tried and the one with the best validation F4 kept (the first on a tie).
 
     Returns the ``"rescore"`` section of the thresholds file (rescorer file name and SHA-256, the
     :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table and final F4) and the rescored candidates.
     """
     from czii_kit.infer import preprocess_config_for
     from czii_kit.metric import score
-    from czii_kit.rescore import RescoreConfig, Rescorer, file_sha256, rescore_runs
+    from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, file_sha256, rescore_runs
 
     rcfg = rescore_config or RescoreConfig()
     mixes = [rcfg.mix] if mixes is None else list(mixes)
+    cross = [rcfg.cross_type] if cross_types is None else list(cross_types)
     model = Rescorer(rescorer_path)
-    rescored = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
-                            rcfg, progress)
+    raw = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
+                       RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}), progress, raw=True)
     best, comparison = None, []
-    for mix in mixes:
-        trial = rescored.assign(score=rescored["det_score"] ** (1.0 - mix) * rescored["p_type"] ** mix)
-        thr, tab = tune_thresholds(trial, solution, tolerance=tolerance)
-        final = float(score(solution, apply_thresholds(trial, thr)).final)
-        comparison.append({"mix": float(mix), "final": final})
-        if best is None or final > best[0]:
-            best = (final, float(mix), trial, thr, tab)
-    _, mix, rescored, thresholds, table = best
-    rcfg = RescoreConfig(**{**rcfg.to_dict(), "mix": mix})
+    for cross_type in cross:
+        for mix in mixes:
+            trial_cfg = RescoreConfig(**{**rcfg.to_dict(), "mix": float(mix), "cross_type": bool(cross_type)})
+            trial = combine_scores(raw, trial_cfg)
+            thr, tab = tune_thresholds(trial, solution, tolerance=tolerance)
+            final = float(score(solution, apply_thresholds(trial, thr)).final)
+            comparison.append({"mix": float(mix), "cross_type": bool(cross_type), "final": final})
+            if best is None or final > best[0]:
+                best = (final, trial_cfg, trial, thr, tab)
+    _, rcfg, rescored, thresholds, table = best
     check = score(solution, apply_thresholds(rescored, thresholds))
     same_dir = rescorer_path.resolve().parent == weights.resolve().parent
     section = {
         "file": rescorer_path.name if same_dir else str(rescorer_path),
         "sha256": file_sha256(rescorer_path),
         "config": rcfg.to_dict(),
-        "mix_comparison": comparison,
+        "comparison": comparison,
         "thresholds": thresholds,
         "final_f4": float(check.final),
         "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}

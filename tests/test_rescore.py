@@ -101,20 +101,53 @@ def test_rescore_volume_mixes_scores_and_shares_patches(random_rescorer):
                           "x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "score": [0.8, 0.3, 0.5]})
     out = rescore_volume(cands, vol, VS, random_rescorer, RescoreConfig(mix=0.5))
     assert {"det_score", "p_type", "p_background"} <= set(out.columns)
-    np.testing.assert_allclose(out["det_score"], cands["score"])
+    assert len(out) == 3
+    np.testing.assert_allclose(sorted(out["det_score"]), sorted(cands["score"]))
     np.testing.assert_allclose(out["score"], np.sqrt(out["det_score"] * out["p_type"]))
     # the two candidates at one place share one patch: same background probability, own type's probability
-    assert out["p_background"].iloc[0] == out["p_background"].iloc[1]
+    ribo = out[(out["particle_type"] == "ribosome") & (out["x"] == 300.0)].iloc[0]
+    thyro = out[out["particle_type"] == "thyroglobulin"].iloc[0]
+    assert ribo["p_background"] == thyro["p_background"]
     patch = extract_patches(vol, [[20, 25, 30]], 32)  # z=200/VS, y=250/VS, x=300/VS rounded
     probs = random_rescorer.predict_proba(patch)[0]
-    assert out["p_type"].iloc[0] == pytest.approx(probs[CLASSES.index("ribosome")])
-    assert out["p_type"].iloc[1] == pytest.approx(probs[CLASSES.index("thyroglobulin")])
+    assert ribo["p_type"] == pytest.approx(probs[CLASSES.index("ribosome")])
+    assert thyro["p_type"] == pytest.approx(probs[CLASSES.index("thyroglobulin")])
     only_rescorer = rescore_volume(cands, vol, VS, random_rescorer, RescoreConfig(mix=1.0))
     np.testing.assert_allclose(only_rescorer["score"], only_rescorer["p_type"])
     tta = random_rescorer.predict_proba(patch, tta=True)
     assert tta.shape == (1, len(CLASSES)) and tta.sum() == pytest.approx(1.0)
     with pytest.raises(ValueError):
         RescoreConfig(mix=1.5)
+
+
+def test_cross_type_proposals(random_rescorer):
+    from czii_kit.rescore import combine_scores
+
+    rng = np.random.default_rng(1)
+    vol = rng.random((40, 50, 64)).astype(np.float32)
+    # two candidates at one place (ribosome 0.8, thyroglobulin 0.3) and one VLP far away
+    cands = pd.DataFrame({"experiment": "TS_A", "particle_type": ["ribosome", "thyroglobulin", "virus-like-particle"],
+                          "x": [300.0, 300.0, 100.0], "y": [250.0, 250.0, 400.0], "z": [200.0, 200.0, 150.0],
+                          "score": [0.8, 0.3, 0.5]})
+    cfg = RescoreConfig(mix=0.75, cross_type=True)
+    raw = rescore_volume(cands, vol, VS, random_rescorer, cfg, raw=True)
+    assert len(raw) == 3 + 4 + 5 and raw["proposed"].sum() == 9
+    at_first = raw[raw["x"] == 300.0]
+    assert sorted(at_first["particle_type"]) == sorted(PARTICLE_NAMES)
+    assert (at_first.loc[at_first["proposed"], "det_score"] == 0.8).all()  # the location's best detector score
+    probs = random_rescorer.predict_proba(extract_patches(vol, [[20, 25, 30]], 32))[0]
+    for _, row in at_first.iterrows():
+        assert row["p_type"] == pytest.approx(probs[CLASSES.index(row["particle_type"])])
+    out = combine_scores(raw, cfg)
+    np.testing.assert_allclose(out["score"], out["det_score"] ** 0.25 * out["p_type"] ** 0.75)
+    assert len(out) == 12  # the two places are far apart: NMS keeps one candidate per type and place
+    plain = combine_scores(raw, RescoreConfig(mix=0.75))
+    assert len(plain) == 3 and not plain["proposed"].any()
+    # NMS among one type: a proposal next to a better-scoring candidate of that type goes
+    near = pd.concat([cands, cands.iloc[[0]].assign(x=310.0, score=0.9)], ignore_index=True)
+    kept = rescore_volume(near, vol, VS, random_rescorer, cfg)
+    assert (kept["particle_type"] == "ribosome").sum() == 2  # x=300/310 within 0.8 r: one kept, plus the VLP place
+    assert not kept.duplicated(["particle_type", "x", "y", "z"]).any()
 
 
 def test_bad_rescorer_file_names_the_file(tmp_path):
@@ -249,10 +282,12 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):
     assert section["file"] == RESCORER_FILE and len(section["sha256"]) == 64
     assert set(section["thresholds"]) == set(PARTICLE_NAMES)
     rescored = doc["_rescored"]
-    mix = section["config"]["mix"]
-    trials = {m["mix"]: m["final"] for m in section["mix_comparison"]}
-    assert set(trials) == {1.0, 0.75, 0.5} and trials[mix] == max(trials.values()) == section["final_f4"]
+    mix, cross = section["config"]["mix"], section["config"]["cross_type"]
+    trials = {(m["mix"], m["cross_type"]): m["final"] for m in section["comparison"]}
+    assert set(trials) == {(m, c) for m in (1.0, 0.75, 0.5) for c in (False, True)}
+    assert trials[mix, cross] == max(trials.values()) == section["final_f4"]
     np.testing.assert_allclose(rescored["score"], rescored["det_score"] ** (1 - mix) * rescored["p_type"] ** mix)
+    assert rescored["proposed"].any() == cross
 
     kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
     cols = ["experiment", "particle_type", "x", "y", "z"]

@@ -77,9 +77,12 @@ def run(args) -> int:
           "of each class's best F4, at its low end)")
     if doc.get("rescore"):
         r = doc["rescore"]
-        mixes = ", ".join(f"{m['mix']:g}: {m['final']:.4f}" for m in r["mix_comparison"])
-        print(f"with the 3D rescorer {r['file']}, score = det^(1-mix) * p^mix; validation F4 by mix: {mixes}")
-        print(f"chosen mix {r['config']['mix']:g}")
+        print(f"with the 3D rescorer {r['file']}, score = det^(1-mix) * p^mix; validation F4:")
+        for m in r["comparison"]:
+            print(f"  mix {m['mix']:<5g}{'cross-type proposals' if m['cross_type'] else 'detector types only':<24}"
+                  f"{m['final']:.4f}")
+        print(f"chosen: mix {r['config']['mix']:g}, " + ("with" if r["config"]["cross_type"] else "without")
+              + " cross-type proposals")
         _table(r["table"])
         print(f"final F4 on validation, rescored: {r['final_f4']:.4f} (predict uses these thresholds)")
     print(f"saved {doc['path']}")
