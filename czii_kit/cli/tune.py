@@ -13,7 +13,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Detect on validation runs (default: the val runs recorded at training), compare the 3D merging "
             "methods (the best overall; with --per-type-merge, per particle type where another is clearly "
             "better), choose per-class score thresholds maximising F4, and save them beside the weights "
-            "(czii_kit_thresholds.json), where predict picks them up."
+            "(czii_kit_thresholds.json), where predict picks them up. With a 3D rescorer beside the weights "
+            "(czii_kit_rescorer.pt) the rescored candidates get thresholds of their own, which predict uses."
         ),
     )
     p.add_argument("root", metavar="ROOT", nargs="+", help="dataset root(s) with tomograms and picks")
@@ -39,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--no-rescorer", action="store_true", help="tune the detector-only thresholds alone")
     p.add_argument("--rescore-mix", type=float, default=None,
                    help="exponent of the rescorer's probability in det^(1-mix) * p^mix (default: the best of "
-                        "1, 0.75 and 0.5 on the validation runs)")
+                        "1, 0.75 and 0.5 on the validation runs; each is tried with and without cross-type "
+                        "proposals)")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
     p.add_argument("--quiet", action="store_true")
     return p
