@@ -2,11 +2,14 @@
 
 The 2.5D detector sees five slices at a time, so it cannot tell a beta-galactosidase from a
 thyroglobulin seen from one side, nor a particle from a dense blob of junk. The rescorer looks at a
-cube of ``PATCH_SIZE`` voxels (32³ = 320 Å, wider than every particle but the virus-like particle)
-centred on each candidate and gives the probability of each particle type and of "nothing here"
-(class :data:`BACKGROUND`). A candidate's score becomes ``det ** (1 - mix) * p ** mix``, with ``det``
-the detector's merged score and ``p`` the rescorer's probability of the candidate's type; the
-per-type thresholds are then tuned on that score (:func:`czii_kit.tune.tune`).
+cube of ``PATCH_SIZE`` voxels (32³ = 320 Å a side, just wider than the largest particle, the
+ribosome, 300 Å across) centred on each candidate and gives the probability of each particle type
+and of "nothing here" (class :data:`BACKGROUND`). A candidate's score becomes
+``det ** (1 - mix) * p ** mix``, with ``det`` the detector's merged score and ``p`` the rescorer's
+probability of the candidate's type; the per-type thresholds are then tuned on that score
+(:func:`czii_kit.tune.tune`). With cross-type proposals (:class:`RescoreConfig`) every candidate
+location is also offered as every other type, so a particle the detector gave the wrong type can
+still be picked.
 
 Patches are cut from the tomogram normalised exactly as for the detector (intensity window, dark
 particles) and standardised one by one (zero mean, unit variance), so intensity units do not matter.
