@@ -145,6 +145,26 @@ def find_runs(path: str | Path | Sequence[str | Path], split: str | None = None)
     return sorted(out, key=lambda r: (r.split or "", r.name))
 
 
+def select_runs(path: str | Path | Sequence[str | Path], split: str | None = None,
+                names: Sequence[str] | None = None) -> list[Run]:
+    """:func:`find_runs`, narrowed to ``names`` when given (all runs otherwise).
+
+    Raises
+    ------
+    DataError
+        Naming ``path`` and the runs found, when one of ``names`` is not among them.
+    """
+    runs = find_runs(path, split)
+    if not names:
+        return runs
+    chosen = [r for r in runs if r.name in set(names)]
+    missing = sorted(set(names) - {r.name for r in chosen})
+    if missing:
+        where = f" in split {split!r}" if split else ""
+        raise DataError(path, f"no run(s) {missing}{where} (found: {', '.join(r.name for r in runs)})")
+    return chosen
+
+
 def _pool_runs(paths: list, split: str | None) -> list[Run]:
     if not paths:
         raise DataError(None, "no dataset folder given")

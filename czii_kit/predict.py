@@ -18,7 +18,7 @@ import pandas as pd
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
 from czii_kit.infer import InferenceConfig, detect_runs
-from czii_kit.layout import find_runs
+from czii_kit.layout import select_runs
 from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections
 from czii_kit.tune import DEFAULT_THRESHOLD, THRESHOLDS_FILE, read_thresholds
 
@@ -125,14 +125,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     weights = Path(weights) if weights is not None else default_weights()
     if not weights.is_file():
         raise DataError(weights, "no such weights file")
-    all_runs = find_runs(root, split)
-    if runs:
-        chosen = [r for r in all_runs if r.name in set(runs)]
-        missing = sorted(set(runs) - {r.name for r in chosen})
-        if missing:
-            raise DataError(root, f"no run(s) {missing} (found: {', '.join(r.name for r in all_runs)})")
-    else:
-        chosen = all_runs
+    chosen = select_runs(root, split, runs)
     inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity)
     plan = rescore_settings(weights, rescore)
     if plan is not None:

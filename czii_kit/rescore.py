@@ -111,20 +111,15 @@ def extract_patches(volume: np.ndarray, centres_zyx, size: int = PATCH_SIZE) -> 
     Voxel ``c - size // 2 ... c + size // 2 - 1`` along each axis; beyond the volume the edge voxel
     is repeated. Returns float32 ``(N, size, size, size)`` indexed ``[n, z, y, x]``.
     """
-    c = np.asarray(centres_zyx, dtype=np.int64).reshape(-1, 3)
-    out = np.empty((len(c), size, size, size), np.float32)
-    offs = np.arange(size) - size // 2
-    nz, ny, nx = volume.shape
-    for i, (z, y, x) in enumerate(c):
-        iz = np.clip(z + offs, 0, nz - 1)
-        iy = np.clip(y + offs, 0, ny - 1)
-        ix = np.clip(x + offs, 0, nx - 1)
-        if iz[0] == z - size // 2 and iz[-1] == z + size - size // 2 - 1 and \
-                iy[0] == y - size // 2 and iy[-1] == y + size - size // 2 - 1 and \
-                ix[0] == x - size // 2 and ix[-1] == x + size - size // 2 - 1:
-            out[i] = volume[iz[0]:iz[-1] + 1, iy[0]:iy[-1] + 1, ix[0]:ix[-1] + 1]
-        else:
-            out[i] = volume[np.ix_(iz, iy, ix)]
+    starts = np.asarray(centres_zyx, dtype=np.int64).reshape(-1, 3) - size // 2
+    shape = np.array(volume.shape)
+    out = np.empty((len(starts), size, size, size), np.float32)
+    offs = np.arange(size)
+    for i, lo in enumerate(starts):
+        if (lo >= 0).all() and (lo + size <= shape).all():
+            out[i] = volume[lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size]
+        else:  # over an edge: repeat the edge voxel
+            out[i] = volume[np.ix_(*(np.clip(lo[a] + offs, 0, shape[a] - 1) for a in range(3)))]
     return out
 
 
@@ -398,7 +393,8 @@ def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataF
     X, y, run_of, source, kind_of = [], [], [], [], []
     jobs = [(r, k) for r in runs for k in tomograms if k in r.tomograms()]
     if not jobs:
-        raise DataError([str(r.path) for r in runs] or None, f"no tomograms {list(tomograms)} in these runs")
+        raise DataError([str(d) for r in runs for d in r.dirs[:1]] or None,
+                        f"no tomograms {list(tomograms)} in these runs")
     for run, kind in tqdm(jobs, desc="patches", unit="tomogram", disable=not progress):
         tomo = open_tomogram(run.tomogram_path(kind))
         vs = tomo.voxel_size

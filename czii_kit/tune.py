@@ -241,7 +241,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         The saved document: ``thresholds``, ``merge``, ``inference``, ``comparison``, ``table``, ...
     """
     from czii_kit.infer import InferenceConfig, detect_runs
-    from czii_kit.layout import find_runs
+    from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
     from czii_kit.train import read_train_record
 
@@ -251,11 +251,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         raise DataError(weights, "no such weights file")
     if runs is None:
         runs = read_train_record(weights).get("dataset", {}).get("val_runs") or None
-    all_runs = find_runs(root, split)
-    chosen = all_runs if not runs else [r for r in all_runs if r.name in set(runs)]
-    if runs and len(chosen) != len(set(runs)):
-        missing = sorted(set(runs) - {r.name for r in chosen})
-        raise DataError(root, f"no run(s) {missing} in split {split!r}")
+    chosen = select_runs(root, split, runs)
     solution = read_picks(root, split=split, runs=[r.name for r in chosen])
     if solution.empty:
         raise DataError(root, "the validation runs have no picks to tune against")
@@ -284,8 +280,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         "thresholds": thresholds,
         "threshold_tolerance": tolerance,
         "final_f4": float(check.final),
-        "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}
-                  for k, row in table.iterrows()},
+        "table": _table_dict(table),
         "comparison": [
             {k: (v if k in ("name", "config", "thresholds") else float(v)) for k, v in row.items()}
             for row in comparison.to_dict(orient="records")
@@ -306,6 +301,12 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     doc["_rescored"] = rescored
     doc["_solution"] = solution
     return doc
+
+
+def _table_dict(table: pd.DataFrame) -> dict:
+    """:func:`tune_thresholds`' table as JSON-able ``{type: {column: number}}``."""
+    return {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}
+            for k, row in table.iterrows()}
 
 
 def _rescorer_path(weights: Path, rescorer) -> Path | None:
@@ -349,7 +350,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
             trial_cfg = RescoreConfig(**{**rcfg.to_dict(), "mix": float(mix), "cross_type": bool(cross_type)})
             trial = combine_scores(raw, trial_cfg)
             thr, tab = tune_thresholds(trial, solution, tolerance=tolerance)
-            final = float(score(solution, apply_thresholds(trial, thr)).final)
+            final = weighted_final(tab)
             comparison.append({"mix": float(mix), "cross_type": bool(cross_type), "final": final})
             if best is None or final > best[0]:
                 best = (final, trial_cfg, trial, thr, tab)
@@ -363,7 +364,6 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
         "comparison": comparison,
         "thresholds": thresholds,
         "final_f4": float(check.final),
-        "table": {k: {c: (float(v) if isinstance(v, float) else int(v)) for c, v in row.items()}
-                  for k, row in table.iterrows()},
+        "table": _table_dict(table),
     }
     return section, rescored

@@ -250,6 +250,12 @@ def test_collect_cli_cuts_references_and_background(tmp_path, capsys):
     assert (X[:, c, c, c] < X[:, :4, :4, :4].mean((1, 2, 3))).mean() > 0.8
     assert main(args) == 2  # exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+    # a tomogram kind the runs lack, or a run that is not there: one clear line naming the folder
+    assert main(args[:-1] + ["--force", "--quiet", "--tomograms", "wbp"]) == 2
+    assert "no tomograms ['wbp'] in these runs" in capsys.readouterr().err
+    assert main(args[:-1] + ["--force", "--quiet", "--runs", "TS_zz"]) == 2
+    err = capsys.readouterr().err
+    assert "no run(s) ['TS_zz'] in split 'train' (found: TS_a, TS_b)" in err and str(tmp_path / "root") in err
 
 
 def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):

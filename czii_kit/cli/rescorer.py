@@ -58,37 +58,28 @@ def _collect(args) -> int:
     import numpy as np
 
     from czii_kit.errors import DataError, FileExistsNoForce
-    from czii_kit.layout import find_runs
+    from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
     from czii_kit.rescore import CLASSES, collect_patches, detector_candidates, save_patches
 
     if Path(args.out).exists() and not args.force:
         raise FileExistsNoForce(f"{args.out}: already exists (use --force to replace it)")
-    runs = find_runs(args.root, args.split)
-    if args.runs:
-        runs = [r for r in runs if r.name in set(args.runs)]
-        missing = sorted(set(args.runs) - {r.name for r in runs})
-        if missing:
-            raise DataError(args.root, f"no run(s) {missing} in split {args.split!r}")
+    runs = select_runs(args.root, args.split, args.runs)
     solution = read_picks(args.root, split=args.split, runs=[r.name for r in runs])
     runs = [r for r in runs if r.name in set(solution["experiment"].astype(str))]
     if not runs:
         raise DataError(args.root, "no runs with picks to collect patches from")
-    cands = None
+    cands, prep = None, None
     if (args.weights or "").lower() != "none":
+        from czii_kit.infer import preprocess_config_for
         from czii_kit.predict import default_weights
-        from czii_kit.train import read_train_record
 
         weights = Path(args.weights) if args.weights else default_weights()
-        prep = read_train_record(weights).get("preprocess")
+        prep = preprocess_config_for(weights)
         cands = detector_candidates(weights, runs, args.tomograms[0], args.backend, args.floor,
                                     progress=not args.quiet)
-    else:
-        prep = None
-    from czii_kit.preprocess import PreprocessConfig
-
-    data = collect_patches(runs, solution, cands, args.tomograms, args.background_ratio,
-                           PreprocessConfig.from_dict(prep), args.seed, progress=not args.quiet)
+    data = collect_patches(runs, solution, cands, args.tomograms, args.background_ratio, prep, args.seed,
+                           progress=not args.quiet)
     path = save_patches(data, args.out, overwrite=args.force)
     counts = np.bincount(data["y"], minlength=len(CLASSES))
     print(f"{len(data['y'])} patches from {len(runs)} run(s): "
