@@ -19,6 +19,9 @@ rescore_s
     The second-stage 3D rescorer (:mod:`czii_kit.rescore`) on :data:`RESCORE_CANDIDATES` candidates
     at random places: a second read of the tomogram, normalisation, 32³ patches and the forward passes
     (the shipped rescorer, else an untrained one; timing does not depend on the weights).
+refine_s
+    Centre refinement (:mod:`czii_kit.refine`) of the same candidates taken as apo-ferritin, on the
+    volume already normalised for the rescorer (in ``predict`` it reads the tomogram once more).
 peak_rss_mb
     Peak resident memory of the worker process.
 """
@@ -117,6 +120,11 @@ def _worker(args) -> dict:
         vol = normalised_volume(read_volume(tomo), prep, "auto")
         rescore_volume(cands, vol, tomo.voxel_size, model)
         out.update(rescore_s=time.perf_counter() - t0, candidates=RESCORE_CANDIDATES)
+        from czii_kit.refine import refine_volume
+
+        t0 = time.perf_counter()
+        refine_volume(cands.assign(particle_type="apo-ferritin"), vol, tomo.voxel_size)
+        out.update(refine_s=time.perf_counter() - t0)
     elif args.mode == "naive":
         from czii_kit.offline import configure_offline
 
@@ -221,7 +229,8 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
                 rescorer = save_rescorer(build_network(), work / "bench_rescorer.pt", overwrite=True)
             rescore_r = _run_worker(tomo, rescorer, "torch", "rescore", 1, 1, imgsz)
             progress(f"3D rescorer, {rescore_r['candidates']} candidates: {rescore_r['rescore_s']:.2f} s/tomogram, "
-                     f"peak RSS {rescore_r['peak_rss_mb']:.0f} MB")
+                     f"peak RSS {rescore_r['peak_rss_mb']:.0f} MB; centre refinement of them as apo-ferritin: "
+                     f"{rescore_r['refine_s']:.2f} s")
         import platform
 
         setup = {"shape": list(FULL_SHAPE), "weights": str(weights), "batch": batch, "imgsz": imgsz,

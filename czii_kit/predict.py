@@ -1,4 +1,4 @@
-"""Dataset root -> picks -> submission CSV: detection, 3D merging, tuned thresholds.
+"""Dataset root -> picks -> submission CSV: detection, 3D merging, refinement, rescoring, tuned thresholds.
 
 Settings come from the files beside the weights: ``czii_kit_train.json`` (preprocessing) and
 ``czii_kit_thresholds.json`` (merging method, per-class thresholds and the inference settings they
@@ -60,6 +60,20 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
     return InferenceConfig(**inf), MergeConfig.from_dict(doc.get("merge")), per_type, thresholds
 
 
+def refine_settings(weights: str | Path, refine: bool | None = None):
+    """The :class:`~czii_kit.refine.RefineConfig` tuned for ``weights`` (``"refine"`` in the thresholds
+    file), or ``None``. ``refine=False`` never refines; ``True`` refines with the tuned settings, or
+    the defaults when none were tuned (the thresholds were then tuned without it)."""
+    if refine is False:
+        return None
+    from czii_kit.refine import RefineConfig
+
+    tuned = read_thresholds(weights).get("refine")
+    if tuned:
+        return RefineConfig.from_dict(tuned)
+    return RefineConfig() if refine else None
+
+
 def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[Path, dict] | None:
     """The rescorer file and the ``"rescore"`` section tuned for ``weights``, or ``None`` (no rescoring).
 
@@ -98,7 +112,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
-            rescore: bool | None = None, progress: bool = True) -> pd.DataFrame:
+            rescore: bool | None = None, refine: bool | None = None, progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
@@ -121,6 +135,9 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     rescore : bool, optional
         Second-stage 3D rescoring (:mod:`czii_kit.rescore`; see :func:`rescore_settings`): default
         when it was tuned, ``False`` to skip it.
+    refine : bool, optional
+        Centre refinement of shell-shaped particles (:mod:`czii_kit.refine`; see
+        :func:`refine_settings`): default when it was tuned, ``False`` to skip it.
     """
     weights = Path(weights) if weights is not None else default_weights()
     if not weights.is_file():
@@ -128,14 +145,21 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     chosen = select_runs(root, split, runs)
     inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity)
     plan = rescore_settings(weights, rescore)
+    refine_cfg = refine_settings(weights, refine)
     if plan is not None:
         thr.update({n: float(v) for n, v in plan[1].get("thresholds", {}).items() if n in thr})
     if thresholds:
         thr.update(thresholds)
     dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, inf, progress)
     cands = merge_detections(dets, voxel_sizes, merge, per_type)
-    if plan is not None:
+    if refine_cfg is not None or plan is not None:
         from czii_kit.infer import preprocess_config_for
+    if refine_cfg is not None:
+        from czii_kit.refine import refine_runs
+
+        cands = refine_runs(cands, chosen, tomogram, preprocess_config_for(weights), inf.polarity, refine_cfg,
+                            progress)
+    if plan is not None:
         from czii_kit.rescore import RescoreConfig, Rescorer, rescore_runs
 
         cands = rescore_runs(cands, chosen, Rescorer(plan[0]), tomogram, preprocess_config_for(weights),

@@ -207,7 +207,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
          overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE,
          per_type: bool = False, rescorer: str | Path | bool | None = None, rescore_config=None,
-         rescore_mixes: Sequence[float] | None = RESCORE_MIXES) -> dict:
+         rescore_mixes: Sequence[float] | None = RESCORE_MIXES, refine=None) -> dict:
     """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
 
     Parameters
@@ -234,6 +234,10 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     rescore_mixes : sequence of float, optional
         Exponents compared on the validation runs (:func:`tune_rescored`), with and without
         cross-type proposals (:class:`~czii_kit.rescore.RescoreConfig`).
+    refine : RefineConfig or bool, optional
+        Centre refinement of shell-shaped particles after merging (:mod:`czii_kit.refine`). Default:
+        kept when it raises the validation F4 (both recorded under ``"refine_comparison"``); ``True``
+        always (default :class:`~czii_kit.refine.RefineConfig`); ``False`` never. Saved as ``"refine"``.
 
     Returns
     -------
@@ -263,6 +267,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     chosen_types = choose_per_type(comparison) if per_type else {}
     merge_per_type = {t: {"name": n, **configs[n]} for t, n in chosen_types.items()}
     cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
+    cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, tomogram, weights,
+                                                         config.polarity, refine, tolerance, progress)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
     from czii_kit.metric import score
 
@@ -277,6 +283,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         "merge_name": str(best["name"]),
         "merge": merge_cfg.to_dict(),
         "merge_per_type": merge_per_type,
+        "refine": None if refine_cfg is None else refine_cfg.to_dict(),
+        "refine_comparison": refine_comparison,
         "thresholds": thresholds,
         "threshold_tolerance": tolerance,
         "final_f4": float(check.final),
@@ -301,6 +309,29 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     doc["_rescored"] = rescored
     doc["_solution"] = solution
     return doc
+
+
+def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: str, weights: Path,
+                  polarity: str = "auto", refine=None, tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True):
+    """Refine the merged validation candidates (:mod:`czii_kit.refine`) if asked, or if it pays.
+
+    ``refine=None`` tunes thresholds with and without refinement and keeps the better validation
+    F4; ``True`` / a :class:`~czii_kit.refine.RefineConfig` always refines; ``False`` never.
+    Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
+    """
+    from czii_kit.infer import preprocess_config_for
+    from czii_kit.refine import RefineConfig, refine_runs
+
+    if refine is False:
+        return cands, None, None
+    cfg = refine if isinstance(refine, RefineConfig) else RefineConfig()
+    refined = refine_runs(cands, runs, tomogram, preprocess_config_for(weights), polarity, cfg, progress)
+    if refine is not None:
+        return refined, cfg, None
+    plain = weighted_final(tune_thresholds(cands, solution, tolerance=tolerance)[1])
+    better = weighted_final(tune_thresholds(refined, solution, tolerance=tolerance)[1])
+    comparison = {"none": plain, "refined": better}
+    return (refined, cfg, comparison) if better > plain else (cands, None, comparison)
 
 
 def _table_dict(table: pd.DataFrame) -> dict:

@@ -124,6 +124,8 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
     assert tuned["val_runs"] == ["TS_b"] and set(tuned["thresholds"]) >= {"ribosome", "apo-ferritin"}
     assert {row["name"] for row in tuned["comparison"]} >= {"greedy", "components"}
     assert {c["name"] for c in tuned["merge_per_type"].values()} <= {row["name"] for row in tuned["comparison"]}
+    assert set(tuned["refine_comparison"]) == {"none", "refined"}  # refinement kept only where it pays
+    assert (tuned["refine"] is not None) == (tuned["refine_comparison"]["refined"] > tuned["refine_comparison"]["none"])
 
     csv = tmp_path / "submission.csv"
     rc = main(["predict", str(root), "--split", "test", "--weights", str(best), "--out", str(csv),
@@ -138,7 +140,7 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
     rc = main(["predict", str(root), "--split", "test", "--weights", str(best), "--out", str(csv), "--quiet"])
     assert rc == 2 and "already exists" in capsys.readouterr().err
     rc = main(["predict", str(root), "--split", "test", "--weights", str(best), "--out", str(csv),
-               "--backend", "torch", "--force", "--quiet"])
+               "--backend", "torch", "--force", "--quiet", "--no-refine", "--no-rescore"])
     assert rc == 0
 
     with pytest.raises(DataError, match="nothing to resume"):

@@ -55,6 +55,8 @@ def run(args) -> int:
         r = out["rescore"]
         print(f"3D rescorer: {r['rescore_s']:.2f} s for {r['candidates']} candidates (read, normalise, patches, "
               f"forward), peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(f"centre refinement: {r['refine_s']:.2f} s for the same candidates as apo-ferritin (local shell "
+              "correlation, volume already read)")
     print(f"(tomogram {out['setup']['shape']}, imgsz {out['setup']['imgsz']}, batch {out['setup']['batch']}, "
           f"{out['setup']['cpu_count']} CPUs)")
     return 0

@@ -30,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(inverted when the intensity skew shows bright dense matter; default)")
     p.add_argument("--no-rescore", action="store_true",
                    help="skip the second-stage 3D rescorer (detector-only thresholds; faster)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="skip the centre refinement of apo-ferritin tuned beside the weights")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -42,7 +44,8 @@ def run(args) -> int:
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
-        polarity=args.polarity, rescore=False if args.no_rescore else None, progress=not args.quiet,
+        polarity=args.polarity, rescore=False if args.no_rescore else None,
+        refine=False if args.no_refine else None, progress=not args.quiet,
     )
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")

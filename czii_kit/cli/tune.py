@@ -14,7 +14,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "methods (the best overall; with --per-type-merge, per particle type where another is clearly "
             "better), choose per-class score thresholds maximising F4, and save them beside the weights "
             "(czii_kit_thresholds.json), where predict picks them up. With a 3D rescorer beside the weights "
-            "(czii_kit_rescorer.pt) the rescored candidates get thresholds of their own, which predict uses."
+            "(czii_kit_rescorer.pt) the rescored candidates get thresholds of their own, which predict uses. "
+            "Centre refinement of apo-ferritin (shell-template correlation) is kept when it raises the "
+            "validation F4."
         ),
     )
     p.add_argument("root", metavar="ROOT", nargs="+", help="dataset root(s) with tomograms and picks")
@@ -42,6 +44,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="exponent of the rescorer's probability in det^(1-mix) * p^mix (default: the best of "
                         "1, 0.75 and 0.5 on the validation runs; each is tried with and without cross-type "
                         "proposals)")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--refine", action="store_true", default=None,
+                   help="always refine apo-ferritin centres by shell-template correlation (default: when it raises "
+                        "the validation F4)")
+    f.add_argument("--no-refine", dest="refine", action="store_false", help="never refine centres")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -66,7 +73,7 @@ def run(args) -> int:
                tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance,
                per_type=args.per_type_merge, rescorer=False if args.no_rescorer else args.rescorer,
                rescore_config=RescoreConfig(**({} if args.rescore_mix is None else {"mix": args.rescore_mix})),
-               rescore_mixes=RESCORE_MIXES if args.rescore_mix is None else None)
+               rescore_mixes=RESCORE_MIXES if args.rescore_mix is None else None, refine=args.refine)
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
     print("merging methods (weighted F4 at tuned thresholds):")
     for row in doc["comparison"]:
@@ -74,6 +81,12 @@ def run(args) -> int:
     print(f"chosen: {doc['merge_name']}")
     for name, cfg in doc["merge_per_type"].items():
         print(f"  except {name}: {cfg['name']}")
+    rc, ref = doc.get("refine_comparison"), doc.get("refine")
+    if rc:
+        print(f"centre refinement ({', '.join((ref or {}).get('types') or ['apo-ferritin'])}): without {rc['none']:.4f}, "
+              f"with {rc['refined']:.4f} -> " + ("refined" if ref else "not refined"))
+    elif ref:
+        print(f"centre refinement of {', '.join(ref['types'])} (asked for)")
     _table(doc["table"])
     print(f"final F4 on validation: {doc['final_f4']:.4f} (thresholds within {doc['threshold_tolerance']} "
           "of each class's best F4, at its low end)")
