@@ -156,14 +156,14 @@ def refine_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: floa
         cc = local_correlation(volume, vox, template, config.window)
         flat = cc.reshape(len(cc), -1).argmax(1)
         peak = np.stack(np.unravel_index(flat, cc.shape[1:]), 1)
-        moved = vox + peak - config.window + _subvoxel(cc, peak)
+        moved = np.clip(vox + peak - config.window + _subvoxel(cc, peak), 0, np.array(volume.shape) - 1)
         xyz = voxel_to_angstrom(moved, voxel_size)
         out.iloc[sel, [out.columns.get_loc(c) for c in ("x", "y", "z")]] = xyz
         keep = nms_3d(xyz, out.iloc[sel]["score"].to_numpy(float), config.nms_frac * get_particle(name).radius)
         drop.extend(sel[np.setdiff1d(np.arange(len(sel)), keep)].tolist())
-    if drop:
-        out = out.drop(index=out.index[np.asarray(drop, int)])
-    return out.reset_index(drop=True)
+    kept = np.ones(len(out), bool)
+    kept[np.asarray(drop, int)] = False
+    return out[kept].reset_index(drop=True)
 
 
 def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", preprocess=None,

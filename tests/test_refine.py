@@ -135,3 +135,16 @@ def test_tune_records_refinement_and_predict_repeats_it(tmp_path):
     doc_file.write_text(json.dumps(d))
     same(predict(root, **kw), unrefined)
     same(predict(root, refine=True, **kw), picks)
+
+
+def test_refine_stays_inside_the_volume_and_ignores_index_labels():
+    from czii_kit.coords import angstrom_to_voxel
+
+    vol = _shell_volume([[20, 28, 36]], seed=3)
+    corners = np.array([[0, 0, 0], [20, 29, 35], [SHAPE[0] - 1, SHAPE[1] - 1, SHAPE[2] - 1]])
+    cands = _cands(voxel_to_angstrom(corners, VS), ["apo-ferritin"] * 3, [0.5, 0.9, 0.3])
+    cands.index = [7, 7, 7]  # e.g. a slice of a concatenated frame
+    out = refine_volume(cands, vol, VS)
+    assert len(out) == 3  # far apart: none merged, none lost to the repeated labels
+    v = angstrom_to_voxel(out[["x", "y", "z"]].to_numpy(), VS)
+    assert (v >= 0).all() and (v <= np.array(SHAPE) - 1).all()
