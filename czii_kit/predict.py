@@ -154,16 +154,17 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     cands = merge_detections(dets, voxel_sizes, merge, per_type)
     if refine_cfg is not None or plan is not None:
         from czii_kit.infer import preprocess_config_for
-    if refine_cfg is not None:
+    if plan is not None:  # refinement, then rescoring, on one read of each tomogram
+        from czii_kit.rescore import RescoreConfig, Rescorer, rescore_runs
+
+        cands = rescore_runs(cands, chosen, Rescorer(plan[0]), tomogram, preprocess_config_for(weights),
+                             inf.polarity, RescoreConfig.from_dict(plan[1].get("config")), progress,
+                             refine=refine_cfg)
+    elif refine_cfg is not None:
         from czii_kit.refine import refine_runs
 
         cands = refine_runs(cands, chosen, tomogram, preprocess_config_for(weights), inf.polarity, refine_cfg,
                             progress)
-    if plan is not None:
-        from czii_kit.rescore import RescoreConfig, Rescorer, rescore_runs
-
-        cands = rescore_runs(cands, chosen, Rescorer(plan[0]), tomogram, preprocess_config_for(weights),
-                             inf.polarity, RescoreConfig.from_dict(plan[1].get("config")), progress)
     return apply_thresholds(cands, thr)
 
 

@@ -294,10 +294,14 @@ def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFram
 
 def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
                  preprocess: PreprocessConfig | None = None, polarity: str = "auto",
-                 config: RescoreConfig | None = None, progress: bool = True, raw: bool = False) -> pd.DataFrame:
+                 config: RescoreConfig | None = None, progress: bool = True, raw: bool = False,
+                 refine=None) -> pd.DataFrame:
     """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
 
     ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
+    ``refine``: a :class:`czii_kit.refine.RefineConfig` to refine each run's candidates first, on
+    the same normalised volume (one read of the tomogram for both; same result as
+    :func:`czii_kit.refine.refine_runs` followed by this function).
     """
     from tqdm.auto import tqdm
 
@@ -311,6 +315,10 @@ def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, t
         tomo = open_tomogram(run.tomogram_path(tomogram))
         vol = normalised_volume(read_volume(tomo), preprocess, polarity, source=tomo.path)
         g = candidates[candidates["experiment"].astype(str) == run.name]
+        if refine is not None:
+            from czii_kit.refine import refine_volume
+
+            g = refine_volume(g, vol, tomo.voxel_size, refine)
         frames.append(rescore_volume(g, vol, tomo.voxel_size, rescorer, config, raw=True))
         del vol
     if not frames:

@@ -283,7 +283,8 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):
 
     run = find_runs(root, "train")[0].name
     doc = tune(weights, root, split="train", runs=[run], backend="torch", config=InferenceConfig(multi_label=True),
-               progress=False)
+               progress=False, refine=True)  # predict then refines and rescores on one read of each tomogram
+    assert doc["refine"]
     section = doc["rescore"]
     assert section["file"] == RESCORER_FILE and len(section["sha256"]) == 64
     assert set(section["thresholds"]) == set(PARTICLE_NAMES)
