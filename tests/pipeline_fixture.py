@@ -103,3 +103,26 @@ def simulate_detections(picks: pd.DataFrame, shape=(184, 630, 630), seed=0, z_st
             rows.append((run, int(rng.choice(zs)), rng.uniform(0, shape[2]), rng.uniform(0, shape[1]), 20.0, 20.0,
                          float(rng.uniform(0.05, 0.5)), cls))
     return pd.DataFrame(rows, columns=["run", "z", "x", "y", "w", "h", "conf", "class"])
+
+
+def shipped_model_copy(tmp_path: Path, seed: int):
+    """A small simulated dataset (one training run) and a copy of the shipped detector in its own folder.
+
+    Returns ``(dataset root, run name, weights path)``; skips the test when no model is shipped.
+    Tuning then writes its thresholds beside the copy, not into the package.
+    """
+    import shutil
+
+    import pytest
+
+    from czii_kit.predict import MODELS_DIR
+    from czii_kit.synthetic import generate_dataset
+
+    if not (MODELS_DIR / "default.pt").is_file():
+        pytest.skip("no model shipped")
+    root = generate_dataset(tmp_path / "d", n_train=1, n_test=0, size="small", seed=seed, progress=False)
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    weights = Path(shutil.copy(MODELS_DIR / "default.pt", wdir / "default.pt"))
+    shutil.copy(MODELS_DIR / "czii_kit_train.json", wdir)
+    return root, f"TS_sim_{seed}_0", weights

@@ -92,23 +92,17 @@ def test_refine_config_checks_and_round_trip():
 
 def test_tune_records_refinement_and_predict_repeats_it(tmp_path):
     import json
-    import shutil
-    from pathlib import Path
+
+    from pipeline_fixture import shipped_model_copy
 
     from czii_kit.infer import InferenceConfig
     from czii_kit.postprocess import apply_thresholds
-    from czii_kit.predict import MODELS_DIR, predict
-    from czii_kit.synthetic import generate_dataset
+    from czii_kit.predict import predict
     from czii_kit.tune import THRESHOLDS_FILE, tune
 
-    if not (MODELS_DIR / "default.pt").is_file():
-        pytest.skip("no model shipped")
-    root = generate_dataset(tmp_path / "d", n_train=1, n_test=0, size="small", seed=4244, progress=False)
-    wdir = tmp_path / "w"
-    wdir.mkdir()
-    weights = Path(shutil.copy(MODELS_DIR / "default.pt", wdir / "default.pt"))
-    shutil.copy(MODELS_DIR / "czii_kit_train.json", wdir)
-    doc = tune(weights, root, split="train", runs=["TS_sim_4244_0"], backend="torch",
+    root, run, weights = shipped_model_copy(tmp_path, seed=4244)
+    wdir = weights.parent
+    doc = tune(weights, root, split="train", runs=[run], backend="torch",
                config=InferenceConfig(multi_label=True), rescorer=False, refine=True, progress=False)
     assert doc["refine"] == RefineConfig().to_dict() and doc["refine_comparison"] is None
     cands = doc["_candidates"]

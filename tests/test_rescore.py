@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -259,29 +258,19 @@ def test_collect_cli_cuts_references_and_background(tmp_path, capsys):
 
 
 def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):
-    import shutil
-
     import torch
+    from pipeline_fixture import shipped_model_copy
 
     from czii_kit.infer import InferenceConfig
     from czii_kit.postprocess import apply_thresholds
-    from czii_kit.predict import MODELS_DIR, predict
+    from czii_kit.predict import predict
     from czii_kit.rescore import RESCORER_FILE
-    from czii_kit.synthetic import generate_dataset
     from czii_kit.tune import THRESHOLDS_FILE, tune
 
-    if not (MODELS_DIR / "default.pt").is_file():
-        pytest.skip("no model shipped")
-    root = generate_dataset(tmp_path / "d", n_train=1, n_test=0, size="small", seed=4243, progress=False)
-    wdir = tmp_path / "w"
-    wdir.mkdir()
-    weights = Path(shutil.copy(MODELS_DIR / "default.pt", wdir / "default.pt"))
-    shutil.copy(MODELS_DIR / "czii_kit_train.json", wdir)
+    root, run, weights = shipped_model_copy(tmp_path, seed=4243)
+    wdir = weights.parent
     torch.manual_seed(0)
     save_rescorer(build_network(), wdir / RESCORER_FILE)
-    from czii_kit.layout import find_runs
-
-    run = find_runs(root, "train")[0].name
     doc = tune(weights, root, split="train", runs=[run], backend="torch", config=InferenceConfig(multi_label=True),
                progress=False, refine=True)  # predict then refines and rescores on one read of each tomogram
     assert doc["refine"]
