@@ -8,7 +8,7 @@ import argparse
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "tune",
-        help="choose 3D merging and per-class thresholds maximising F4 on validation runs",
+        help="choose 3D merging, centre refinement and per-class thresholds maximising F4 on validation runs",
         description=(
             "Detect on validation runs (default: the val runs recorded at training), compare the 3D merging "
             "methods (the best overall; with --per-type-merge, per particle type where another is clearly "
