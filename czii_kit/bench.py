@@ -21,7 +21,8 @@ rescore_s
     (the shipped rescorer, else an untrained one; timing does not depend on the weights).
 refine_s
     Centre refinement (:mod:`czii_kit.refine`) of the same candidates taken as apo-ferritin, on the
-    volume already normalised for the rescorer (in ``predict`` it reads the tomogram once more).
+    volume already normalised for the rescorer (``predict`` refines on the rescorer's volume too;
+    only with ``--no-rescore`` does it read the tomogram for refinement alone).
 peak_rss_mb
     Peak resident memory of the worker process.
 """

@@ -169,21 +169,16 @@ def refine_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: floa
 def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", preprocess=None,
                 polarity: str = "auto", config: RefineConfig | None = None, progress: bool = True) -> pd.DataFrame:
     """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time."""
-    from tqdm.auto import tqdm
-
-    from czii_kit.infer import read_volume
-    from czii_kit.rescore import normalised_volume
-    from czii_kit.tomogram import open_tomogram
+    from czii_kit.rescore import normalised_runs
 
     config = config or RefineConfig()
     if candidates.empty or not config.types:
         return candidates.copy()
     frames, done = [], set()
     names = candidates["experiment"].astype(str)
-    for run in tqdm([r for r in runs if (names == r.name).any()], desc="refine", unit="run", disable=not progress):
-        tomo = open_tomogram(run.tomogram_path(tomogram))
-        vol = normalised_volume(read_volume(tomo), preprocess, polarity, source=tomo.path)
-        frames.append(refine_volume(candidates[names == run.name], vol, tomo.voxel_size, config))
+    runs = [r for r in runs if (names == r.name).any()]
+    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "refine"):
+        frames.append(refine_volume(candidates[names == run.name], vol, voxel_size, config))
         done.add(run.name)
         del vol
     frames.append(candidates[~names.isin(done)])

@@ -105,6 +105,20 @@ def normalised_volume(volume: np.ndarray, preprocess: PreprocessConfig | None = 
     return window.apply(volume, "float32")
 
 
+def normalised_runs(runs: Iterable, tomogram: str = "denoised", preprocess: PreprocessConfig | None = None,
+                    polarity: str = "auto", progress: bool = True, desc: str = "tomograms"):
+    """Yield ``(run, voxel_size, volume)`` for each run (``czii_kit.layout.Run``): its ``tomogram``
+    read and normalised by :func:`normalised_volume`, one at a time (drop ``volume`` before the next)."""
+    from tqdm.auto import tqdm
+
+    from czii_kit.infer import read_volume
+    from czii_kit.tomogram import open_tomogram
+
+    for run in tqdm(list(runs), desc=desc, unit="run", disable=not progress):
+        tomo = open_tomogram(run.tomogram_path(tomogram))
+        yield run, tomo.voxel_size, normalised_volume(read_volume(tomo), preprocess, polarity, source=tomo.path)
+
+
 def extract_patches(volume: np.ndarray, centres_zyx, size: int = PATCH_SIZE) -> np.ndarray:
     """Cubes of side ``size`` centred on integer voxel indices ``centres_zyx (N, 3)``.
 
@@ -303,23 +317,17 @@ def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, t
     the same normalised volume (one read of the tomogram for both; same result as
     :func:`czii_kit.refine.refine_runs` followed by this function).
     """
-    from tqdm.auto import tqdm
-
-    from czii_kit.infer import read_volume
-    from czii_kit.tomogram import open_tomogram
-
     config = config or RescoreConfig()
     frames = []
-    runs = [r for r in runs if (candidates["experiment"].astype(str) == r.name).any()]
-    for run in tqdm(runs, desc="rescore", unit="run", disable=not progress):
-        tomo = open_tomogram(run.tomogram_path(tomogram))
-        vol = normalised_volume(read_volume(tomo), preprocess, polarity, source=tomo.path)
-        g = candidates[candidates["experiment"].astype(str) == run.name]
+    names = candidates["experiment"].astype(str)
+    runs = [r for r in runs if (names == r.name).any()]
+    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "rescore"):
+        g = candidates[names == run.name]
         if refine is not None:
             from czii_kit.refine import refine_volume
 
-            g = refine_volume(g, vol, tomo.voxel_size, refine)
-        frames.append(rescore_volume(g, vol, tomo.voxel_size, rescorer, config, raw=True))
+            g = refine_volume(g, vol, voxel_size, refine)
+        frames.append(rescore_volume(g, vol, voxel_size, rescorer, config, raw=True))
         del vol
     if not frames:
         return rescore_volume(candidates.iloc[:0], np.zeros((1, 1, 1), np.float32), 1.0, rescorer, config, raw)

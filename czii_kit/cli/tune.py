@@ -83,7 +83,10 @@ def run(args) -> int:
         print(f"  except {name}: {cfg['name']}")
     rc, ref = doc.get("refine_comparison"), doc.get("refine")
     if rc:
-        print(f"centre refinement ({', '.join((ref or {}).get('types') or ['apo-ferritin'])}): without {rc['none']:.4f}, "
+        from czii_kit.refine import RefineConfig
+
+        types = (ref or {}).get("types") or RefineConfig().types  # what was compared
+        print(f"centre refinement ({', '.join(types)}): without {rc['none']:.4f}, "
               f"with {rc['refined']:.4f} -> " + ("refined" if ref else "not refined"))
     elif ref:
         print(f"centre refinement of {', '.join(ref['types'])} (asked for)")
