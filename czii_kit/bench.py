@@ -23,6 +23,10 @@ refine_s
     Centre refinement (:mod:`czii_kit.refine`) of the same candidates taken as apo-ferritin, on the
     volume already normalised for the rescorer (``predict`` refines on the rescorer's volume too;
     only with ``--no-rescore`` does it read the tomogram for refinement alone).
+templates_s, templates_setup_s
+    Template matching (:mod:`czii_kit.templates`) at the same candidates, on the same volume, with
+    the shipped template file (``templates_setup_s``: rotating the templates once per process); absent
+    when no template file is shipped.
 peak_rss_mb
     Peak resident memory of the worker process.
 """
@@ -126,6 +130,16 @@ def _worker(args) -> dict:
         t0 = time.perf_counter()
         refine_volume(cands.assign(particle_type="apo-ferritin"), vol, tomo.voxel_size)
         out.update(refine_s=time.perf_counter() - t0)
+        from czii_kit.predict import MODELS_DIR
+        from czii_kit.templates import TEMPLATES_FILE, TemplateMatcher
+
+        if (MODELS_DIR / TEMPLATES_FILE).is_file():
+            t0 = time.perf_counter()
+            matcher = TemplateMatcher(MODELS_DIR / TEMPLATES_FILE)
+            matcher.match(vol, xyz[:1], tomo.voxel_size)  # builds the rotated templates
+            t1 = time.perf_counter()
+            matcher.margins(vol, xyz, tomo.voxel_size)
+            out.update(templates_setup_s=t1 - t0, templates_s=time.perf_counter() - t1)
     elif args.mode == "naive":
         from czii_kit.offline import configure_offline
 
@@ -231,7 +245,8 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
             rescore_r = _run_worker(tomo, rescorer, "torch", "rescore", 1, 1, imgsz)
             progress(f"3D rescorer, {rescore_r['candidates']} candidates: {rescore_r['rescore_s']:.2f} s/tomogram, "
                      f"peak RSS {rescore_r['peak_rss_mb']:.0f} MB; centre refinement of them as apo-ferritin: "
-                     f"{rescore_r['refine_s']:.2f} s")
+                     f"{rescore_r['refine_s']:.2f} s" + (f"; template matching: {rescore_r['templates_s']:.2f} s"
+                                                         if "templates_s" in rescore_r else ""))
         import platform
 
         setup = {"shape": list(FULL_SHAPE), "weights": str(weights), "batch": batch, "imgsz": imgsz,

@@ -108,11 +108,42 @@ def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[
     return path, section
 
 
+def template_settings(weights: str | Path, section: dict | None, templates: bool | None = None):
+    """``(TemplateMatcher or None, RescoreConfig)`` for the ``"rescore"`` section tuned for ``weights``.
+
+    Template matching runs when the tuned ``template_weight`` is > 0 and the recorded template file
+    (same SHA-256) is there; when it is missing or changed this warns (``templates=True``: raises)
+    and rescores without it. ``templates=False`` never matches (``template_weight`` 0).
+    """
+    from czii_kit.rescore import RescoreConfig, file_sha256
+
+    cfg = RescoreConfig.from_dict((section or {}).get("config"))
+    record = (section or {}).get("templates")
+    if cfg.template_weight <= 0 or not record or templates is False:
+        return None, RescoreConfig(**{**cfg.to_dict(), "template_weight": 0.0})
+    from czii_kit.templates import TemplateConfig, TemplateMatcher
+
+    path = Path(record.get("file", ""))
+    path = path if path.is_absolute() else Path(weights).parent / path
+    problem = None
+    if not path.is_file():
+        problem = "is missing"
+    elif record.get("sha256") and file_sha256(path) != record["sha256"]:
+        problem = "differs from the one the thresholds were tuned with"
+    if problem:
+        if templates:
+            raise DataError(path, f"template file {problem}")
+        warnings.warn(f"{path}: template file {problem}; rescoring without template matching", stacklevel=2)
+        return None, RescoreConfig(**{**cfg.to_dict(), "template_weight": 0.0})
+    return TemplateMatcher(path, TemplateConfig.from_dict(record.get("config"))), cfg
+
+
 def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
             weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
-            rescore: bool | None = None, refine: bool | None = None, progress: bool = True) -> pd.DataFrame:
+            rescore: bool | None = None, refine: bool | None = None, templates: bool | None = None,
+            progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
@@ -138,6 +169,9 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     refine : bool, optional
         Centre refinement of shell-shaped particles (:mod:`czii_kit.refine`; see
         :func:`refine_settings`): default when it was tuned, ``False`` to skip it.
+    templates : bool, optional
+        Template matching in the rescored score (:mod:`czii_kit.templates`; see
+        :func:`template_settings`): default when it was tuned, ``False`` to skip it.
     """
     weights = Path(weights) if weights is not None else default_weights()
     if not weights.is_file():
@@ -155,11 +189,11 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     if refine_cfg is not None or plan is not None:
         from czii_kit.infer import preprocess_config_for
     if plan is not None:  # refinement, then rescoring, on one read of each tomogram
-        from czii_kit.rescore import RescoreConfig, Rescorer, rescore_runs
+        from czii_kit.rescore import Rescorer, rescore_runs
 
+        matcher, rcfg = template_settings(weights, plan[1], templates)
         cands = rescore_runs(cands, chosen, Rescorer(plan[0]), tomogram, preprocess_config_for(weights),
-                             inf.polarity, RescoreConfig.from_dict(plan[1].get("config")), progress,
-                             refine=refine_cfg)
+                             inf.polarity, rcfg, progress, refine=refine_cfg, templates=matcher)
     elif refine_cfg is not None:
         from czii_kit.refine import refine_runs
 

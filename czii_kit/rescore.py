@@ -74,6 +74,10 @@ class RescoreConfig:
         Average the probabilities over the 8 flips of the patch (8x the time).
     batch : int
         Patches per forward pass.
+    template_weight : float
+        Weight ``w`` of the template-matching margin ``m`` (:mod:`czii_kit.templates`: the NCC of the
+        candidate's own type minus the best other template type's; 0 for types without a template):
+        ``score = sigmoid(logit(score) + w * m)``. 0 = no template matching.
     """
 
     mix: float = 0.5
@@ -81,10 +85,13 @@ class RescoreConfig:
     nms_frac: float = 0.8
     tta: bool = False
     batch: int = 256
+    template_weight: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {self.mix}")
+        if self.template_weight < 0:
+            raise ValueError(f"template_weight must be >= 0, got {self.template_weight}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,7 +244,7 @@ class Rescorer:
 
 
 def rescore_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: float, rescorer: Rescorer,
-                   config: RescoreConfig | None = None, raw: bool = False) -> pd.DataFrame:
+                   config: RescoreConfig | None = None, raw: bool = False, templates=None) -> pd.DataFrame:
     """Rescore one run's candidates ``experiment, particle_type, x, y, z (Å), score``.
 
     ``volume`` is the normalised tomogram (:func:`normalised_volume`). Returns a copy with the
@@ -245,11 +252,13 @@ def rescore_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: flo
     ``p_type``, that of no particle as ``p_background``, ``proposed`` (True for the cross-type
     proposals of ``config.cross_type``) and ``score`` from :func:`combine_scores`. ``raw=True``
     returns every proposal and skips :func:`combine_scores` (``score`` = ``det_score``).
+    ``templates``: a :class:`czii_kit.templates.TemplateMatcher`; adds ``tm_margin`` (its margin of
+    the candidate's type) for :class:`RescoreConfig`'s ``template_weight``.
     """
     config = config or RescoreConfig()
     out = candidates.copy()
     if out.empty:
-        for c in ("det_score", "p_type", "p_background"):
+        for c in ("det_score", "p_type", "p_background") + (("tm_margin",) if templates is not None else ()):
             out[c] = pd.Series(dtype=float)
         out["proposed"] = pd.Series(dtype=bool)
         return out
@@ -257,18 +266,23 @@ def rescore_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: flo
     uniq, inverse = np.unique(vox, axis=0, return_inverse=True)  # multi-label candidates share a patch
     inverse = inverse.ravel()
     probs_u = rescorer.predict_proba(extract_patches(volume, uniq, rescorer.patch_size), config.batch, config.tta)
+    margins_u = None
+    if templates is not None:
+        margins_u = templates.margins(volume, voxel_to_angstrom(uniq, voxel_size), voxel_size)
     cls = out["particle_type"].map({n: i for i, n in enumerate(PARTICLE_NAMES)}).to_numpy()
     out["det_score"] = out["score"].to_numpy(float)
     out["p_type"] = probs_u[inverse, cls]
     out["p_background"] = probs_u[inverse, BACKGROUND]
+    if margins_u is not None:
+        out["tm_margin"] = margins_u[inverse, cls].astype(float)
     out["proposed"] = False
     if config.cross_type:
-        out = pd.concat([out, _cross_type_proposals(out, inverse, cls, probs_u)], ignore_index=True)
+        out = pd.concat([out, _cross_type_proposals(out, inverse, cls, probs_u, margins_u)], ignore_index=True)
     return out if raw else combine_scores(out, config)
 
 
-def _cross_type_proposals(cands: pd.DataFrame, loc: np.ndarray, cls: np.ndarray, probs_u: np.ndarray
-                          ) -> pd.DataFrame:
+def _cross_type_proposals(cands: pd.DataFrame, loc: np.ndarray, cls: np.ndarray, probs_u: np.ndarray,
+                          margins_u: np.ndarray | None = None) -> pd.DataFrame:
     """Candidates of every type missing at each location, at its best candidate's position and score."""
     n_loc, n_types = len(probs_u), len(PARTICLE_NAMES)
     det = cands["det_score"].to_numpy(float)
@@ -278,23 +292,34 @@ def _cross_type_proposals(cands: pd.DataFrame, loc: np.ndarray, cls: np.ndarray,
     missing[loc, cls] = False
     u, t = np.nonzero(missing)
     best = cands.iloc[first[u]]
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "experiment": best["experiment"].to_numpy(), "particle_type": np.array(PARTICLE_NAMES)[t],
         "x": best["x"].to_numpy(), "y": best["y"].to_numpy(), "z": best["z"].to_numpy(),
         "score": det[first[u]], "det_score": det[first[u]], "p_type": probs_u[u, t],
-        "p_background": probs_u[u, BACKGROUND], "proposed": True,
+        "p_background": probs_u[u, BACKGROUND],
     })
+    if margins_u is not None:
+        out["tm_margin"] = margins_u[u, t].astype(float)
+    out["proposed"] = True
+    return out
 
 
 def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFrame:
-    """``score = det_score ** (1 - mix) * p_type ** mix`` of raw rescored candidates (:func:`rescore_volume`).
+    """``score = det_score ** (1 - mix) * p_type ** mix`` of raw rescored candidates (:func:`rescore_volume`),
+    then, with ``config.template_weight`` ``w`` > 0, ``sigmoid(logit(score) + w * tm_margin)``.
 
     Without ``config.cross_type`` the proposals are dropped; with it, per run and type, 3D NMS
     (``config.nms_frac`` radii) on the new score. Sorted by experiment, type and descending score.
     """
     out = rescored if config.cross_type else rescored[~rescored["proposed"].astype(bool)]
-    out = out.assign(score=out["det_score"].to_numpy(float) ** (1.0 - config.mix)
-                     * out["p_type"].to_numpy(float) ** config.mix)
+    score = out["det_score"].to_numpy(float) ** (1.0 - config.mix) * out["p_type"].to_numpy(float) ** config.mix
+    if config.template_weight > 0:
+        if "tm_margin" not in out.columns:
+            raise ValueError("template_weight > 0 needs candidates rescored with templates (no 'tm_margin' column)")
+        score = np.clip(score, 1e-6, 1 - 1e-6)
+        logit = np.log(score / (1 - score)) + config.template_weight * out["tm_margin"].to_numpy(float)
+        score = 1.0 / (1.0 + np.exp(-logit))
+    out = out.assign(score=score)
     if config.cross_type and len(out):
         keep = []
         for (_, name), g in out.groupby(["experiment", "particle_type"], sort=False):
@@ -309,13 +334,14 @@ def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFram
 def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
                  preprocess: PreprocessConfig | None = None, polarity: str = "auto",
                  config: RescoreConfig | None = None, progress: bool = True, raw: bool = False,
-                 refine=None) -> pd.DataFrame:
+                 refine=None, templates=None) -> pd.DataFrame:
     """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
 
     ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
     ``refine``: a :class:`czii_kit.refine.RefineConfig` to refine each run's candidates first, on
     the same normalised volume (one read of the tomogram for both; same result as
     :func:`czii_kit.refine.refine_runs` followed by this function).
+    ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as :func:`rescore_volume`).
     """
     config = config or RescoreConfig()
     frames = []
@@ -327,10 +353,11 @@ def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, t
             from czii_kit.refine import refine_volume
 
             g = refine_volume(g, vol, voxel_size, refine)
-        frames.append(rescore_volume(g, vol, voxel_size, rescorer, config, raw=True))
+        frames.append(rescore_volume(g, vol, voxel_size, rescorer, config, raw=True, templates=templates))
         del vol
     if not frames:
-        return rescore_volume(candidates.iloc[:0], np.zeros((1, 1, 1), np.float32), 1.0, rescorer, config, raw)
+        return rescore_volume(candidates.iloc[:0], np.zeros((1, 1, 1), np.float32), 1.0, rescorer, config, raw,
+                              templates)
     out = pd.concat(frames, ignore_index=True)
     return out if raw else combine_scores(out, config)
 

@@ -56,6 +56,10 @@ the first listed (the default) wins."""
 RESCORE_MIXES = (1.0, 0.75, 0.5)
 """Exponents of the rescorer's probability compared by :func:`tune` (``det ** (1 - mix) * p ** mix``)."""
 
+TEMPLATE_WEIGHTS = (0.0, 10.0, 20.0, 40.0)
+"""Weights of the template-matching margin compared by :func:`tune` when a template file is found
+(:class:`~czii_kit.rescore.RescoreConfig`'s ``template_weight``; 0 = without)."""
+
 PER_TYPE_MARGIN = 0.01
 """F4 gain on the validation runs a particle type needs to leave the default merging configuration."""
 
@@ -207,7 +211,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
          overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE,
          per_type: bool = False, rescorer: str | Path | bool | None = None, rescore_config=None,
-         rescore_mixes: Sequence[float] | None = RESCORE_MIXES, refine=None) -> dict:
+         rescore_mixes: Sequence[float] | None = RESCORE_MIXES, refine=None, templates=None,
+         template_weights: Sequence[float] = TEMPLATE_WEIGHTS) -> dict:
     """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
 
     Parameters
@@ -238,6 +243,12 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         Centre refinement of shell-shaped particles after merging (:mod:`czii_kit.refine`). Default:
         kept when it raises the validation F4 (both recorded under ``"refine_comparison"``); ``True``
         always (default :class:`~czii_kit.refine.RefineConfig`); ``False`` never. Saved as ``"refine"``.
+    templates : path-like or bool, optional
+        Template file (:mod:`czii_kit.templates`) whose matching margin may enter the rescored score
+        (weights :data:`TEMPLATE_WEIGHTS` compared, 0 among them). Default: ``czii_kit_templates.npz``
+        beside the weights if there is one; ``False``: none. Only with a rescorer.
+    template_weights : sequence of float
+        The weights compared when there is a template file.
 
     Returns
     -------
@@ -298,7 +309,9 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     rescorer_path = _rescorer_path(weights, rescorer)
     if rescorer_path is not None:
         doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, tomogram, weights, config,
-                                                 rescore_config, tolerance, progress, rescore_mixes)
+                                                 rescore_config, tolerance, progress, rescore_mixes,
+                                                 templates=_templates_path(weights, templates),
+                                                 template_weights=template_weights)
     else:
         rescored = None
     dest = Path(out) if out else weights.parent / THRESHOLDS_FILE
@@ -353,17 +366,34 @@ def _rescorer_path(weights: Path, rescorer) -> Path | None:
     return Path(rescorer)
 
 
+def _templates_path(weights: Path, templates) -> Path | None:
+    from czii_kit.templates import templates_for
+
+    if templates is False:
+        return None
+    if templates is None or templates is True:
+        found = templates_for(weights)
+        if found is None and templates is True:
+            raise DataError(weights.parent, "no czii_kit_templates.npz beside the weights")
+        return found
+    return Path(templates)
+
+
 def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, tomogram: str,
                   weights: Path, config, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
                   progress: bool = True, mixes: Sequence[float] | None = RESCORE_MIXES,
-                  cross_types: Sequence[bool] | None = (False, True)) -> tuple[dict, pd.DataFrame]:
+                  cross_types: Sequence[bool] | None = (False, True), templates: Path | None = None,
+                  template_weights: Sequence[float] = TEMPLATE_WEIGHTS) -> tuple[dict, pd.DataFrame]:
     """Rescore the validation candidates and tune thresholds on the rescored score.
 
-    Every combination of ``cross_types`` and ``mixes`` (``None``: only ``rescore_config``'s) is
-    tried and the one with the best validation F4 kept (the first on a tie).
+    Every combination of ``cross_types``, ``mixes`` (``None``: only ``rescore_config``'s) and, with a
+    ``templates`` file (:mod:`czii_kit.templates`), ``template_weights`` is tried and the one with the
+    best validation F4 kept (the first on a tie).
 
     Returns the ``"rescore"`` section of the thresholds file (rescorer file name and SHA-256, the
-    :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table and final F4) and the rescored candidates.
+    :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table, final F4 and, when the chosen
+    template weight is > 0, the template file's name, SHA-256 and :class:`~czii_kit.templates.TemplateConfig`)
+    and the rescored candidates.
     """
     from czii_kit.infer import preprocess_config_for
     from czii_kit.metric import score
@@ -372,19 +402,29 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     rcfg = rescore_config or RescoreConfig()
     mixes = [rcfg.mix] if mixes is None else list(mixes)
     cross = [rcfg.cross_type] if cross_types is None else list(cross_types)
+    matcher = None
+    if templates is not None:
+        from czii_kit.templates import TemplateMatcher
+
+        matcher = TemplateMatcher(templates)
+    weights_tm = list(template_weights) if matcher is not None else [0.0]
     model = Rescorer(rescorer_path)
     raw = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
-                       RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}), progress, raw=True)
+                       RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}), progress, raw=True,
+                       templates=matcher)
     best, comparison = None, []
     for cross_type in cross:
         for mix in mixes:
-            trial_cfg = RescoreConfig(**{**rcfg.to_dict(), "mix": float(mix), "cross_type": bool(cross_type)})
-            trial = combine_scores(raw, trial_cfg)
-            thr, tab = tune_thresholds(trial, solution, tolerance=tolerance)
-            final = weighted_final(tab)
-            comparison.append({"mix": float(mix), "cross_type": bool(cross_type), "final": final})
-            if best is None or final > best[0]:
-                best = (final, trial_cfg, trial, thr, tab)
+            for w in weights_tm:
+                trial_cfg = RescoreConfig(**{**rcfg.to_dict(), "mix": float(mix), "cross_type": bool(cross_type),
+                                             "template_weight": float(w)})
+                trial = combine_scores(raw, trial_cfg)
+                thr, tab = tune_thresholds(trial, solution, tolerance=tolerance)
+                final = weighted_final(tab)
+                comparison.append({"mix": float(mix), "cross_type": bool(cross_type), "template_weight": float(w),
+                                   "final": final})
+                if best is None or final > best[0]:
+                    best = (final, trial_cfg, trial, thr, tab)
     _, rcfg, rescored, thresholds, table = best
     check = score(solution, apply_thresholds(rescored, thresholds))
     same_dir = rescorer_path.resolve().parent == weights.resolve().parent
@@ -397,4 +437,8 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
         "final_f4": float(check.final),
         "table": _table_dict(table),
     }
+    if rcfg.template_weight > 0:
+        same = templates.resolve().parent == weights.resolve().parent
+        section["templates"] = {"file": templates.name if same else str(templates), "sha256": file_sha256(templates),
+                                "config": matcher.config.to_dict()}
     return section, rescored

@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "train",
     "tune": "tune",
     "rescorer": "rescorer",
+    "templates": "templates",
     "predict": "predict",
     "bench": "bench",
     "baseline": "baseline",

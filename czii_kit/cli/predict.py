@@ -32,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="skip the second-stage 3D rescorer (detector-only thresholds; faster)")
     p.add_argument("--no-refine", action="store_true",
                    help="skip the centre refinement of apo-ferritin tuned beside the weights")
+    p.add_argument("--no-templates", action="store_true",
+                   help="rescore without the template matching of beta-galactosidase / thyroglobulin")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -45,7 +47,7 @@ def run(args) -> int:
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
         polarity=args.polarity, rescore=False if args.no_rescore else None,
-        refine=False if args.no_refine else None, progress=not args.quiet,
+        refine=False if args.no_refine else None, templates=False if args.no_templates else None, progress=not args.quiet,
     )
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")

@@ -49,6 +49,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="always refine apo-ferritin centres by shell-template correlation (default: when it raises "
                         "the validation F4)")
     f.add_argument("--no-refine", dest="refine", action="store_false", help="never refine centres")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--templates", help="template file whose matching margin may enter the rescored score (default: "
+                                       "czii_kit_templates.npz beside the weights, when there is one; its weight, "
+                                       "0 included, is chosen on the validation runs)")
+    t.add_argument("--no-templates", action="store_true", help="rescore without template matching")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -73,7 +78,8 @@ def run(args) -> int:
                tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance,
                per_type=args.per_type_merge, rescorer=False if args.no_rescorer else args.rescorer,
                rescore_config=RescoreConfig(**({} if args.rescore_mix is None else {"mix": args.rescore_mix})),
-               rescore_mixes=RESCORE_MIXES if args.rescore_mix is None else None, refine=args.refine)
+               rescore_mixes=RESCORE_MIXES if args.rescore_mix is None else None, refine=args.refine,
+               templates=False if args.no_templates else args.templates)
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
     print("merging methods (weighted F4 at tuned thresholds):")
     for row in doc["comparison"]:
@@ -95,12 +101,15 @@ def run(args) -> int:
           "of each class's best F4, at its low end)")
     if doc.get("rescore"):
         r = doc["rescore"]
-        print(f"with the 3D rescorer {r['file']}, score = det^(1-mix) * p^mix; validation F4:")
+        print(f"with the 3D rescorer {r['file']}, score = det^(1-mix) * p^mix (then sigmoid(logit + w * "
+              "template margin)); validation F4:")
         for m in r["comparison"]:
             print(f"  mix {m['mix']:<5g}{'cross-type proposals' if m['cross_type'] else 'detector types only':<24}"
-                  f"{m['final']:.4f}")
+                  f"template weight {m.get('template_weight', 0):<5g}{m['final']:.4f}")
+        w = r["config"].get("template_weight", 0)
         print(f"chosen: mix {r['config']['mix']:g}, " + ("with" if r["config"]["cross_type"] else "without")
-              + " cross-type proposals")
+              + " cross-type proposals, " + (f"template weight {w:g} ({r['templates']['file']})" if w
+                                             else "no template matching"))
         _table(r["table"])
         print(f"final F4 on validation, rescored: {r['final_f4']:.4f} (predict uses these thresholds)")
     print(f"saved {doc['path']}")

@@ -1,0 +1,307 @@
+"""Template matching at candidate positions: how well each particle's density map fits there.
+
+Beta-galactosidase (a compact D2 tetramer, 465 kDa) and thyroglobulin (an elongated C2 dimer,
+660 kDa) look alike at the detector's and the rescorer's resolution: rotationally averaged, they
+have the same width. Their 3D shapes differ, and the classical cryo-ET answer to "which protein is
+this" is template matching: the normalised cross-correlation (NCC) of the tomogram with each
+protein's density map, maximised over orientations. Here it is evaluated only at the candidates a
+detector proposed (not over the whole volume), so a CPU does it in seconds per tomogram:
+
+- the tomogram is binned ``bin`` x (block mean; 20 Å voxels by default) and made "dense positive";
+- each template is rotated to ``n_rotations`` orientations (uniform on SO(3), seeded), resampled to
+  the binned voxel size, cut to a sphere of ``mask_radius`` Å, and normalised (zero mean, unit
+  norm inside the sphere), giving a matrix ``(n_rotations, n_mask_voxels)``;
+- each candidate's binned neighbourhood (its voxel and the ``shift`` voxels either side along each
+  axis) is cut with the same sphere and normalised, so one matrix product gives every NCC; the
+  maximum over orientations and shifts is the candidate's match to that type.
+
+:mod:`czii_kit.rescore` turns the matches into a margin (own type minus the best other template
+type) that shifts the rescored score (:class:`~czii_kit.rescore.RescoreConfig`'s
+``template_weight``, tuned on validation runs by :func:`czii_kit.tune.tune`).
+
+The template file (``czii_kit_templates.npz`` beside the detector weights) holds each type's
+density, block-averaged from its map to ``bin`` x the map's voxel size, with its centre of mass
+(the simulator's and the reference picks' particle centre) and a record of the source maps; build it
+with :func:`build_templates` / ``czii-kit templates build``.
+
+Arrays are indexed ``[z, y, x]``; points are ``x, y, z`` in Å and converted with :mod:`czii_kit.coords`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from czii_kit import __version__
+from czii_kit.catalog import PARTICLE_NAMES, get_particle
+from czii_kit.coords import angstrom_to_voxel
+from czii_kit.errors import DataError
+
+TEMPLATES_FILE = "czii_kit_templates.npz"
+DEFAULT_TYPES = ("beta-galactosidase", "thyroglobulin")
+
+
+@dataclass
+class TemplateConfig:
+    """How candidates are matched.
+
+    Attributes
+    ----------
+    n_rotations : int
+        Orientations per template (uniform random on SO(3) from ``seed``).
+    bin : int
+        Binning of the tomogram (and voxel-size ratio of the templates to the tomogram).
+    mask_radius : float
+        Radius (Å) of the spherical mask both the template and the tomogram patch are cut to.
+    shift : int
+        Binned voxels searched either side of the candidate along each axis (the centre and its 6
+        face neighbours when 1).
+    seed : int
+        Seed of the orientations.
+    order : int
+        Spline order of the rotation's interpolation (3: cubic, sharper than linear on the binned grid).
+    batch : int
+        Candidates per matrix product.
+    """
+
+    n_rotations: int = 1500
+    bin: int = 2
+    mask_radius: float = 180.0
+    shift: int = 1
+    seed: int = 0
+    order: int = 3
+    batch: int = 400
+
+    def __post_init__(self):
+        if self.n_rotations < 1 or self.bin < 1 or self.shift < 0 or self.batch < 1:
+            raise ValueError(f"invalid TemplateConfig {self}")
+        if self.mask_radius <= 0:
+            raise ValueError(f"mask_radius must be > 0 Å, got {self.mask_radius}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> TemplateConfig:  # duplicates: dataclass boilerplate
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
+
+
+@dataclass
+class Template:
+    """One particle's density ``[z, y, x]`` (dense positive) at ``voxel_size`` Å, centre of mass ``center`` (voxels)."""
+
+    name: str
+    density: np.ndarray
+    voxel_size: float
+    center: np.ndarray = field(repr=False)
+
+
+def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """``volume [z, y, x]`` binned ``factor`` x by block mean (trailing voxels that fill no block dropped).
+
+    Binned voxel ``i`` covers voxels ``factor*i .. factor*i + factor - 1``, so it sits at
+    ``factor*i + (factor - 1) / 2`` of the original grid.
+    """
+    if factor == 1:
+        return np.asarray(volume, np.float32)
+    z, y, x = (s // factor * factor for s in volume.shape)
+    v = np.asarray(volume[:z, :y, :x], np.float32)
+    return v.reshape(z // factor, factor, y // factor, factor, x // factor, factor).mean((1, 3, 5))
+
+
+def build_templates(maps_dir: str | Path, types: Sequence[str] = DEFAULT_TYPES, bin: int = 2) -> dict[str, Template]:
+    """Templates of ``types`` from the density maps in ``maps_dir`` (file names from :mod:`czii_kit.catalog`),
+    block-averaged ``bin`` x. Raises :class:`~czii_kit.errors.DataError` for a missing or bad map."""
+    from czii_kit.synthetic.phantom import load_map_model
+
+    maps_dir = Path(maps_dir)
+    if not maps_dir.is_dir():
+        raise DataError(maps_dir, "density map folder not found")
+    out = {}
+    for name in types:
+        name = get_particle(name).name
+        f = maps_dir / get_particle(name).map_file
+        if not f.is_file():
+            raise DataError(f, f"density map of {name} not found (expected {f.name} in {maps_dir})")
+        m = load_map_model(name, f)
+        d = np.asarray(m.density, np.float32)
+        pad = [(0, -n % bin) for n in d.shape]
+        dens = block_mean(np.pad(d, pad), bin)
+        center = (np.asarray(m.center, float) - (bin - 1) / 2) / bin
+        out[name] = Template(name, dens, m.voxel_size * bin, center)
+    return out
+
+
+def save_templates(templates: Mapping[str, Template], path: str | Path, meta: Mapping | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write ``templates`` to an ``.npz`` (atomically; :class:`~czii_kit.errors.FileExistsNoForce` if
+    ``path`` exists and not ``overwrite``)."""
+    from czii_kit.atomic import atomic_write
+
+    arrays = {}
+    for name, t in templates.items():
+        arrays[f"density/{name}"] = t.density.astype(np.float32)
+        arrays[f"center/{name}"] = np.asarray(t.center, np.float64)
+        arrays[f"voxel_size/{name}"] = np.float64(t.voxel_size)
+    record = {"types": list(templates), "czii_kit_version": __version__,
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **(meta or {})}
+    arrays["meta"] = np.frombuffer(json.dumps(record).encode(), np.uint8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    return atomic_write(path, write, overwrite)
+
+
+def load_templates(path: str | Path) -> tuple[dict[str, Template], dict]:
+    """``(templates by type, meta dict)`` from a file of :func:`save_templates`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "template file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            out = {}
+            for name in meta["types"]:
+                out[name] = Template(name, z[f"density/{name}"].astype(np.float32),
+                                     float(z[f"voxel_size/{name}"]), z[f"center/{name}"].astype(float))
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile / KeyError / JSON errors of a damaged file
+        raise DataError(path, f"not a czii_kit template file ({exc})") from exc
+    unknown = [n for n in out if n not in PARTICLE_NAMES]
+    if unknown:
+        raise DataError(path, f"unknown particle types {unknown}")
+    return out, meta
+
+
+def templates_for(weights: str | Path) -> Path | None:
+    """The template file beside ``weights``, or None."""
+    p = Path(weights).parent / TEMPLATES_FILE
+    return p if p.is_file() else None
+
+
+def sphere_mask(radius_vox: float) -> np.ndarray:
+    """Boolean cube of odd side ``2 * ceil(radius) + 1``, True within ``radius_vox`` of its centre."""
+    h = int(np.ceil(radius_vox))
+    g = np.indices((2 * h + 1,) * 3) - h
+    return (g ** 2).sum(0) <= radius_vox ** 2
+
+
+def _normalise_rows(a: np.ndarray) -> np.ndarray:
+    a = a - a.mean(1, keepdims=True)
+    return (a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+
+def rotated_templates(template: Template, voxel_size: float, mask: np.ndarray, n_rotations: int,
+                      seed: int = 0, order: int = 3) -> np.ndarray:
+    """``(n_rotations, mask.sum())`` float32: ``template`` rotated (uniform on SO(3)), resampled to
+    ``voxel_size`` Å on the cube of ``mask`` (centre of mass at its centre), masked and normalised."""
+    from scipy import ndimage
+
+    from czii_kit.synthetic.phantom import random_rotations
+
+    side = mask.shape[0]
+    c_out = np.full(3, (side - 1) / 2)
+    zoom = voxel_size / template.voxel_size
+    dens = ndimage.spline_filter(template.density, order, output=np.float64) if order > 1 else template.density
+    rows = np.empty((n_rotations, int(mask.sum())), np.float32)
+    for i, rot in enumerate(random_rotations(np.random.default_rng(seed), n_rotations)):
+        mat = rot.T * zoom
+        box = ndimage.affine_transform(dens, mat, offset=template.center - mat @ c_out, output_shape=mask.shape,
+                                       order=order, mode="constant", cval=0.0, prefilter=False,
+                                       output=np.float32)
+        rows[i] = box[mask]
+    return _normalise_rows(rows)
+
+
+class TemplateMatcher:
+    """Rotated template matrices of a template file, built once per binned voxel size.
+
+    Parameters
+    ----------
+    templates : path-like or mapping of :class:`Template`
+        A file of :func:`save_templates` or the templates themselves.
+    config : TemplateConfig, optional
+    """
+
+    def __init__(self, templates, config: TemplateConfig | None = None):
+        self.config = config or TemplateConfig()
+        if isinstance(templates, Mapping):
+            self.templates, self.meta = dict(templates), {}
+        else:
+            self.templates, self.meta = load_templates(templates)
+        self.types = tuple(self.templates)
+        self._cache: dict[float, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+
+    def _matrices(self, binned_voxel: float):
+        key = round(float(binned_voxel), 6)
+        if key not in self._cache:
+            cfg = self.config
+            mask = sphere_mask(cfg.mask_radius / binned_voxel)
+            mats = {n: rotated_templates(t, binned_voxel, mask, cfg.n_rotations, cfg.seed, cfg.order)
+                    for n, t in self.templates.items()}
+            self._cache = {key: (mask, mats)}  # one voxel size at a time (a dataset has one)
+        return self._cache[key]
+
+    def match(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
+        """Best NCC ``(N, len(self.types))`` of each template at each point ``(N, 3)`` (x, y, z Å).
+
+        ``volume [z, y, x]`` is the normalised tomogram (:func:`czii_kit.rescore.normalised_volume`,
+        particles dark).
+        """
+        cfg = self.config
+        pts = np.asarray(points_xyz, float).reshape(-1, 3)
+        out = np.full((len(pts), len(self.types)), np.nan, np.float32)
+        if not len(pts):
+            return out
+        binned = -block_mean(volume, cfg.bin)  # dense positive, like the templates
+        mask, mats = self._matrices(voxel_size * cfg.bin)
+        h = mask.shape[0] // 2
+        centre = np.rint((angstrom_to_voxel(pts, voxel_size) - (cfg.bin - 1) / 2) / cfg.bin).astype(np.int64)
+        shifts = [np.zeros(3, int)]
+        for axis in range(3):
+            for s in range(1, cfg.shift + 1):
+                for sign in (1, -1):
+                    v = np.zeros(3, int)
+                    v[axis] = sign * s
+                    shifts.append(v)
+        shape = np.array(binned.shape)
+        offs = np.arange(mask.shape[0])
+        for i0 in range(0, len(pts), cfg.batch):
+            cc = centre[i0:i0 + cfg.batch]
+            patches = np.empty((len(shifts), len(cc), int(mask.sum())), np.float32)
+            for j, s in enumerate(shifts):
+                for k, lo in enumerate(cc + s - h):
+                    idx = np.ix_(*(np.clip(lo[a] + offs, 0, shape[a] - 1) for a in range(3)))
+                    patches[j, k] = binned[idx][mask]
+            p = _normalise_rows(patches.reshape(-1, patches.shape[-1]))
+            for t, name in enumerate(self.types):
+                best = (p @ mats[name].T).max(1).reshape(len(shifts), len(cc)).max(0)
+                out[i0:i0 + len(cc), t] = best
+        return out
+
+    def margins(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
+        """``(N, n_particle_types)`` over :data:`czii_kit.catalog.PARTICLE_NAMES`: for each template type,
+        its NCC minus the best other template type's (0 for types without a template, and for all
+        when there is a single template)."""
+        ncc = self.match(volume, points_xyz, voxel_size)
+        out = np.zeros((len(ncc), len(PARTICLE_NAMES)), np.float32)
+        if len(self.types) < 2:
+            return out
+        for t, name in enumerate(self.types):
+            others = np.delete(ncc, t, axis=1).max(1)
+            out[:, PARTICLE_NAMES.index(name)] = ncc[:, t] - others
+        return out
+
+
+__all__ = ["TEMPLATES_FILE", "DEFAULT_TYPES", "TemplateConfig", "Template", "TemplateMatcher", "block_mean",
+           "build_templates", "save_templates", "load_templates", "templates_for", "sphere_mask",
+           "rotated_templates"]

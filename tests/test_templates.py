@@ -1,0 +1,203 @@
+"""Template matching at candidate positions (czii_kit.templates) and its place in the rescored score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from czii_kit.catalog import PARTICLE_NAMES
+from czii_kit.coords import voxel_to_angstrom
+from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.templates import (
+    Template,
+    TemplateConfig,
+    TemplateMatcher,
+    block_mean,
+    load_templates,
+    save_templates,
+    sphere_mask,
+)
+
+VS = 10.012444
+SHAPE = (44, 72, 100)  # unequal sides: an axis swap puts the patches on noise or off the volume
+BLOBS = {  # two made-up "proteins" of the same size, Gaussian blobs (Å from the centre, z, y, x)
+    "beta-galactosidase": 38.0 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3),
+    "thyroglobulin": np.array([[0, 0, -66.0], [0, 0, 0], [0, 0, 66.0], [0, 30.0, 0]]),
+}
+SIGMA = 16.0  # Å
+
+
+def _density(grid_zyx_A, centre_A, rot, kind):
+    d = np.zeros(grid_zyx_A.shape[1:], np.float64)
+    for b in BLOBS[kind] @ rot.T + centre_A:
+        d += np.exp(-sum((grid_zyx_A[a] - b[a]) ** 2 for a in range(3)) / (2 * SIGMA ** 2))
+    return d
+
+
+def _templates(voxel=20.0):
+    side = 17
+    g = (np.indices((side,) * 3) - side // 2) * voxel
+    return {k: Template(k, _density(g, np.zeros(3), np.eye(3), k).astype(np.float32), voxel,
+                        np.full(3, side // 2, float)) for k in BLOBS}
+
+
+def _volume(seed=0, noise=0.05):
+    """Normalised-looking volume (background 0.6, dense matter dark) with 3 rotated copies of each kind."""
+    from czii_kit.synthetic.phantom import random_rotations
+
+    rng = np.random.default_rng(seed)
+    grid = np.indices(SHAPE).astype(float) * VS
+    vol = 0.6 + noise * rng.standard_normal(SHAPE)
+    centres, kinds = [], []
+    slots = [(z, y, x) for z in (14, 30) for y in (18, 52) for x in (20, 50, 80)]
+    rng.shuffle(slots)
+    for i, rot in enumerate(random_rotations(rng, 6)):
+        kind = list(BLOBS)[i % 2]
+        c = np.array(slots[i], float)
+        vol -= 0.3 * _density(grid, c * VS, rot, kind)
+        centres.append(c)
+        kinds.append(kind)
+    return vol.astype(np.float32), np.array(centres), kinds
+
+
+def test_block_mean_and_mask():
+    v = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    b = block_mean(v, 2)
+    assert b.shape == (2, 3, 3)
+    assert b[1, 2, 0] == pytest.approx(v[2:4, 4:6, 0:2].mean())
+    m = sphere_mask(2.5)
+    assert m.shape == (7, 7, 7) and m[3, 3, 3] and not m[0, 0, 0] and m.sum() == m[::-1, ::-1, ::-1].sum()
+
+
+def test_matcher_tells_the_shapes_apart_at_their_centres():
+    vol, centres, kinds = _volume()
+    tm = TemplateMatcher(_templates(), TemplateConfig(n_rotations=400, mask_radius=110.0))
+    pts = voxel_to_angstrom(centres, VS)  # x, y, z Å
+    ncc = tm.match(vol, pts, VS)
+    assert ncc.shape == (6, 2) and np.isfinite(ncc).all()
+    own = np.array([tm.types.index(k) for k in kinds])
+    assert (ncc[np.arange(6), own] > 0.6).all()
+    m = tm.margins(vol, pts, VS)
+    assert m.shape == (6, len(PARTICLE_NAMES))
+    idx = [PARTICLE_NAMES.index(k) for k in kinds]
+    assert (m[np.arange(6), idx] > 0.03).all()  # each particle matches its own shape best
+    assert (m[:, [PARTICLE_NAMES.index(n) for n in PARTICLE_NAMES if n not in BLOBS]] == 0).all()
+    # the same points read as (z, y, x) land on noise: the own-type match collapses
+    swapped = tm.match(vol, pts[:, ::-1], VS)
+    assert np.median(swapped[np.arange(6), own]) < 0.5 * np.median(ncc[np.arange(6), own])
+
+
+def test_template_file_round_trip_and_errors(tmp_path):
+    t = _templates()
+    path = save_templates(t, tmp_path / "t.npz", {"bin": 2})
+    back, meta = load_templates(path)
+    assert list(back) == list(t) and meta["bin"] == 2
+    for k in t:
+        np.testing.assert_array_equal(back[k].density, t[k].density)
+        np.testing.assert_allclose(back[k].center, t[k].center)
+        assert back[k].voxel_size == t[k].voxel_size
+    with pytest.raises(FileExistsNoForce):
+        save_templates(t, path)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="bad.npz.*not a czii_kit template file"):
+        load_templates(bad)
+    with pytest.raises(DataError, match="not found"):
+        load_templates(tmp_path / "none.npz")
+    with pytest.raises(ValueError):
+        TemplateConfig(mask_radius=0)
+    assert TemplateConfig.from_dict({"n_rotations": 7, "unknown": 1}).n_rotations == 7
+
+
+def test_shipped_templates_built_from_the_maps(shared_data, tmp_path):
+    """The shipped file is what `czii-kit templates` makes of the reference maps."""
+    from czii_kit.cli import main
+    from czii_kit.predict import MODELS_DIR
+    from czii_kit.templates import TEMPLATES_FILE
+
+    maps = shared_data / "density_maps"
+    if not maps.is_dir():
+        pytest.skip("no density maps in the shared data")
+    shipped, meta = load_templates(MODELS_DIR / TEMPLATES_FILE)
+    assert main(["templates", str(maps), "--out", str(tmp_path / "t.npz")]) == 0
+    built, meta2 = load_templates(tmp_path / "t.npz")
+    assert main(["templates", str(maps), "--out", str(tmp_path / "t.npz")]) == 2  # no silent overwrite
+    assert main(["templates", str(tmp_path / "nowhere"), "--out", str(tmp_path / "u.npz")]) == 2
+    assert list(built) == list(shipped) == ["beta-galactosidase", "thyroglobulin"]
+    for k in built:
+        np.testing.assert_allclose(built[k].density, shipped[k].density, rtol=1e-6)
+    assert meta["sources"] == meta2["sources"]
+
+
+def test_combine_scores_applies_the_template_margin():
+    from czii_kit.rescore import RescoreConfig, combine_scores
+
+    raw = pd.DataFrame({"experiment": "TS_1", "particle_type": ["thyroglobulin", "beta-galactosidase"],
+                        "x": [0.0, 5000.0], "y": 0.0, "z": 0.0, "score": 0.5, "det_score": 0.5,
+                        "p_type": 0.5, "p_background": 0.1, "proposed": False, "tm_margin": [0.05, -0.05]})
+    plain = combine_scores(raw, RescoreConfig(mix=0.5)).set_index("particle_type")["score"]
+    tm = combine_scores(raw, RescoreConfig(mix=0.5, template_weight=20.0)).set_index("particle_type")["score"]
+    assert plain["thyroglobulin"] == plain["beta-galactosidase"] == pytest.approx(0.5)
+    assert tm["thyroglobulin"] == pytest.approx(1 / (1 + np.exp(-1.0)))
+    assert tm["beta-galactosidase"] == pytest.approx(1 / (1 + np.exp(1.0)))
+    with pytest.raises(ValueError, match="tm_margin"):
+        combine_scores(raw.drop(columns="tm_margin"), RescoreConfig(template_weight=1.0))
+    with pytest.raises(ValueError):
+        RescoreConfig(template_weight=-1)
+
+
+def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
+    import shutil
+
+    import torch
+    from pipeline_fixture import shipped_model_copy
+
+    from czii_kit.infer import InferenceConfig
+    from czii_kit.postprocess import apply_thresholds
+    from czii_kit.predict import MODELS_DIR, predict
+    from czii_kit.rescore import RESCORER_FILE, build_network, save_rescorer
+    from czii_kit.templates import TEMPLATES_FILE
+    from czii_kit.tune import THRESHOLDS_FILE, tune
+
+    root, run, weights = shipped_model_copy(tmp_path, seed=4245)
+    wdir = weights.parent
+    torch.manual_seed(0)
+    save_rescorer(build_network(), wdir / RESCORER_FILE)
+    shutil.copy(MODELS_DIR / TEMPLATES_FILE, wdir)
+    doc = tune(weights, root, split="train", runs=[run], backend="torch", config=InferenceConfig(multi_label=True),
+               progress=False, refine=False, rescore_mixes=None, template_weights=(20.0,))
+    section = doc["rescore"]
+    assert section["config"]["template_weight"] == 20.0
+    assert section["templates"]["file"] == TEMPLATES_FILE and len(section["templates"]["sha256"]) == 64
+    rescored = doc["_rescored"]
+    assert "tm_margin" in rescored and (rescored["tm_margin"] != 0).any()
+    others = ~rescored.particle_type.isin(["beta-galactosidase", "thyroglobulin"])
+    assert (rescored.loc[others, "tm_margin"] == 0).all()
+
+    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    cols = ["experiment", "particle_type", "x", "y", "z"]
+
+    def sort(df):
+        return df.sort_values(cols).reset_index(drop=True)[cols]
+
+    picks = predict(root, **kw)
+    pd.testing.assert_frame_equal(sort(picks), sort(apply_thresholds(rescored, section["thresholds"])))
+    without = predict(root, templates=False, **kw)
+    assert not sort(without).equals(sort(picks))
+    # a changed template file: a warning and rescoring without it; templates=True refuses
+    shutil.copy(wdir / TEMPLATES_FILE, tmp_path / "keep.npz")
+    save_templates(_templates(), wdir / TEMPLATES_FILE, overwrite=True)
+    with pytest.warns(UserWarning, match="template file differs"):
+        changed = predict(root, **kw)
+    pd.testing.assert_frame_equal(sort(changed), sort(without))
+    with pytest.raises(DataError, match="template file differs"):
+        predict(root, templates=True, **kw)
+    # a thresholds file of an older czii_kit (no template_weight): rescored without templates
+    d = json.loads((wdir / THRESHOLDS_FILE).read_text())
+    d["rescore"]["config"].pop("template_weight")
+    d["rescore"].pop("templates")
+    (wdir / THRESHOLDS_FILE).write_text(json.dumps(d))
+    pd.testing.assert_frame_equal(sort(predict(root, **kw)), sort(without))
