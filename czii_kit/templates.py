@@ -56,8 +56,12 @@ class TemplateConfig:
         Orientations per template (uniform random on SO(3) from ``seed``).
     bin : int
         Binning of the tomogram (and voxel-size ratio of the templates to the tomogram).
-    mask_radius : float
-        Radius (Å) of the spherical mask both the template and the tomogram patch are cut to.
+    mask_radius : float or None
+        Radius (Å) of the spherical mask both the template and the tomogram patch are cut to, the
+        same for every template; ``None``: each template's own radius (:attr:`Template.radius`)
+        plus ``mask_pad``.
+    mask_pad : float
+        Å added to a template's own radius when ``mask_radius`` is None.
     shift : int
         Binned voxels searched either side of the candidate along each axis (the centre and its 6
         face neighbours when 1).
@@ -71,7 +75,8 @@ class TemplateConfig:
 
     n_rotations: int = 1500
     bin: int = 2
-    mask_radius: float = 180.0
+    mask_radius: float | None = 180.0
+    mask_pad: float = 20.0
     shift: int = 1
     seed: int = 0
     order: int = 3
@@ -80,7 +85,7 @@ class TemplateConfig:
     def __post_init__(self):
         if self.n_rotations < 1 or self.bin < 1 or self.shift < 0 or self.batch < 1:
             raise ValueError(f"invalid TemplateConfig {self}")
-        if self.mask_radius <= 0:
+        if self.mask_radius is not None and self.mask_radius <= 0:
             raise ValueError(f"mask_radius must be > 0 Å, got {self.mask_radius}")
 
     def to_dict(self) -> dict:
@@ -100,6 +105,12 @@ class Template:
     density: np.ndarray
     voxel_size: float
     center: np.ndarray = field(repr=False)
+
+    @property
+    def radius(self) -> float:
+        """Å from ``center`` to the farthest voxel above 5 % of the maximum density."""
+        idx = np.argwhere(self.density > 0.05 * float(self.density.max()))
+        return float(np.sqrt(((idx - self.center) ** 2).sum(1).max()) * self.voxel_size)
 
 
 def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
@@ -241,14 +252,17 @@ class TemplateMatcher:
         self.types = tuple(self.templates)
         self._cache: dict[float, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
 
-    def _matrices(self, binned_voxel: float):
+    def _matrices(self, binned_voxel: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å."""
         key = round(float(binned_voxel), 6)
         if key not in self._cache:
             cfg = self.config
-            mask = sphere_mask(cfg.mask_radius / binned_voxel)
-            mats = {n: rotated_templates(t, binned_voxel, mask, cfg.n_rotations, cfg.seed, cfg.order)
-                    for n, t in self.templates.items()}
-            self._cache = {key: (mask, mats)}  # one voxel size at a time (a dataset has one)
+            out = {}
+            for n, t in self.templates.items():
+                radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
+                mask = sphere_mask(radius / binned_voxel)
+                out[n] = (mask, rotated_templates(t, binned_voxel, mask, cfg.n_rotations, cfg.seed, cfg.order))
+            self._cache = {key: out}  # one voxel size at a time (a dataset has one)
         return self._cache[key]
 
     def match(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
@@ -263,8 +277,9 @@ class TemplateMatcher:
         if not len(pts):
             return out
         binned = -block_mean(volume, cfg.bin)  # dense positive, like the templates
-        mask, mats = self._matrices(voxel_size * cfg.bin)
-        h = mask.shape[0] // 2
+        mats = self._matrices(voxel_size * cfg.bin)
+        side = max(m.shape[0] for m, _ in mats.values())
+        h = side // 2
         centre = np.rint((angstrom_to_voxel(pts, voxel_size) - (cfg.bin - 1) / 2) / cfg.bin).astype(np.int64)
         shifts = [np.zeros(3, int)]
         for axis in range(3):
@@ -274,17 +289,19 @@ class TemplateMatcher:
                     v[axis] = sign * s
                     shifts.append(v)
         shape = np.array(binned.shape)
-        offs = np.arange(mask.shape[0])
+        offs = np.arange(side)
         for i0 in range(0, len(pts), cfg.batch):
             cc = centre[i0:i0 + cfg.batch]
-            patches = np.empty((len(shifts), len(cc), int(mask.sum())), np.float32)
+            cubes = np.empty((len(shifts), len(cc), side, side, side), np.float32)
             for j, s in enumerate(shifts):
                 for k, lo in enumerate(cc + s - h):
-                    idx = np.ix_(*(np.clip(lo[a] + offs, 0, shape[a] - 1) for a in range(3)))
-                    patches[j, k] = binned[idx][mask]
-            p = _normalise_rows(patches.reshape(-1, patches.shape[-1]))
+                    cubes[j, k] = binned[np.ix_(*(np.clip(lo[a] + offs, 0, shape[a] - 1) for a in range(3)))]
             for t, name in enumerate(self.types):
-                best = (p @ mats[name].T).max(1).reshape(len(shifts), len(cc)).max(0)
+                mask, mat = mats[name]
+                o = (side - mask.shape[0]) // 2
+                sub = cubes[:, :, o:o + mask.shape[0], o:o + mask.shape[0], o:o + mask.shape[0]]
+                p = _normalise_rows(sub[:, :, mask].reshape(-1, int(mask.sum())))
+                best = (p @ mat.T).max(1).reshape(len(shifts), len(cc)).max(0)
                 out[i0:i0 + len(cc), t] = best
         return out
 
