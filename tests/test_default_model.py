@@ -21,6 +21,39 @@ def test_shipped_files():
     assert rec["status"] == "finished" and rec["preprocess"]
 
 
+def test_shipped_files_agree_with_the_thresholds_and_go_into_the_wheel(tmp_path):
+    """Every file the tuned thresholds name (rescorer, templates, same SHA-256) is shipped, and a
+    wheel of the project carries all of czii_kit/models (what the Kaggle bundle installs)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from czii_kit.rescore import file_sha256
+
+    w = default_weights()
+    section = json.loads((w.parent / "czii_kit_thresholds.json").read_text()).get("rescore") or {}
+    for rec in (section, section.get("templates")):
+        if rec:
+            assert file_sha256(w.parent / rec["file"]) == rec["sha256"], rec["file"]
+    import shutil
+
+    repo = MODELS_DIR.parent.parent
+    if not (repo / "setup.cfg").is_file():
+        pytest.skip("not a source checkout")
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src)
+    shutil.copytree(repo / "czii_kit", src / "czii_kit",
+                    ignore=shutil.ignore_patterns("__pycache__", "*_openvino_model", "*.onnx"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=600)
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("czii_kit-*.whl"))).namelist()
+    shipped = sorted(f"czii_kit/models/{p.name}" for p in MODELS_DIR.iterdir()
+                     if p.is_file() and p.suffix in (".pt", ".json", ".npz"))
+    assert shipped and not [f for f in shipped if f not in names]
+
+
 def test_model_classes_match_catalog():
     from czii_kit.offline import configure_offline
 
