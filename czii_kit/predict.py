@@ -74,6 +74,20 @@ def refine_settings(weights: str | Path, refine: bool | None = None):
     return RefineConfig() if refine else None
 
 
+def _recorded_file(weights: str | Path, record: dict) -> tuple[Path, str | None]:
+    """The file a thresholds-file record names (``file`` relative to the weights' folder, ``sha256``)
+    and what is wrong with it (``None``: there, and the very file tuned)."""
+    from czii_kit.rescore import file_sha256
+
+    path = Path(record.get("file", ""))
+    path = path if path.is_absolute() else Path(weights).parent / path
+    if not path.is_file():
+        return path, "is missing"
+    if record.get("sha256") and file_sha256(path) != record["sha256"]:
+        return path, "differs from the one the thresholds were tuned with"
+    return path, None
+
+
 def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[Path, dict] | None:
     """The rescorer file and the ``"rescore"`` section tuned for ``weights``, or ``None`` (no rescoring).
 
@@ -83,8 +97,6 @@ def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[
     """
     if rescore is False:
         return None
-    from czii_kit.rescore import file_sha256
-
     weights = Path(weights)
     section = read_thresholds(weights).get("rescore")
     where = weights.parent / THRESHOLDS_FILE
@@ -93,13 +105,7 @@ def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[
             raise DataError(where, "was tuned without a rescorer (run `czii-kit tune` with czii_kit_rescorer.pt "
                                    "beside the weights)")
         return None
-    path = Path(section.get("file", ""))
-    path = path if path.is_absolute() else weights.parent / path
-    problem = None
-    if not path.is_file():
-        problem = "is missing"
-    elif section.get("sha256") and file_sha256(path) != section["sha256"]:
-        problem = "differs from the one the thresholds were tuned with"
+    path, problem = _recorded_file(weights, section)
     if problem:
         if rescore:
             raise DataError(path, f"rescorer {problem}")
@@ -115,7 +121,7 @@ def template_settings(weights: str | Path, section: dict | None, templates: bool
     (same SHA-256) is there; when it is missing or changed this warns (``templates=True``: raises)
     and rescores without it. ``templates=False`` never matches (``template_weight`` 0).
     """
-    from czii_kit.rescore import RescoreConfig, file_sha256
+    from czii_kit.rescore import RescoreConfig
 
     cfg = RescoreConfig.from_dict((section or {}).get("config"))
     record = (section or {}).get("templates")
@@ -123,13 +129,7 @@ def template_settings(weights: str | Path, section: dict | None, templates: bool
         return None, RescoreConfig(**{**cfg.to_dict(), "template_weight": 0.0})
     from czii_kit.templates import TemplateConfig, TemplateMatcher
 
-    path = Path(record.get("file", ""))
-    path = path if path.is_absolute() else Path(weights).parent / path
-    problem = None
-    if not path.is_file():
-        problem = "is missing"
-    elif record.get("sha256") and file_sha256(path) != record["sha256"]:
-        problem = "differs from the one the thresholds were tuned with"
+    path, problem = _recorded_file(weights, record)
     if problem:
         if templates:
             raise DataError(path, f"template file {problem}")

@@ -83,7 +83,7 @@ class TemplateConfig:
     batch: int = 400
 
     def __post_init__(self):
-        if self.n_rotations < 1 or self.bin < 1 or self.shift < 0 or self.batch < 1:
+        if self.n_rotations < 1 or self.bin < 1 or self.shift < 0 or self.batch < 1 or not 0 <= self.order <= 5:
             raise ValueError(f"invalid TemplateConfig {self}")
         if self.mask_radius is not None and self.mask_radius <= 0:
             raise ValueError(f"mask_radius must be > 0 Å, got {self.mask_radius}")

@@ -353,30 +353,29 @@ def _table_dict(table: pd.DataFrame) -> dict:
             for k, row in table.iterrows()}
 
 
-def _rescorer_path(weights: Path, rescorer) -> Path | None:
-    from czii_kit.rescore import rescorer_for
-
-    if rescorer is False:
+def _beside(weights: Path, given, finder, file_name: str) -> Path | None:
+    """A companion file of ``weights``: ``given`` if a path, ``finder(weights)`` (the file beside the
+    weights, or None) if ``None``, the same but required if ``True``, none if ``False``."""
+    if given is False:
         return None
-    if rescorer is None or rescorer is True:
-        found = rescorer_for(weights)
-        if found is None and rescorer is True:
-            raise DataError(weights.parent, "no czii_kit_rescorer.pt beside the weights")
+    if given is None or given is True:
+        found = finder(weights)
+        if found is None and given is True:
+            raise DataError(weights.parent, f"no {file_name} beside the weights")
         return found
-    return Path(rescorer)
+    return Path(given)
+
+
+def _rescorer_path(weights: Path, rescorer) -> Path | None:
+    from czii_kit.rescore import RESCORER_FILE, rescorer_for
+
+    return _beside(weights, rescorer, rescorer_for, RESCORER_FILE)
 
 
 def _templates_path(weights: Path, templates) -> Path | None:
-    from czii_kit.templates import templates_for
+    from czii_kit.templates import TEMPLATES_FILE, templates_for
 
-    if templates is False:
-        return None
-    if templates is None or templates is True:
-        found = templates_for(weights)
-        if found is None and templates is True:
-            raise DataError(weights.parent, "no czii_kit_templates.npz beside the weights")
-        return found
-    return Path(templates)
+    return _beside(weights, templates, templates_for, TEMPLATES_FILE)
 
 
 def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, tomogram: str,
