@@ -77,7 +77,8 @@ class RescoreConfig:
     template_weight : float
         Weight ``w`` of the template-matching margin ``m`` (:mod:`czii_kit.templates`: the NCC of the
         candidate's own type minus the best other template type's; 0 for types without a template):
-        ``score = sigmoid(logit(score) + w * m)``. 0 = no template matching.
+        ``score = sigmoid(logit(score) + w * min(m, 0))``, so a candidate that another template fits
+        better loses score and one that fits its own best keeps it. 0 = no template matching.
     """
 
     mix: float = 0.5
@@ -306,7 +307,7 @@ def _cross_type_proposals(cands: pd.DataFrame, loc: np.ndarray, cls: np.ndarray,
 
 def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFrame:
     """``score = det_score ** (1 - mix) * p_type ** mix`` of raw rescored candidates (:func:`rescore_volume`),
-    then, with ``config.template_weight`` ``w`` > 0, ``sigmoid(logit(score) + w * tm_margin)``.
+    then, with ``config.template_weight`` ``w`` > 0, ``sigmoid(logit(score) + w * min(tm_margin, 0))``.
 
     Without ``config.cross_type`` the proposals are dropped; with it, per run and type, 3D NMS
     (``config.nms_frac`` radii) on the new score. Sorted by experiment, type and descending score.
@@ -317,7 +318,8 @@ def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFram
         if "tm_margin" not in out.columns:
             raise ValueError("template_weight > 0 needs candidates rescored with templates (no 'tm_margin' column)")
         score = np.clip(score, 1e-6, 1 - 1e-6)
-        logit = np.log(score / (1 - score)) + config.template_weight * out["tm_margin"].to_numpy(float)
+        penalty = np.minimum(out["tm_margin"].to_numpy(float), 0.0)  # only "another type fits better" counts
+        logit = np.log(score / (1 - score)) + config.template_weight * penalty
         score = 1.0 / (1.0 + np.exp(-logit))
     out = out.assign(score=score)
     if config.cross_type and len(out):

@@ -16,8 +16,9 @@ detector proposed (not over the whole volume), so a CPU does it in seconds per t
   maximum over orientations and shifts is the candidate's match to that type.
 
 :mod:`czii_kit.rescore` turns the matches into a margin (own type minus the best other template
-type) that shifts the rescored score (:class:`~czii_kit.rescore.RescoreConfig`'s
-``template_weight``, tuned on validation runs by :func:`czii_kit.tune.tune`).
+type); a negative margin (another template fits better) lowers the rescored score
+(:class:`~czii_kit.rescore.RescoreConfig`'s ``template_weight``, tuned on validation runs by
+:func:`czii_kit.tune.tune`).
 
 The template file (``czii_kit_templates.npz`` beside the detector weights) holds each type's
 density, block-averaged from its map to ``bin`` x the map's voxel size, with its centre of mass

@@ -56,7 +56,7 @@ the first listed (the default) wins."""
 RESCORE_MIXES = (1.0, 0.75, 0.5)
 """Exponents of the rescorer's probability compared by :func:`tune` (``det ** (1 - mix) * p ** mix``)."""
 
-TEMPLATE_WEIGHTS = (0.0, 10.0, 20.0, 40.0)
+TEMPLATE_WEIGHTS = (0.0, 10.0, 20.0, 40.0, 80.0)
 """Weights of the template-matching margin compared by :func:`tune` when a template file is found
 (:class:`~czii_kit.rescore.RescoreConfig`'s ``template_weight``; 0 = without)."""
 

@@ -13,8 +13,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Reads the density maps (MRC; file names as in ../shared/data/density_maps) of the template types, "
             "block-averages them BIN x and writes an .npz that `tune` and `predict` use when it lies beside the "
             "detector weights as czii_kit_templates.npz: each rescored candidate of those types is matched "
-            "against every template over 1,500 orientations, and the margin of its own type over the others "
-            "shifts its score (weight tuned by `tune`)."
+            "against every template over 1,500 orientations, and one that another template fits better than its "
+            "own loses score (weight tuned by `tune`)."
         ),
     )
     p.add_argument("maps", metavar="MAPS_DIR", help="folder of the density maps")

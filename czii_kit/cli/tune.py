@@ -101,7 +101,7 @@ def run(args) -> int:
           "of each class's best F4, at its low end)")
     if doc.get("rescore"):
         r = doc["rescore"]
-        print(f"with the 3D rescorer {r['file']}, score = det^(1-mix) * p^mix (then sigmoid(logit + w * "
+        print(f"with the 3D rescorer {r['file']}, score = det^(1-mix) * p^mix (then sigmoid(logit + w * min(0, "
               "template margin)); validation F4:")
         for m in r["comparison"]:
             print(f"  mix {m['mix']:<5g}{'cross-type proposals' if m['cross_type'] else 'detector types only':<24}"
