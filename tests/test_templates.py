@@ -44,20 +44,22 @@ def _templates(voxel=20.0):
                         np.full(3, side // 2, float)) for k in BLOBS}
 
 
-def _volume(seed=0, noise=0.05):
-    """Normalised-looking volume (background 0.6, dense matter dark) with 3 rotated copies of each kind."""
+def _volume(seed=0, noise=0.05, vs=VS):
+    """Normalised-looking volume (background 0.6, dense matter dark) with 3 rotated copies of each kind;
+    ``vs`` Å per voxel (the particles keep their size in Å)."""
     from czii_kit.synthetic.phantom import random_rotations
 
     rng = np.random.default_rng(seed)
-    grid = np.indices(SHAPE).astype(float) * VS
-    vol = 0.6 + noise * rng.standard_normal(SHAPE)
+    shape = tuple(int(round(n * VS / vs)) for n in SHAPE)
+    grid = np.indices(shape).astype(float) * vs
+    vol = 0.6 + noise * rng.standard_normal(shape)
     centres, kinds = [], []
     slots = [(z, y, x) for z in (14, 30) for y in (18, 52) for x in (20, 50, 80)]
     rng.shuffle(slots)
     for i, rot in enumerate(random_rotations(rng, 6)):
         kind = list(BLOBS)[i % 2]
-        c = np.array(slots[i], float)
-        vol -= 0.3 * _density(grid, c * VS, rot, kind)
+        c = np.array(slots[i], float) * VS / vs
+        vol -= 0.3 * _density(grid, c * vs, rot, kind)
         centres.append(c)
         kinds.append(kind)
     return vol.astype(np.float32), np.array(centres), kinds
@@ -88,6 +90,15 @@ def test_matcher_tells_the_shapes_apart_at_their_centres():
     # the same points read as (z, y, x) land on noise: the own-type match collapses
     swapped = tm.match(vol, pts[:, ::-1], VS)
     assert np.median(swapped[np.arange(6), own]) < 0.5 * np.median(ncc[np.arange(6), own])
+
+
+def test_matching_follows_the_voxel_size():
+    """The same particles sampled at 14 Å per voxel: templates and masks are rescaled (sizes are in Å)."""
+    vs = 14.0
+    vol, centres, kinds = _volume(seed=1, vs=vs)
+    tm = TemplateMatcher(_templates(), TemplateConfig(n_rotations=400, mask_radius=110.0))
+    m = tm.margins(vol, voxel_to_angstrom(centres, vs), vs)
+    assert (m[np.arange(6), [PARTICLE_NAMES.index(k) for k in kinds]] > 0.03).all()
 
 
 def test_template_file_round_trip_and_errors(tmp_path):
