@@ -101,6 +101,16 @@ def test_matching_follows_the_voxel_size():
     assert (m[np.arange(6), [PARTICLE_NAMES.index(k) for k in kinds]] > 0.03).all()
 
 
+def test_per_template_masks():
+    """``mask_radius=None``: each template cut to its own radius (+ pad); still tells the shapes apart."""
+    vol, centres, kinds = _volume(seed=2)
+    t = _templates()
+    assert t["thyroglobulin"].radius > t["beta-galactosidase"].radius > 60.0
+    tm = TemplateMatcher(t, TemplateConfig(n_rotations=400, mask_radius=None, mask_pad=20.0))
+    m = tm.margins(vol, voxel_to_angstrom(centres, VS), VS)
+    assert (m[np.arange(6), [PARTICLE_NAMES.index(k) for k in kinds]] > 0.0).all()
+
+
 def test_template_file_round_trip_and_errors(tmp_path):
     t = _templates()
     path = save_templates(t, tmp_path / "t.npz", {"bin": 2})
