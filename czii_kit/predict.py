@@ -17,7 +17,7 @@ import pandas as pd
 
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
-from czii_kit.infer import InferenceConfig, detect_runs
+from czii_kit.infer import InferenceConfig, detect_runs, preprocess_config_for
 from czii_kit.layout import select_runs
 from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections
 from czii_kit.tune import DEFAULT_THRESHOLD, THRESHOLDS_FILE, read_thresholds
@@ -186,8 +186,6 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         thr.update(thresholds)
     dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, inf, progress)
     cands = merge_detections(dets, voxel_sizes, merge, per_type)
-    if refine_cfg is not None or plan is not None:
-        from czii_kit.infer import preprocess_config_for
     if plan is not None:  # refinement, then rescoring, on one read of each tomogram
         from czii_kit.rescore import Rescorer, rescore_runs
 

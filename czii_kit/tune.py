@@ -396,7 +396,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     """
     from czii_kit.infer import preprocess_config_for
     from czii_kit.metric import score
-    from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, file_sha256, rescore_runs
+    from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, rescore_runs
 
     rcfg = rescore_config or RescoreConfig()
     mixes = [rcfg.mix] if mixes is None else list(mixes)
@@ -426,10 +426,8 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
                     best = (final, trial_cfg, trial, thr, tab)
     _, rcfg, rescored, thresholds, table = best
     check = score(solution, apply_thresholds(rescored, thresholds))
-    same_dir = rescorer_path.resolve().parent == weights.resolve().parent
     section = {
-        "file": rescorer_path.name if same_dir else str(rescorer_path),
-        "sha256": file_sha256(rescorer_path),
+        **_file_record(rescorer_path, weights),
         "config": rcfg.to_dict(),
         "comparison": comparison,
         "thresholds": thresholds,
@@ -437,7 +435,14 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
         "table": _table_dict(table),
     }
     if rcfg.template_weight > 0:
-        same = templates.resolve().parent == weights.resolve().parent
-        section["templates"] = {"file": templates.name if same else str(templates), "sha256": file_sha256(templates),
-                                "config": matcher.config.to_dict()}
+        section["templates"] = {**_file_record(templates, weights), "config": matcher.config.to_dict()}
     return section, rescored
+
+
+def _file_record(path: Path, weights: Path) -> dict:
+    """``{"file", "sha256"}`` of a companion file as the thresholds file records it: its name when it
+    lies beside ``weights``, else its path (read back by ``czii_kit.predict._recorded_file``)."""
+    from czii_kit.rescore import file_sha256
+
+    same_dir = path.resolve().parent == weights.resolve().parent
+    return {"file": path.name if same_dir else str(path), "sha256": file_sha256(path)}

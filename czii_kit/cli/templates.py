@@ -27,10 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import hashlib
     from pathlib import Path
 
     from czii_kit.catalog import get_particle
+    from czii_kit.rescore import file_sha256
     from czii_kit.templates import DEFAULT_TYPES, build_templates, save_templates
 
     types = tuple(args.types or DEFAULT_TYPES)
@@ -38,7 +38,7 @@ def run(args) -> int:
     sources = {}
     for name in templates:
         f = Path(args.maps) / get_particle(name).map_file
-        sources[name] = {"map": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+        sources[name] = {"map": f.name, "sha256": file_sha256(f)}
     out = save_templates(templates, args.out, {"bin": args.bin, "sources": sources}, overwrite=args.force)
     for name, t in templates.items():
         print(f"{name}: {t.density.shape} voxels of {t.voxel_size:.2f} Å")
