@@ -27,6 +27,11 @@ templates_s, templates_setup_s
     Template matching (:mod:`czii_kit.templates`) at the same candidates, on the same volume, with
     the shipped template file (``templates_setup_s``: rotating the templates once per process); absent
     when no template file is shipped.
+smooth_check_s, smooth_s
+    The low-pass of noisy tomograms (:func:`czii_kit.preprocess.settle_smoothing`): deciding whether
+    and how much to smooth (``smooth_check_s``, paid on every tomogram; a denoised one stops there),
+    and the Gaussian filter of the whole volume at sigma 1.75 (``smooth_s``, paid twice per noisy
+    tomogram: once for detection, once for refinement and rescoring).
 peak_rss_mb
     Peak resident memory of the worker process.
 """
@@ -121,6 +126,15 @@ def _worker(args) -> dict:
                               "y": xyz[:, 1], "z": xyz[:, 2], "score": 0.5})
         model = Rescorer(args.weights)
         model.predict_proba(np.zeros((8, 32, 32, 32), np.float32))  # first-call overhead excluded
+        from czii_kit.preprocess import settle_smoothing, smoothing_sigma
+
+        raw = read_volume(tomo)
+        t0 = time.perf_counter()
+        smoothing_sigma(raw)
+        t1 = time.perf_counter()
+        settle_smoothing(raw, 1.75)
+        out.update(smooth_check_s=t1 - t0, smooth_s=time.perf_counter() - t1)
+        del raw
         t0 = time.perf_counter()
         vol = normalised_volume(read_volume(tomo), prep, "auto")
         rescore_volume(cands, vol, tomo.voxel_size, model)
@@ -246,7 +260,8 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
             progress(f"3D rescorer, {rescore_r['candidates']} candidates: {rescore_r['rescore_s']:.2f} s/tomogram, "
                      f"peak RSS {rescore_r['peak_rss_mb']:.0f} MB; centre refinement of them as apo-ferritin: "
                      f"{rescore_r['refine_s']:.2f} s" + (f"; template matching: {rescore_r['templates_s']:.2f} s"
-                                                         if "templates_s" in rescore_r else ""))
+                                                         if "templates_s" in rescore_r else "")
+                     + f"; low-pass check {rescore_r['smooth_check_s']:.2f} s, filter {rescore_r['smooth_s']:.2f} s")
         import platform
 
         setup = {"shape": list(FULL_SHAPE), "weights": str(weights), "batch": batch, "imgsz": imgsz,

@@ -31,7 +31,14 @@ import pandas as pd
 
 from czii_kit.errors import CziiKitError, DataError
 from czii_kit.postprocess import DETECTION_COLUMNS, empty_detections
-from czii_kit.preprocess import PreprocessConfig, iter_stacks, slice_indices, window_for
+from czii_kit.preprocess import (
+    PreprocessConfig,
+    iter_stacks,
+    parse_smooth,
+    settle_smoothing,
+    slice_indices,
+    window_for,
+)
 from czii_kit.tomogram import open_tomogram
 
 BACKENDS = ("torch", "onnx", "openvino")
@@ -71,6 +78,12 @@ class InferenceConfig:
         trained on), ``"bright"`` inverted before detection, ``"auto"`` inverted only when the
         volume's smoothed intensity skew shows clearly bright dense matter
         (:func:`czii_kit.preprocess.window_for`; a warning names the tomogram).
+    smooth : "auto" or float
+        Gaussian low-pass (sigma in voxels) of the whole volume before detection, rescoring and
+        refinement: ``"auto"`` low-passes only noisy tomograms (raw WBP reconstructions: x-neighbour
+        correlation below :data:`czii_kit.preprocess.SMOOTH_TARGET`) just enough to look as smooth
+        as the denoised tomograms the models are trained on (:func:`czii_kit.preprocess.settle_smoothing`;
+        a warning names the tomogram); ``0`` never.
     device : str or None
         ultralytics device string (``"cpu"``, ``"0"``); ``None`` lets ultralytics choose.
     """
@@ -84,7 +97,11 @@ class InferenceConfig:
     max_det: int = 300
     multi_label: bool = False
     polarity: str = "auto"
+    smooth: str | float = "auto"
     device: str | None = None
+
+    def __post_init__(self):
+        self.smooth = parse_smooth(self.smooth)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -368,7 +385,11 @@ def preprocess_config_for(weights: str | Path) -> PreprocessConfig:
 
 def detect_volume(detector: Detector, volume: np.ndarray, run: str, preprocess: PreprocessConfig,
                   z_stride: int = 1, source=None, progress=None) -> pd.DataFrame:
-    """Detections of one ``[z, y, x]`` volume (see module docstring for the columns)."""
+    """Detections of one ``[z, y, x]`` volume (see module docstring for the columns).
+
+    The volume is low-passed first as ``detector.config.smooth`` asks (noisy tomograms only, by default).
+    """
+    volume, _ = settle_smoothing(volume, detector.config.smooth, source=source or run)
     window, _ = window_for(volume, preprocess, detector.config.polarity, source=source or run)
     rows = []
     zs = slice_indices(volume.shape[0], z_stride)

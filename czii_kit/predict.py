@@ -42,8 +42,8 @@ def default_weights() -> Path:
 
 
 def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
-                 tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None
-                 ) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
+                 tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None,
+                 smooth: str | float | None = None) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
     """Inference config, merge config, per-type merge configs and thresholds for ``weights``
     (tuned file, then overrides)."""
     doc = read_thresholds(weights)
@@ -52,7 +52,9 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
                       f"threshold of {DEFAULT_THRESHOLD} for every type (run `czii-kit tune`)", stacklevel=2)
     known = {f.name for f in fields(InferenceConfig)}
     inf = {k: v for k, v in (doc.get("inference") or {}).items() if k in known}
-    for k, v in {"z_stride": z_stride, "batch": batch, "tta": tta, "imgsz": imgsz, "polarity": polarity}.items():
+    overrides = {"z_stride": z_stride, "batch": batch, "tta": tta, "imgsz": imgsz, "polarity": polarity,
+                 "smooth": smooth}
+    for k, v in overrides.items():
         if v is not None:
             inf[k] = v
     thresholds = {n: float(doc.get("thresholds", {}).get(n, DEFAULT_THRESHOLD)) for n in PARTICLE_NAMES}
@@ -142,7 +144,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
-            rescore: bool | None = None, refine: bool | None = None, templates: bool | None = None,
+            smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None, templates: bool | None = None,
             progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
@@ -163,6 +165,9 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         Override the tuned per-type thresholds.
     polarity : {"auto", "dark", "bright"}, optional
         Contrast of the tomograms (default ``"auto"``: see :class:`czii_kit.infer.InferenceConfig`).
+    smooth : "auto", "off" or float, optional
+        Low-pass of the tomograms before detection, refinement and rescoring (default as tuned, else
+        ``"auto"``: noisy tomograms only; see :class:`czii_kit.infer.InferenceConfig`).
     rescore : bool, optional
         Second-stage 3D rescoring (:mod:`czii_kit.rescore`; see :func:`rescore_settings`): default
         when it was tuned, ``False`` to skip it.
@@ -177,7 +182,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     if not weights.is_file():
         raise DataError(weights, "no such weights file")
     chosen = select_runs(root, split, runs)
-    inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity)
+    inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity, smooth=smooth)
     plan = rescore_settings(weights, rescore)
     refine_cfg = refine_settings(weights, refine)
     if plan is not None:
@@ -191,12 +196,12 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
 
         matcher, rcfg = template_settings(weights, plan[1], templates)
         cands = rescore_runs(cands, chosen, Rescorer(plan[0]), tomogram, preprocess_config_for(weights),
-                             inf.polarity, rcfg, progress, refine=refine_cfg, templates=matcher)
+                             inf.polarity, rcfg, progress, refine=refine_cfg, templates=matcher, smooth=inf.smooth)
     elif refine_cfg is not None:
         from czii_kit.refine import refine_runs
 
         cands = refine_runs(cands, chosen, tomogram, preprocess_config_for(weights), inf.polarity, refine_cfg,
-                            progress)
+                            progress, smooth=inf.smooth)
     return apply_thresholds(cands, thr)
 
 

@@ -167,8 +167,12 @@ def refine_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: floa
 
 
 def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", preprocess=None,
-                polarity: str = "auto", config: RefineConfig | None = None, progress: bool = True) -> pd.DataFrame:
-    """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time."""
+                polarity: str = "auto", config: RefineConfig | None = None, progress: bool = True,
+                smooth: str | float = "auto") -> pd.DataFrame:
+    """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time.
+
+    ``smooth``: low-pass of the tomograms, as :class:`czii_kit.infer.InferenceConfig`.
+    """
     from czii_kit.rescore import normalised_runs
 
     config = config or RefineConfig()
@@ -177,7 +181,7 @@ def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", prep
     frames, done = [], set()
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "refine"):
+    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "refine", smooth):
         frames.append(refine_volume(candidates[names == run.name], vol, voxel_size, config))
         done.add(run.name)
         del vol

@@ -44,7 +44,7 @@ from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import DataError
 from czii_kit.metric import DISTANCE_MULTIPLIER
 from czii_kit.postprocess import nms_3d
-from czii_kit.preprocess import PreprocessConfig, window_for
+from czii_kit.preprocess import PreprocessConfig, settle_smoothing, window_for
 
 RESCORER_FILE = "czii_kit_rescorer.pt"
 PATCH_SIZE = 32
@@ -107,14 +107,19 @@ class RescoreConfig:
 
 
 def normalised_volume(volume: np.ndarray, preprocess: PreprocessConfig | None = None, polarity: str = "auto",
-                      source=None) -> np.ndarray:
-    """``volume [z, y, x]`` windowed as for the detector: float32 in 0..1, particles dark."""
+                      source=None, smooth: str | float = "auto") -> np.ndarray:
+    """``volume [z, y, x]`` low-passed and windowed as for the detector: float32 in 0..1, particles dark.
+
+    ``smooth``: as :class:`czii_kit.infer.InferenceConfig` (``"auto"``: noisy tomograms only; 0: never).
+    """
+    volume, _ = settle_smoothing(volume, smooth, source=source, warn=False)
     window, _ = window_for(volume, preprocess or PreprocessConfig(), polarity, source=source)
     return window.apply(volume, "float32")
 
 
 def normalised_runs(runs: Iterable, tomogram: str = "denoised", preprocess: PreprocessConfig | None = None,
-                    polarity: str = "auto", progress: bool = True, desc: str = "tomograms"):
+                    polarity: str = "auto", progress: bool = True, desc: str = "tomograms",
+                    smooth: str | float = "auto"):
     """Yield ``(run, voxel_size, volume)`` for each run (``czii_kit.layout.Run``): its ``tomogram``
     read and normalised by :func:`normalised_volume`, one at a time (drop ``volume`` before the next)."""
     from tqdm.auto import tqdm
@@ -124,7 +129,7 @@ def normalised_runs(runs: Iterable, tomogram: str = "denoised", preprocess: Prep
 
     for run in tqdm(list(runs), desc=desc, unit="run", disable=not progress):
         tomo = open_tomogram(run.tomogram_path(tomogram))
-        yield run, tomo.voxel_size, normalised_volume(read_volume(tomo), preprocess, polarity, source=tomo.path)
+        yield run, tomo.voxel_size, normalised_volume(read_volume(tomo), preprocess, polarity, tomo.path, smooth)
 
 
 def extract_patches(volume: np.ndarray, centres_zyx, size: int = PATCH_SIZE) -> np.ndarray:
@@ -336,7 +341,7 @@ def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFram
 def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
                  preprocess: PreprocessConfig | None = None, polarity: str = "auto",
                  config: RescoreConfig | None = None, progress: bool = True, raw: bool = False,
-                 refine=None, templates=None) -> pd.DataFrame:
+                 refine=None, templates=None, smooth: str | float = "auto") -> pd.DataFrame:
     """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
 
     ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
@@ -344,12 +349,14 @@ def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, t
     the same normalised volume (one read of the tomogram for both; same result as
     :func:`czii_kit.refine.refine_runs` followed by this function).
     ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as :func:`rescore_volume`).
+    ``smooth``: low-pass of the tomograms, as :class:`czii_kit.infer.InferenceConfig` (pass the
+    detector's setting so both see the same volume).
     """
     config = config or RescoreConfig()
     frames = []
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "rescore"):
+    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "rescore", smooth):
         g = candidates[names == run.name]
         if refine is not None:
             from czii_kit.refine import refine_volume
@@ -407,7 +414,8 @@ def background_points(shape_zyx: Sequence[int], reference_zyx: np.ndarray, n: in
 
 def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataFrame | None = None,
                     tomograms: Sequence[str] = ("denoised",), background_ratio: float = 1.0,
-                    preprocess: PreprocessConfig | None = None, seed: int = 0, progress: bool = True) -> dict:
+                    preprocess: PreprocessConfig | None = None, seed: int = 0, progress: bool = True,
+                    smooth: str | float = "auto") -> dict:
     """Training patches of ``runs``: references, random background and (optionally) detector candidates.
 
     Parameters
@@ -422,6 +430,9 @@ def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataF
         Tomogram kinds to cut from (each run's missing kinds are skipped).
     background_ratio : float
         Random background patches per reference.
+    smooth : "auto" or float
+        Low-pass of each tomogram before cutting, as at inference (:class:`czii_kit.infer.InferenceConfig`;
+        the shipped rescorer's patches were cut with 0, before the option existed).
 
     Returns
     -------
@@ -443,7 +454,7 @@ def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataF
     for run, kind in tqdm(jobs, desc="patches", unit="tomogram", disable=not progress):
         tomo = open_tomogram(run.tomogram_path(kind))
         vs = tomo.voxel_size
-        vol = normalised_volume(read_volume(tomo), preprocess, "dark", source=tomo.path)
+        vol = normalised_volume(read_volume(tomo), preprocess, "dark", tomo.path, smooth)
         sol = solution[solution["experiment"].astype(str) == run.name]
         ref_xyz = sol[["x", "y", "z"]].to_numpy(float)
         ref = nearest_voxel(ref_xyz, vs)

@@ -279,7 +279,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     merge_per_type = {t: {"name": n, **configs[n]} for t, n in chosen_types.items()}
     cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
     cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, tomogram, weights,
-                                                         config.polarity, refine, tolerance, progress)
+                                                         config.polarity, refine, tolerance, progress,
+                                                         config.smooth)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
     from czii_kit.metric import score
 
@@ -325,11 +326,13 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
 
 
 def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: str, weights: Path,
-                  polarity: str = "auto", refine=None, tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True):
+                  polarity: str = "auto", refine=None, tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True,
+                  smooth: str | float = "auto"):
     """Refine the merged validation candidates (:mod:`czii_kit.refine`) if asked, or if it pays.
 
     ``refine=None`` tunes thresholds with and without refinement and keeps the better validation
     F4; ``True`` / a :class:`~czii_kit.refine.RefineConfig` always refines; ``False`` never.
+    ``smooth``: low-pass of the tomograms, as the detector's :class:`~czii_kit.infer.InferenceConfig`.
     Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
     """
     from czii_kit.infer import preprocess_config_for
@@ -338,7 +341,7 @@ def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: s
     if refine is False:
         return cands, None, None
     cfg = refine if isinstance(refine, RefineConfig) else RefineConfig()
-    refined = refine_runs(cands, runs, tomogram, preprocess_config_for(weights), polarity, cfg, progress)
+    refined = refine_runs(cands, runs, tomogram, preprocess_config_for(weights), polarity, cfg, progress, smooth)
     if refine is not None:
         return refined, cfg, None
     plain = weighted_final(tune_thresholds(cands, solution, tolerance=tolerance)[1])
@@ -410,7 +413,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     model = Rescorer(rescorer_path)
     raw = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
                        RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}), progress, raw=True,
-                       templates=matcher)
+                       templates=matcher, smooth=config.smooth)
     best, comparison = None, []
     for cross_type in cross:
         for mix in mixes:

@@ -158,3 +158,76 @@ def test_contrast_polarity_is_detected_and_undone():
     assert window_for(dark, cfg, "dark")[1] is None
     with pytest.raises(ValueError, match="polarity"):
         window_for(dark, cfg, "grey")
+
+
+# --- low-pass of noisy tomograms -------------------------------------------------------------
+
+
+def test_neighbour_correlation_measures_smoothness_along_x():
+    from scipy.ndimage import gaussian_filter
+
+    from czii_kit.preprocess import neighbour_correlation
+
+    noise = _volume((20, 36, 52), seed=3)
+    assert abs(neighbour_correlation(noise)) < 0.05
+    assert neighbour_correlation(gaussian_filter(noise, 2.0)) > 0.9
+    # scale and offset do not matter
+    v = gaussian_filter(noise, 1.0)
+    assert neighbour_correlation(v * 1e-4 + 7e-4) == pytest.approx(neighbour_correlation(v), abs=1e-4)
+    # only x counts (the axis order is [z, y, x]): smoothing along z or y alone leaves it near 0
+    assert abs(neighbour_correlation(gaussian_filter(noise, (3.0, 0, 0)))) < 0.05
+    assert abs(neighbour_correlation(gaussian_filter(noise, (0, 3.0, 0)))) < 0.05
+    assert neighbour_correlation(gaussian_filter(noise, (0, 0, 3.0))) > 0.9
+    assert neighbour_correlation(np.full((4, 5, 6), 3.0, np.float32)) == 1.0
+    with pytest.raises(ValueError, match="fewer than 2 voxels along x"):
+        neighbour_correlation(np.zeros((4, 5, 1), np.float32))
+
+
+def test_smoothing_sigma_is_the_smallest_that_reaches_the_target():
+    from scipy.ndimage import gaussian_filter
+
+    from czii_kit.preprocess import SMOOTH_SIGMAS, SMOOTH_TARGET, neighbour_correlation, smoothing_sigma
+
+    noise = _volume((24, 40, 56), seed=4)
+    s = smoothing_sigma(noise)
+    i = SMOOTH_SIGMAS.index(s)
+    assert i > 0 and neighbour_correlation(gaussian_filter(noise, s)) >= SMOOTH_TARGET
+    assert neighbour_correlation(gaussian_filter(noise, SMOOTH_SIGMAS[i - 1])) < SMOOTH_TARGET
+    assert smoothing_sigma(gaussian_filter(noise, 3.0)) == 0.0  # already smooth
+    assert smoothing_sigma(noise, target=0.999) == SMOOTH_SIGMAS[-1]  # unreachable: the largest
+    assert smoothing_sigma(noise, target=0.5) < s
+
+
+def test_settle_smoothing_low_passes_noisy_volumes_only():
+    import warnings
+
+    from scipy.ndimage import gaussian_filter
+
+    from czii_kit.preprocess import parse_smooth, settle_smoothing, smoothing_sigma
+
+    noise = _volume((24, 40, 56), seed=5)
+    smooth = gaussian_filter(noise, 3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same, sigma = settle_smoothing(smooth, "auto", source="denoised.zarr")
+    assert same is smooth and sigma == 0.0
+    with pytest.warns(UserWarning, match=r"wbp\.zarr: noisy tomogram .* sigma"):
+        out, sigma = settle_smoothing(noise, "auto", source="wbp.zarr")
+    assert sigma == smoothing_sigma(noise) > 0 and out.dtype == np.float32
+    np.testing.assert_allclose(out, gaussian_filter(noise, sigma), atol=1e-5)
+    assert settle_smoothing(noise, "auto", warn=False)[1] == sigma
+    out, sigma = settle_smoothing(smooth, 1.5)
+    assert sigma == 1.5 and not np.allclose(out, smooth)
+    for off in (0, "0", "off", 0.0):
+        assert settle_smoothing(noise, off)[0] is noise
+    assert parse_smooth("auto") == "auto" and parse_smooth("1.25") == 1.25 and parse_smooth(2) == 2.0
+    for bad in ("strong", -1.0, float("nan"), True, None):
+        with pytest.raises(ValueError, match="smooth"):
+            parse_smooth(bad)
+    with pytest.raises(ValueError, match="smooth"):
+        settle_smoothing(noise, "strong")
+    from czii_kit.infer import InferenceConfig
+
+    assert InferenceConfig().smooth == "auto" and InferenceConfig(smooth="off").smooth == 0.0
+    with pytest.raises(ValueError, match="smooth"):
+        InferenceConfig(smooth="strong")

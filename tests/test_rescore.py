@@ -329,4 +329,4 @@ def test_bench_times_the_rescorer(tmp_path):
                               batch=1, z_stride=1, imgsz=None)
     out = _worker(args)
     assert out["candidates"] == RESCORE_CANDIDATES and out["rescore_s"] > 0 and out["peak_rss_mb"] > 0
-    assert out["refine_s"] > 0
+    assert out["refine_s"] > 0 and out["smooth_check_s"] > 0 and out["smooth_s"] > 0

@@ -57,6 +57,8 @@ def run(args) -> int:
               f"forward), peak RSS {r['peak_rss_mb']:.0f} MB")
         print(f"centre refinement: {r['refine_s']:.2f} s for the same candidates as apo-ferritin (local shell "
               "correlation, volume already read)")
+        print(f"low-pass of noisy tomograms: {r['smooth_check_s']:.2f} s to check every tomogram, "
+              f"{r['smooth_s']:.2f} s per filtering of a noisy one (twice per tomogram)")
         if "templates_s" in r:
             print(f"template matching: {r['templates_s']:.2f} s for the same candidates (binned volume, "
                   f"2 templates x 1,500 orientations; {r['templates_setup_s']:.2f} s once to rotate the templates)")

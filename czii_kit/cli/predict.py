@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+SMOOTH_HELP = ("Gaussian low-pass of each tomogram (sigma in voxels) before detection and rescoring: 'auto' "
+               "(default) only for noisy ones such as raw WBP reconstructions, just enough to look like the "
+               "denoised tomograms the model was trained on; 0 or 'off' never")
+
+
+def smooth_arg(text: str):
+    """argparse type of ``--smooth``: ``auto``, ``off`` or a sigma >= 0."""
+    from czii_kit.preprocess import parse_smooth
+
+    try:
+        return parse_smooth(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -28,6 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--polarity", choices=["auto", "dark", "bright"],
                    help="contrast of the tomograms: dark particles (cryo-ET), bright (inverted first), or auto "
                         "(inverted when the intensity skew shows bright dense matter; default)")
+    p.add_argument("--smooth", type=smooth_arg, metavar="auto|off|SIGMA", help=SMOOTH_HELP)
     p.add_argument("--no-rescore", action="store_true",
                    help="skip the second-stage 3D rescorer (detector-only thresholds; faster)")
     p.add_argument("--no-refine", action="store_true",
@@ -46,7 +61,7 @@ def run(args) -> int:
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
-        polarity=args.polarity, rescore=False if args.no_rescore else None,
+        polarity=args.polarity, smooth=args.smooth, rescore=False if args.no_rescore else None,
         refine=False if args.no_refine else None, templates=False if args.no_templates else None, progress=not args.quiet,
     )
     print(summary(picks).to_string())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from czii_kit.cli.predict import smooth_arg
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -32,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="keep detector candidates scoring >= FLOOR x the tuned threshold (default 0.5)")
     c.add_argument("--background-ratio", type=float, default=1.0, help="random background patches per reference")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--smooth", type=smooth_arg, default="auto", metavar="auto|off|SIGMA",
+                   help="low-pass of each tomogram before cutting patches, as at prediction (default auto: noisy "
+                        "tomograms only; the shipped rescorer was collected with 0)")
     c.add_argument("--force", action="store_true", help="overwrite --out")
     c.add_argument("--quiet", action="store_true")
     t = sub.add_parser("train", help="train the rescorer on patch files")
@@ -79,7 +84,7 @@ def _collect(args) -> int:
         cands = detector_candidates(weights, runs, args.tomograms[0], args.backend, args.floor,
                                     progress=not args.quiet)
     data = collect_patches(runs, solution, cands, args.tomograms, args.background_ratio, prep, args.seed,
-                           progress=not args.quiet)
+                           progress=not args.quiet, smooth=args.smooth)
     path = save_patches(data, args.out, overwrite=args.force)
     counts = np.bincount(data["y"], minlength=len(CLASSES))
     print(f"{len(data['y'])} patches from {len(runs)} run(s): "

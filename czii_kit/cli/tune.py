@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from czii_kit.cli.predict import SMOOTH_HELP, smooth_arg
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -29,6 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="slice stride (default 1; 2 halves the time; predict repeats the tuned stride)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--smooth", type=smooth_arg, default="auto", metavar="auto|off|SIGMA",
+                   help=SMOOTH_HELP + " (recorded; predict repeats it)")
     p.add_argument("--multi-label", action="store_true",
                    help="keep each box for every class scoring above the detection floor, not only its best")
     p.add_argument("--per-type-merge", action="store_true",
@@ -72,7 +76,8 @@ def run(args) -> int:
     from czii_kit.rescore import RescoreConfig
     from czii_kit.tune import RESCORE_MIXES, THRESHOLD_TOLERANCE, tune
 
-    cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label)
+    cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label,
+                          smooth=args.smooth)
     doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
                tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet,
                tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance,

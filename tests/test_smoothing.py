@@ -1,0 +1,60 @@
+"""Low-pass of noisy tomograms at prediction: detection, refinement and rescoring see the same volume."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+COLS = ["experiment", "particle_type", "x", "y", "z"]
+
+
+def _sort(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(COLS).reset_index(drop=True)[COLS]
+
+
+def test_predict_low_passes_noisy_tomograms_once_for_every_stage(tmp_path, monkeypatch):
+    from pipeline_fixture import shipped_model_copy
+
+    import czii_kit.infer as infer
+    from czii_kit.layout import get_run
+    from czii_kit.predict import MODELS_DIR, predict
+    from czii_kit.preprocess import SMOOTH_TARGET, neighbour_correlation, settle_smoothing, smoothing_sigma
+    from czii_kit.tomogram import open_tomogram
+
+    root, run, weights = shipped_model_copy(tmp_path, seed=4247)
+    for f in ("czii_kit_thresholds.json", "czii_kit_rescorer.pt", "czii_kit_templates.npz"):
+        shutil.copy(MODELS_DIR / f, weights.parent)
+    r = get_run(root, run)
+    denoised = open_tomogram(r.tomogram_path("denoised")).read()
+    wbp = open_tomogram(r.tomogram_path("wbp")).read()
+    # the simulator's denoised tomogram is left alone, its raw WBP one is low-passed
+    assert neighbour_correlation(denoised) >= SMOOTH_TARGET > neighbour_correlation(wbp)
+    assert smoothing_sigma(denoised) == 0 and smoothing_sigma(wbp) > 0
+
+    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False, "tomogram": "wbp"}
+    with pytest.warns(UserWarning, match=rf"{run}.*wbp\.zarr.*: noisy tomogram"):
+        auto = predict(root, **kw)
+    off = predict(root, smooth="off", **kw)
+    assert not _sort(off).equals(_sort(auto))
+    # the same as predicting, without smoothing, a tomogram that was low-passed beforehand: so the
+    # detector, the centre refinement and the rescorer all read the low-passed volume
+    read = infer.read_volume
+    monkeypatch.setattr(infer, "read_volume", lambda tomo: settle_smoothing(read(tomo), "auto", warn=False)[0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*noisy tomogram")
+        pre = predict(root, smooth=0, **kw)
+    pd.testing.assert_frame_equal(_sort(pre), _sort(auto))
+    assert len(auto) > 0 and np.isfinite(auto[["x", "y", "z"]].to_numpy()).all()
+
+
+def test_predict_cli_rejects_a_bad_smooth_value(capsys):
+    from czii_kit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "root", "--out", "x.csv", "--smooth", "strong"])
+    assert exc.value.code == 2
+    assert "smooth must be 'auto', 'off' or a sigma in voxels, got 'strong'" in capsys.readouterr().err
