@@ -270,7 +270,9 @@ def settle_smoothing(volume: np.ndarray, smooth: str | float = "auto", source=No
 
             warnings.warn(f"{source}: noisy tomogram (neighbour correlation "
                           f"{neighbour_correlation(volume):.2f} < {SMOOTH_TARGET}); Gaussian low-pass of "
-                          f"sigma {sigma:g} voxels before detection (smooth=0 turns it off)", stacklevel=2)
+                          f"sigma {sigma:g} voxels before detection, as the shipped model expects (it is trained "
+                          "on denoised tomograms); smooth=0 (--smooth off) turns it off, e.g. for a model "
+                          "trained on such noisy tomograms", stacklevel=2)
     else:
         sigma = smooth
     if sigma == 0:
