@@ -517,7 +517,8 @@ def load_patches(paths: str | Path | Sequence[str | Path]) -> dict:
 
 MIN_TRAIN_PATCHES = 8
 TRAIN_DEFAULTS = {"epochs": 6, "batch": 64, "lr": 2e-3, "weight_decay": 1e-4, "label_smoothing": 0.05,
-                  "seed": 0, "threads": None}
+                  "seed": 0, "threads": None, "init": None}
+"""Rescorer training arguments; ``init`` is a rescorer file whose weights training starts from (fine-tuning)."""
 
 
 def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, val_runs: Sequence[str] = (),
@@ -562,13 +563,18 @@ def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, 
         torch.set_num_threads(int(args["threads"]))
     torch.manual_seed(int(args["seed"]))
     net = build_network()
+    base = None
+    if args["init"] is not None:
+        args["init"] = str(args["init"])
+        net.load_state_dict(Rescorer(args["init"]).net.state_dict())
+        base = {"file": args["init"], "sha256": file_sha256(args["init"])}
     opt = torch.optim.AdamW(net.parameters(), args["lr"], weight_decay=args["weight_decay"])
     steps = len(X) // args["batch"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args["lr"], total_steps=args["epochs"] * steps)
     lossf = torch.nn.CrossEntropyLoss(label_smoothing=args["label_smoothing"])
     ckpt = Path(str(out) + ".ckpt")
     fingerprint = {"n": int(len(X)), "counts": np.bincount(y, minlength=len(CLASSES)).tolist(),
-                   **{k: args[k] for k in ("epochs", "batch", "lr", "seed")}}
+                   **{k: args[k] for k in ("epochs", "batch", "lr", "seed")}, "init": base}
     start, history = 0, []
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -611,7 +617,7 @@ def train_rescorer(patches: str | Path | Sequence[str | Path], out: str | Path, 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "patches": [str(p) for p in ([patches] if isinstance(patches, (str, Path)) else patches)],
         "n_train": int(len(X)), "n_val": int(len(Xv)), "val_runs": list(val_runs),
-        "class_counts": fingerprint["counts"], "train_args": args, "history": history,
+        "class_counts": fingerprint["counts"], "train_args": args, "history": history, "base_rescorer": base,
     }
 
     save_rescorer(net, out, meta, overwrite=overwrite)

@@ -226,6 +226,29 @@ def test_training_learns_is_deterministic_and_resumes(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_training_can_start_from_a_rescorer(tmp_path):
+    from czii_kit.rescore import file_sha256
+
+    data = _patch_file(tmp_path / "p.npz", 96, 2)
+    kw = {"epochs": 1, "batch": 16, "seed": 3, "threads": 1, "progress": False}
+    train_rescorer(data, tmp_path / "base.pt", **kw)
+    # with a zero learning rate, fine-tuning keeps the starting weights exactly; a fresh start does not
+    meta = train_rescorer(data, tmp_path / "ft.pt", lr=0.0, init=tmp_path / "base.pt", **kw)
+    assert meta["base_rescorer"] == {"file": str(tmp_path / "base.pt"), "sha256": file_sha256(tmp_path / "base.pt")}
+    assert meta["train_args"]["init"] == str(tmp_path / "base.pt")
+    fresh = train_rescorer(data, tmp_path / "fresh.pt", lr=0.0, **kw)
+    assert fresh["base_rescorer"] is None
+
+    def params(name):
+        return dict(Rescorer(tmp_path / name).net.named_parameters())
+
+    base, ft, new = params("base.pt"), params("ft.pt"), params("fresh.pt")
+    assert all(np.array_equal(base[k].detach().numpy(), ft[k].detach().numpy()) for k in base)
+    assert not all(np.array_equal(base[k].detach().numpy(), new[k].detach().numpy()) for k in base)
+    with pytest.raises(DataError, match="no such rescorer file"):
+        train_rescorer(data, tmp_path / "x.pt", init=tmp_path / "missing.pt", **kw)
+
+
 def test_collect_cli_cuts_references_and_background(tmp_path, capsys):
     from pipeline_fixture import make_root
 

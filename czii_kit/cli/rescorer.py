@@ -48,6 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--init", help="start from this rescorer's weights (fine-tuning; recorded with its SHA-256)")
     t.add_argument("--force", action="store_true", help="overwrite --out")
     t.add_argument("--quiet", action="store_true")
     return p
@@ -100,7 +101,7 @@ def _train(args) -> int:
 
     meta = train_rescorer(args.patches, args.out, val_runs=args.val_runs, overwrite=args.force,
                           progress=not args.quiet, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                          seed=args.seed, threads=args.threads)
+                          seed=args.seed, threads=args.threads, init=args.init)
     for rec in meta["history"]:
         extra = f"  val accuracy {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else ""
         print(f"epoch {rec['epoch']}: loss {rec['loss']:.3f}{extra}")
