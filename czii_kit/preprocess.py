@@ -5,6 +5,8 @@ A 2.5D image for slice ``z`` has one channel per entry of ``offsets``: channel `
 edges. Intensities are mapped through a robust per-tomogram window ``[vmin, vmax]`` (percentiles
 computed on a strided subsample, so any scale or offset of the input works) to uint8 ``0..255`` or
 float32 ``0..1``. Arrays are ``[z, y, x]``; images come out ``(ny, nx, channels)``.
+Noisy tomograms (raw WBP reconstructions) can be low-passed first, as smooth as the denoised
+tomograms the models are trained on (:func:`settle_smoothing`).
 """
 
 from __future__ import annotations
