@@ -74,6 +74,37 @@ def test_info_on_one_tomogram(make_dataset, capsys):
     assert_one_line_error(code, err, "wbp.zarr", "no such zarr group")
 
 
+def test_info_reports_smoothness(make_dataset, capsys):
+    from scipy.ndimage import gaussian_filter
+
+    from czii_kit.preprocess import neighbour_correlation, smoothing_sigma
+
+    root, volumes, _ = make_dataset(runs=("TS_A",))
+    vol = volumes["TS_A"]  # white noise: auto would low-pass it
+    code, out, _ = run_cli(capsys, "info", root, "--smoothness", "--json")
+    assert code == 0
+    s = json.loads(out)["runs"][0]["smoothness"]["denoised"]
+    assert s["neighbour_correlation"] == pytest.approx(neighbour_correlation(vol), abs=1e-4)
+    assert s["auto_sigma"] == smoothing_sigma(vol) > 0
+    code, out, _ = run_cli(capsys, "info", root, "--smoothness")
+    row = [ln for ln in out.splitlines() if ln.startswith("TS_A") and "denoised" in ln and "x" not in ln.split()[-1]]
+    assert "x-corr" in out and row and float(row[-1].split()[-1]) == s["auto_sigma"]
+    code, out, _ = run_cli(capsys, "info", root)
+    assert "x-corr" not in out and "smoothness" not in json.loads(run_cli(capsys, "info", root, "--json")[1])["runs"][0]
+    # one tomogram; a smooth one needs no low-pass
+    tomo = root / "train" / "static" / "ExperimentRuns" / "TS_A" / "VoxelSpacing10.000" / "denoised.zarr"
+    smooth_root, _, _ = make_dataset(runs=("TS_S",), root=root.parent / "smooth")
+    smooth_tomo = smooth_root / "train" / "static" / "ExperimentRuns" / "TS_S" / "VoxelSpacing10.000" / "denoised.zarr"
+    from czii_kit.tomogram import write_tomogram
+
+    shutil.rmtree(smooth_tomo)
+    write_tomogram(smooth_tomo, gaussian_filter(vol, 3.0), 10.012444, chunks=(8, 16, 16))
+    code, out, _ = run_cli(capsys, "info", smooth_tomo, "--smoothness", "--json")
+    assert json.loads(out)["smoothness"]["auto_sigma"] == 0
+    code, out, _ = run_cli(capsys, "info", tomo, "--smoothness")
+    assert f"auto low-pass sigma {s['auto_sigma']:g} voxels" in out
+
+
 def test_info_on_the_real_picks(train_picks_dir, capsys):
     code, out, _ = run_cli(capsys, "info", train_picks_dir)
     assert code == 0

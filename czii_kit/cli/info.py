@@ -28,18 +28,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="dataset root, split, static/overlay root or run folder")
     p.add_argument("--split", help="only runs of this split (e.g. train)")
     p.add_argument("--user-id", help="only copick-named picks of this user (Kaggle-named files are always read)")
+    p.add_argument("--smoothness", action="store_true",
+                   help="also read each tomogram's central block and report its x-neighbour correlation and the "
+                        "low-pass sigma `predict --smooth auto` would apply (0: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
 
-def collect(path, split: str | None = None, user_id: str | None = None) -> dict:
+def smoothness(path) -> dict:
+    """``{"neighbour_correlation", "auto_sigma"}`` of a tomogram's first level (reads its central block only)."""
+    from czii_kit.errors import DataError
+    from czii_kit.preprocess import neighbour_correlation, smoothing_sigma
+    from czii_kit.tomogram import open_tomogram
+
+    arr = open_tomogram(path).array  # [z, y, x]; slicing reads only the chunks of the central block
+    try:
+        return {"neighbour_correlation": round(neighbour_correlation(arr), 4), "auto_sigma": smoothing_sigma(arr)}
+    except Exception as exc:  # corrupt chunk, missing codec, ...
+        raise DataError(path, f"cannot read voxels: {exc}") from exc
+
+
+def collect(path, split: str | None = None, user_id: str | None = None, with_smoothness: bool = False) -> dict:
     """Everything ``info`` shows, as plain Python data.
 
     Returns
     -------
     dict
         ``{"path", "runs": [{"name", "split", "tomograms": {name: [{level, shape, voxel_size, dtype}]},
-        "picks": {particle: count}}], "picks_total": {particle: count}}``.
+        "picks": {particle: count}}], "picks_total": {particle: count}}``; with ``with_smoothness``
+        each run also has ``"smoothness": {name: {neighbour_correlation, auto_sigma}}`` (:func:`smoothness`).
     """
     runs = find_runs(path, split)
     picks = read_picks(path, split=split, user_id=user_id)
@@ -52,6 +69,8 @@ def collect(path, split: str | None = None, user_id: str | None = None) -> dict:
                 lv["shape"] = list(lv["shape"])
         run_counts = {t: int(counts.get((run.name, t), 0)) for t in PARTICLE_NAMES}
         out_runs.append({"name": run.name, "split": run.split, "tomograms": tomos, "picks": run_counts})
+        if with_smoothness:
+            out_runs[-1]["smoothness"] = {name: smoothness(p) for name, p in run.tomograms().items()}
     total = {t: sum(r["picks"][t] for r in out_runs) for t in PARTICLE_NAMES}
     return {"path": str(path), "runs": out_runs, "picks_total": total}
 
@@ -70,6 +89,12 @@ def format_info(info: dict) -> str:
             vs = levels[0]["voxel_size"] if levels else float("nan")
             lv = "  ".join(f"{d['level']}: {'x'.join(str(s) for s in d['shape'])}" for d in levels)
             lines.append(f"{r['name']:<{name_w}}{str(r['split'] or '-'):<{split_w}}{t:<{tw}}{vs:>9.4f}  {lv}")
+        smooth_rows = [(r, t, r["smoothness"][t]) for r, t, _ in tomo_rows if t in r.get("smoothness", {})]
+        if smooth_rows:
+            lines += ["", f"{'run':<{name_w}}{'tomogram':<{tw}}{'x-corr':>8}{'auto low-pass sigma':>21}"]
+            for r, t, s in smooth_rows:
+                lines.append(f"{r['name']:<{name_w}}{t:<{tw}}{s['neighbour_correlation']:>8.3f}"
+                             f"{s['auto_sigma']:>21g}")
     else:
         lines.append("no tomograms")
     lines.append("")
@@ -93,14 +118,19 @@ def format_info(info: dict) -> str:
 def run(args) -> int:
     if Path(args.path).suffix == ".zarr":  # one tomogram
         levels = describe_tomogram(args.path)
+        smooth = smoothness(args.path) if args.smoothness else None
         if args.json:
-            print(json.dumps({"path": str(args.path), "levels": [{**lv, "shape": list(lv["shape"])} for lv in levels]}))
+            doc = {"path": str(args.path), "levels": [{**lv, "shape": list(lv["shape"])} for lv in levels]}
+            print(json.dumps({**doc, "smoothness": smooth} if smooth else doc))
         else:
             print(f"{args.path}: {len(levels)} level(s)")
             for lv in levels:
                 print(f"  level {lv['level']}: {'x'.join(map(str, lv['shape']))} (z,y,x) {lv['dtype']}, "
                       f"{lv['voxel_size']:.4f} Å/voxel")
+            if smooth:
+                print(f"  x-neighbour correlation {smooth['neighbour_correlation']:.3f}; "
+                      f"auto low-pass sigma {smooth['auto_sigma']:g} voxels")
         return 0
-    info = collect(args.path, args.split, args.user_id)
+    info = collect(args.path, args.split, args.user_id, args.smoothness)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
