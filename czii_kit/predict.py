@@ -43,7 +43,8 @@ def default_weights() -> Path:
 
 def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
                  tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None,
-                 smooth: str | float | None = None) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
+                 smooth: str | float | None = None
+                 ) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
     """Inference config, merge config, per-type merge configs and thresholds for ``weights``
     (tuned file, then overrides)."""
     doc = read_thresholds(weights)
@@ -144,8 +145,8 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
-            smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None, templates: bool | None = None,
-            progress: bool = True) -> pd.DataFrame:
+            smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None,
+            templates: bool | None = None, progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
