@@ -197,7 +197,7 @@ SMOOTH_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
 """Gaussian sigmas (voxels) :func:`smoothing_sigma` tries, smallest first."""
 
 
-def _central_block(volume: np.ndarray, size: tuple[int, int, int] = (64, 256, 256)) -> np.ndarray:
+def central_block(volume: np.ndarray, size: tuple[int, int, int] = (64, 256, 256)) -> np.ndarray:
     """The central ``size`` block of a ``[z, y, x]`` volume (whole axes where shorter), as float32."""
     sl = tuple(slice(max(0, (n - m) // 2), max(0, (n - m) // 2) + m) for n, m in zip(volume.shape, size, strict=True))
     return np.asarray(volume[sl], dtype=np.float32)
@@ -210,7 +210,7 @@ def neighbour_correlation(volume: np.ndarray) -> float:
     reconstructions: ramp-filtered, about 0.1-0.2), near 1 for low-passed or denoised data. Along x
     (in the tilt plane's x-y slices), so the missing wedge, which elongates along z, does not enter.
     """
-    v = _central_block(volume).astype(np.float64)
+    v = central_block(volume).astype(np.float64)
     if v.shape[2] < 2:
         raise ValueError(f"volume of shape {np.shape(volume)} has fewer than 2 voxels along x")
     v -= v.mean()
@@ -228,7 +228,7 @@ def smoothing_sigma(volume: np.ndarray, target: float = SMOOTH_TARGET, sigmas=SM
     """
     from scipy.ndimage import gaussian_filter
 
-    block = _central_block(volume)
+    block = central_block(volume)
     if neighbour_correlation(block) >= target:
         return 0.0
     for s in sigmas:

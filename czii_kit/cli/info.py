@@ -38,14 +38,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def smoothness(path) -> dict:
     """``{"neighbour_correlation", "auto_sigma"}`` of a tomogram's first level (reads its central block only)."""
     from czii_kit.errors import DataError
-    from czii_kit.preprocess import neighbour_correlation, smoothing_sigma
+    from czii_kit.preprocess import central_block, neighbour_correlation, smoothing_sigma
     from czii_kit.tomogram import open_tomogram
 
     arr = open_tomogram(path).array  # [z, y, x]; slicing reads only the chunks of the central block
     try:
-        return {"neighbour_correlation": round(neighbour_correlation(arr), 4), "auto_sigma": smoothing_sigma(arr)}
+        block = central_block(arr)  # read once; both measures below use this same block
     except Exception as exc:  # corrupt chunk, missing codec, ...
         raise DataError(path, f"cannot read voxels: {exc}") from exc
+    try:
+        return {"neighbour_correlation": round(neighbour_correlation(block), 4), "auto_sigma": smoothing_sigma(block)}
+    except ValueError as exc:  # e.g. fewer than 2 voxels along x
+        raise DataError(path, str(exc)) from exc
 
 
 def collect(path, split: str | None = None, user_id: str | None = None, with_smoothness: bool = False) -> dict:
