@@ -17,12 +17,12 @@ naive_s
     slice, one image per call), including the same reading and stacking.
 rescore_s
     The second-stage 3D rescorer (:mod:`czii_kit.rescore`) on :data:`RESCORE_CANDIDATES` candidates
-    at random places: a second read of the tomogram, normalisation, 32³ patches and the forward passes
-    (the shipped rescorer, else an untrained one; timing does not depend on the weights).
+    at random places, as a stage of its own: a read of the tomogram, normalisation, 32³ patches and the
+    forward passes (the shipped rescorer, else an untrained one; timing does not depend on the weights).
+    ``predict`` rescores on the volume the detector has read, so it pays the patches and passes only.
 refine_s
     Centre refinement (:mod:`czii_kit.refine`) of the same candidates taken as apo-ferritin, on the
-    volume already normalised for the rescorer (``predict`` refines on the rescorer's volume too;
-    only with ``--no-rescore`` does it read the tomogram for refinement alone).
+    volume already normalised for the rescorer (``predict`` refines on the detector's volume).
 templates_s, templates_setup_s
     Template matching (:mod:`czii_kit.templates`) at the same candidates, on the same volume, with
     the shipped template file (``templates_setup_s``: rotating the templates once per process); absent
@@ -30,8 +30,8 @@ templates_s, templates_setup_s
 smooth_check_s, smooth_s
     The low-pass of noisy tomograms (:func:`czii_kit.preprocess.settle_smoothing`): deciding whether
     and how much to smooth (``smooth_check_s``, paid on every tomogram; a denoised one stops there),
-    and the Gaussian filter of the whole volume at sigma 1.75 (``smooth_s``, paid twice per noisy
-    tomogram: once for detection, once for refinement and rescoring).
+    and the Gaussian filter of the whole volume at sigma 1.75 (``smooth_s``, paid once per noisy
+    tomogram: ``predict`` prepares each tomogram once for detection, refinement and rescoring).
 peak_rss_mb
     Peak resident memory of the worker process.
 """

@@ -33,6 +33,7 @@ from czii_kit.errors import CziiKitError, DataError
 from czii_kit.postprocess import DETECTION_COLUMNS, empty_detections
 from czii_kit.preprocess import (
     PreprocessConfig,
+    Window,
     iter_stacks,
     parse_smooth,
     settle_smoothing,
@@ -383,14 +384,27 @@ def preprocess_config_for(weights: str | Path) -> PreprocessConfig:
     return PreprocessConfig.from_dict(read_train_record(weights).get("preprocess"))
 
 
-def detect_volume(detector: Detector, volume: np.ndarray, run: str, preprocess: PreprocessConfig,
-                  z_stride: int = 1, source=None, progress=None) -> pd.DataFrame:
-    """Detections of one ``[z, y, x]`` volume (see module docstring for the columns).
+def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: InferenceConfig | None = None,
+                   source=None) -> tuple[np.ndarray, Window, float]:
+    """``volume [z, y, x]`` low-passed as ``config.smooth`` asks, its intensity window and the sigma used.
 
-    The volume is low-passed first as ``detector.config.smooth`` asks (noisy tomograms only, by default).
+    Returns ``(volume, window, sigma)``: the (possibly) low-passed volume, the :class:`Window` that maps
+    it to 0..1 with dense matter dark (polarity settled as ``config.polarity`` asks), and the Gaussian
+    sigma in voxels (0: not filtered). The detector and the 3D stages (refinement, rescoring) use the
+    same volume and window, so a tomogram is prepared once per pass over it.
     """
-    volume, _ = settle_smoothing(volume, detector.config.smooth, source=source or run)
-    window, _ = window_for(volume, preprocess, detector.config.polarity, source=source or run)
+    config = config or InferenceConfig()
+    volume, sigma = settle_smoothing(volume, config.smooth, source=source)
+    window, _ = window_for(volume, preprocess, config.polarity, source=source)
+    return volume, window, sigma
+
+
+def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run: str, preprocess: PreprocessConfig,
+                    z_stride: int = 1, progress=None) -> pd.DataFrame:
+    """Detections of one volume already prepared by :func:`prepare_volume` (columns: module docstring).
+
+    ``progress``: a tqdm bar advanced by the number of slices run.
+    """
     rows = []
     zs = slice_indices(volume.shape[0], z_stride)
     for zb, imgs in iter_stacks(volume, window, preprocess, zs, detector.config.batch):
@@ -411,12 +425,55 @@ def detect_volume(detector: Detector, volume: np.ndarray, run: str, preprocess: 
     return df[DETECTION_COLUMNS]
 
 
-def detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
-                config: InferenceConfig | None = None, progress: bool = True
-                ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Detections of every run (``czii_kit.layout.Run`` objects) and each run's voxel size (Å).
+def detect_volume(detector: Detector, volume: np.ndarray, run: str, preprocess: PreprocessConfig,
+                  z_stride: int = 1, source=None, progress=None) -> pd.DataFrame:
+    """Detections of one raw ``[z, y, x]`` volume (see module docstring for the columns).
 
-    Tomograms are read one at a time; the model is loaded once (for the first run's slice size).
+    The volume is prepared first (:func:`prepare_volume`: low-passed as ``detector.config.smooth``
+    asks, noisy tomograms only by default).
+    """
+    volume, window, _ = prepare_volume(volume, preprocess, detector.config, source or run)
+    return detect_prepared(detector, volume, window, run, preprocess, z_stride, progress)
+
+
+@dataclass
+class DetectedRun:
+    """One run after detection (:func:`iter_detect_runs`).
+
+    ``volume`` is the prepared tomogram (float32 ``[z, y, x]``, low-passed when ``sigma`` > 0) and
+    ``window`` its intensity window (:func:`prepare_volume`); ``normalised()`` gives the 0..1 volume
+    (dense matter dark) that refinement and rescoring read. Drop the object before the next run.
+    """
+
+    run: object
+    voxel_size: float
+    detections: pd.DataFrame
+    volume: np.ndarray | None
+    window: Window
+    sigma: float
+
+    def normalised(self, release: bool = False) -> np.ndarray:
+        """The volume mapped through its window: float32 0..1 ``[z, y, x]``.
+
+        ``release=True`` then drops ``volume`` (set to ``None``) to free its memory.
+        """
+        if self.volume is None:
+            raise ValueError(f"run {getattr(self.run, 'name', self.run)}: the volume was released")
+        out = self.window.apply(self.volume, "float32")
+        if release:
+            self.volume = None
+        return out
+
+
+def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
+                     config: InferenceConfig | None = None, progress: bool = True, stage: str | None = None):
+    """Yield a :class:`DetectedRun` per run (``czii_kit.layout.Run`` objects), one tomogram at a time.
+
+    Each tomogram is read and prepared once (:func:`prepare_volume`) and kept in the yielded object,
+    so later stages need not read or filter it again. The model is loaded once (for the first run's
+    slice size; again only when a run's slices need another input size). One progress bar counts the
+    slices of all runs; ``stage`` names what the consumer does with each run (shown on the bar
+    meanwhile, e.g. ``"rescore"``).
     """
     from tqdm.auto import tqdm
 
@@ -424,19 +481,38 @@ def detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised",
     runs = list(runs)
     prep = preprocess_config_for(weights)
     detector = None
-    frames, voxel_sizes = [], {}
     tomos = [(r, open_tomogram(r.tomogram_path(tomogram))) for r in runs]
     total = sum(len(slice_indices(t.shape[0], config.z_stride)) for _, t in tomos)
     bar = tqdm(total=total, desc="detect", unit="slice", disable=not progress)
-    for run, tomo in tomos:
-        bar.set_postfix_str(run.name)
-        imgsz = config.imgsz or native_imgsz(tomo.shape[1:])
-        if detector is None or detector.imgsz != imgsz:
-            detector = Detector(weights, backend, config, imgsz)
-        vol = read_volume(tomo)
-        frames.append(detect_volume(detector, vol, run.name, prep, config.z_stride, tomo.path, bar))
-        voxel_sizes[run.name] = tomo.voxel_size
-        del vol
-    bar.close()
+    try:
+        for run, tomo in tomos:
+            bar.set_postfix_str(run.name)
+            imgsz = config.imgsz or native_imgsz(tomo.shape[1:])
+            if detector is None or detector.imgsz != imgsz:
+                detector = Detector(weights, backend, config, imgsz)
+            vol, window, sigma = prepare_volume(read_volume(tomo), prep, config, tomo.path)
+            dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar)
+            item = DetectedRun(run, tomo.voxel_size, dets, vol, window, sigma)
+            del vol, dets  # the consumer may drop the volume (see DetectedRun.normalised)
+            if stage:
+                bar.set_postfix_str(f"{run.name}: {stage}")
+            yield item
+            del item
+    finally:
+        bar.close()
+
+
+def detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
+                config: InferenceConfig | None = None, progress: bool = True
+                ) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Detections of every run (``czii_kit.layout.Run`` objects) and each run's voxel size (Å).
+
+    Tomograms are read one at a time (:func:`iter_detect_runs`).
+    """
+    frames, voxel_sizes = [], {}
+    for done in iter_detect_runs(weights, runs, tomogram, backend, config, progress):
+        frames.append(done.detections)
+        voxel_sizes[done.run.name] = done.voxel_size
+        del done  # its volume, before the next tomogram is read
     dets = pd.concat(frames, ignore_index=True) if frames else empty_detections()
     return dets, voxel_sizes

@@ -36,13 +36,24 @@ def test_predict_low_passes_noisy_tomograms_once_for_every_stage(tmp_path, monke
     assert smoothing_sigma(denoised) == 0 and smoothing_sigma(wbp) > 0
 
     kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False, "tomogram": "wbp"}
+    # one pass per tomogram: read once and low-passed once for detection, refinement and rescoring
+    import scipy.ndimage
+
+    read, gauss = infer.read_volume, scipy.ndimage.gaussian_filter
+    reads, whole = [], []
+    monkeypatch.setattr(infer, "read_volume", lambda tomo: reads.append(tomo.path) or read(tomo))
+    monkeypatch.setattr(scipy.ndimage, "gaussian_filter",
+                        lambda a, *x, **k: whole.append(np.shape(a) == wbp.shape) or gauss(a, *x, **k))
     with pytest.warns(UserWarning, match=rf"{run}.*wbp\.zarr.*: noisy tomogram"):
         auto = predict(root, **kw)
+    assert len(reads) == 1 and reads[0].name == "wbp.zarr"
+    assert sum(whole) == 1
+    monkeypatch.setattr(infer, "read_volume", read)
+    monkeypatch.setattr(scipy.ndimage, "gaussian_filter", gauss)
     off = predict(root, smooth="off", **kw)
     assert not _sort(off).equals(_sort(auto))
     # the same as predicting, without smoothing, a tomogram that was low-passed beforehand: so the
     # detector, the centre refinement and the rescorer all read the low-passed volume
-    read = infer.read_volume
     monkeypatch.setattr(infer, "read_volume", lambda tomo: settle_smoothing(read(tomo), "auto", warn=False)[0])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*noisy tomogram")
