@@ -21,7 +21,7 @@ from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
 from czii_kit.infer import InferenceConfig, iter_detect_runs
 from czii_kit.layout import select_runs
 from czii_kit.postprocess import MergeConfig, apply_thresholds, empty_detections, merge_detections
-from czii_kit.tune import DEFAULT_THRESHOLD, THRESHOLDS_FILE, read_thresholds
+from czii_kit.tune import DEFAULT_THRESHOLD, read_thresholds, thresholds_path
 
 MODELS_DIR = Path(__file__).parent / "models"
 
@@ -44,13 +44,13 @@ def default_weights() -> Path:
 
 def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
                  tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None,
-                 smooth: str | float | None = None
+                 smooth: str | float | None = None, thresholds_file: str | Path | None = None
                  ) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
     """Inference config, merge config, per-type merge configs and thresholds for ``weights``
-    (tuned file, then overrides)."""
-    doc = read_thresholds(weights)
+    (tuned file, then overrides). ``thresholds_file``: another tuned file than the one beside the weights."""
+    doc = read_thresholds(weights, thresholds_file)
     if not doc:
-        warnings.warn(f"{Path(weights).parent / THRESHOLDS_FILE} not found: using greedy merging and a "
+        warnings.warn(f"{thresholds_path(weights)} not found: using greedy merging and a "
                       f"threshold of {DEFAULT_THRESHOLD} for every type (run `czii-kit tune`)", stacklevel=2)
     known = {f.name for f in fields(InferenceConfig)}
     inf = {k: v for k, v in (doc.get("inference") or {}).items() if k in known}
@@ -64,7 +64,7 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
     return InferenceConfig(**inf), MergeConfig.from_dict(doc.get("merge")), per_type, thresholds
 
 
-def refine_settings(weights: str | Path, refine: bool | None = None):
+def refine_settings(weights: str | Path, refine: bool | None = None, thresholds_file: str | Path | None = None):
     """The :class:`~czii_kit.refine.RefineConfig` tuned for ``weights`` (``"refine"`` in the thresholds
     file), or ``None``. ``refine=False`` never refines; ``True`` refines with the tuned settings, or
     the defaults when none were tuned (the thresholds were then tuned without it)."""
@@ -72,7 +72,7 @@ def refine_settings(weights: str | Path, refine: bool | None = None):
         return None
     from czii_kit.refine import RefineConfig
 
-    tuned = read_thresholds(weights).get("refine")
+    tuned = read_thresholds(weights, thresholds_file).get("refine")
     if tuned:
         return RefineConfig.from_dict(tuned)
     return RefineConfig() if refine else None
@@ -92,7 +92,8 @@ def _recorded_file(weights: str | Path, record: dict) -> tuple[Path, str | None]
     return path, None
 
 
-def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[Path, dict] | None:
+def rescore_settings(weights: str | Path, rescore: bool | None = None,
+                     thresholds_file: str | Path | None = None) -> tuple[Path, dict] | None:
     """The rescorer file and the ``"rescore"`` section tuned for ``weights``, or ``None`` (no rescoring).
 
     ``rescore=None`` rescores when ``czii-kit tune`` recorded a rescorer and that very file (same
@@ -102,8 +103,8 @@ def rescore_settings(weights: str | Path, rescore: bool | None = None) -> tuple[
     if rescore is False:
         return None
     weights = Path(weights)
-    section = read_thresholds(weights).get("rescore")
-    where = weights.parent / THRESHOLDS_FILE
+    section = read_thresholds(weights, thresholds_file).get("rescore")
+    where = thresholds_path(weights, thresholds_file)
     if not section:
         if rescore:
             raise DataError(where, "was tuned without a rescorer (run `czii-kit tune` with czii_kit_rescorer.pt "
@@ -147,7 +148,8 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
             smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None,
-            templates: bool | None = None, progress: bool = True) -> pd.DataFrame:
+            templates: bool | None = None, thresholds_file: str | Path | None = None,
+            progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
@@ -179,14 +181,20 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     templates : bool, optional
         Template matching in the rescored score (:mod:`czii_kit.templates`; see
         :func:`template_settings`): default when it was tuned, ``False`` to skip it.
+    thresholds_file : path-like, optional
+        The tuned settings and thresholds to use (a file written by ``czii-kit tune --out``, e.g.
+        thresholds tuned on your own validation runs for the shipped model) instead of
+        ``czii_kit_thresholds.json`` beside the weights. The rescorer and template files it names are
+        looked up beside the weights, as for that file.
     """
     weights = Path(weights) if weights is not None else default_weights()
     if not weights.is_file():
         raise DataError(weights, "no such weights file")
     chosen = select_runs(root, split, runs)
-    inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity, smooth=smooth)
-    plan = rescore_settings(weights, rescore)
-    refine_cfg = refine_settings(weights, refine)
+    inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity, smooth=smooth,
+                                             thresholds_file=thresholds_file)
+    plan = rescore_settings(weights, rescore, thresholds_file)
+    refine_cfg = refine_settings(weights, refine, thresholds_file)
     if plan is not None:
         thr.update({n: float(v) for n, v in plan[1].get("thresholds", {}).items() if n in thr})
     if thresholds:

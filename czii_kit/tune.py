@@ -194,13 +194,23 @@ def choose_per_type(comparison: pd.DataFrame, margin: float = PER_TYPE_MARGIN) -
     return out
 
 
-def read_thresholds(weights: str | Path) -> dict:
-    """The ``czii_kit_thresholds.json`` beside ``weights`` (``{}`` when absent)."""
-    p = Path(weights).parent / THRESHOLDS_FILE
+def thresholds_path(weights: str | Path, path: str | Path | None = None) -> Path:
+    """The thresholds file ``predict`` reads: ``path`` when given, else ``czii_kit_thresholds.json`` beside ``weights``."""
+    return Path(path) if path is not None else Path(weights).parent / THRESHOLDS_FILE
+
+
+def read_thresholds(weights: str | Path, path: str | Path | None = None) -> dict:
+    """The ``czii_kit_thresholds.json`` beside ``weights`` (``{}`` when absent), or the file ``path``
+    (one written by ``tune(..., out=path)``; it must exist)."""
+    p = thresholds_path(weights, path)
+    if path is not None and not p.is_file():
+        raise DataError(p, "no such thresholds file (write one with `czii-kit tune ... --out FILE`)")
     doc = read_json(p)
     if not doc:
+        if path is not None:
+            raise DataError(p, "empty thresholds file")
         return {}
-    if not isinstance(doc.get("thresholds"), dict):
+    if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), dict):
         raise DataError(p, "no 'thresholds' object")
     return doc
 

@@ -34,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", help="only these runs")
     p.add_argument("--out", required=True, help="submission CSV to write")
     p.add_argument("--weights", help="trained .pt (default: the model shipped in czii_kit/models/)")
+    p.add_argument("--thresholds", metavar="FILE",
+                   help="tuned settings and thresholds to use instead of czii_kit_thresholds.json beside the "
+                        "weights (a file from `czii-kit tune ... --out FILE`, e.g. tuned on your own validation runs)")
     p.add_argument("--backend", default="openvino", choices=["openvino", "onnx", "torch"])
     p.add_argument("--tomogram", default="denoised")
     p.add_argument("--z-stride", type=int, help="slice stride (default: as tuned, else 1)")
@@ -62,7 +65,8 @@ def run(args) -> int:
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
         polarity=args.polarity, smooth=args.smooth, rescore=False if args.no_rescore else None,
-        refine=False if args.no_refine else None, templates=False if args.no_templates else None, progress=not args.quiet,
+        refine=False if args.no_refine else None, templates=False if args.no_templates else None,
+        thresholds_file=args.thresholds, progress=not args.quiet,
     )
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")

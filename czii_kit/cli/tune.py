@@ -58,7 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                        "czii_kit_templates.npz beside the weights, when there is one; its weight, "
                                        "0 included, is chosen on the validation runs)")
     t.add_argument("--no-templates", action="store_true", help="rescore without template matching")
-    p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights)")
+    p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights, replaced; "
+                                 "`czii-kit predict --thresholds FILE` uses another one)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -72,14 +74,21 @@ def run(args) -> int:
     if args.rescore_mix is not None and not 0 <= args.rescore_mix <= 1:
         print(f"czii-kit tune: error: --rescore-mix must lie in [0, 1], got {args.rescore_mix}", file=sys.stderr)
         return 2
+    from pathlib import Path
+
+    from czii_kit.errors import FileExistsNoForce
     from czii_kit.infer import InferenceConfig
     from czii_kit.rescore import RescoreConfig
     from czii_kit.tune import RESCORE_MIXES, THRESHOLD_TOLERANCE, tune
 
+    if args.out and Path(args.out).exists() and not args.force:  # before minutes of detection
+        raise FileExistsNoForce(f"{args.out}: already exists (use --force to replace it)")
+
     cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label,
                           smooth=args.smooth)
     doc = tune(args.weights, args.root, split=args.split, runs=args.runs, backend=args.backend,
-               tomogram=args.tomogram, config=cfg, out=args.out, progress=not args.quiet,
+               tomogram=args.tomogram, config=cfg, out=args.out, overwrite=args.out is None or args.force,
+               progress=not args.quiet,
                tolerance=THRESHOLD_TOLERANCE if args.tolerance is None else args.tolerance,
                per_type=args.per_type_merge, rescorer=False if args.no_rescorer else args.rescorer,
                rescore_config=RescoreConfig(**({} if args.rescore_mix is None else {"mix": args.rescore_mix})),

@@ -1,0 +1,89 @@
+"""Which tuned settings predict uses: the file beside the weights, or one given with --thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from czii_kit.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tuned_copy(tmp_path_factory):
+    """A small dataset and a copy of the shipped model with its thresholds, rescorer and templates."""
+    from pipeline_fixture import shipped_model_copy
+
+    from czii_kit.predict import MODELS_DIR
+
+    tmp = tmp_path_factory.mktemp("settings")
+    root, run, weights = shipped_model_copy(tmp, seed=4251)
+    for f in ("czii_kit_thresholds.json", "czii_kit_rescorer.pt", "czii_kit_templates.npz"):
+        shutil.copy(MODELS_DIR / f, weights.parent)
+    return root, weights
+
+
+def test_predict_reads_a_thresholds_file_of_its_own(tuned_copy, tmp_path, capsys):
+    from czii_kit.cli import main
+    from czii_kit.predict import predict
+    from czii_kit.tune import THRESHOLDS_FILE
+
+    root, weights = tuned_copy
+    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    base = predict(root, **kw)
+    assert (base["particle_type"] == "ribosome").any() and (base["particle_type"] != "ribosome").any()
+    beside = weights.parent / THRESHOLDS_FILE
+    doc = json.loads(beside.read_text())
+
+    # the same settings elsewhere, none beside the weights: everything comes from the file given
+    # (the rescorer and templates it names are still found beside the weights)
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps(doc))
+    moved = tmp_path / "beside.json"
+    shutil.move(beside, moved)
+    try:
+        pd.testing.assert_frame_equal(predict(root, thresholds_file=own, **kw), base)
+
+        # its thresholds are the ones applied: no ribosome passes 2.0
+        doc["rescore"]["thresholds"]["ribosome"] = 2.0
+        strict = tmp_path / "strict.json"
+        strict.write_text(json.dumps(doc))
+        picks = predict(root, thresholds_file=strict, **kw)
+        want = base[base["particle_type"] != "ribosome"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(picks.reset_index(drop=True), want)
+
+        out = tmp_path / "sub.csv"
+        rc = main(["predict", str(root), "--split", "train", "--weights", str(weights), "--backend", "torch",
+                   "--thresholds", str(strict), "--out", str(out), "--quiet"])
+        assert rc == 0
+        assert len(pd.read_csv(out)) == len(want)
+        capsys.readouterr()
+
+        # a missing or malformed file: a one-line error naming it, nothing written
+        with pytest.raises(DataError, match="no such thresholds file"):
+            predict(root, thresholds_file=tmp_path / "none.json", **kw)
+        bad = tmp_path / "bad.json"
+        bad.write_text("[1, 2]")
+        with pytest.raises(DataError, match="no 'thresholds' object"):
+            predict(root, thresholds_file=bad, **kw)
+        rc = main(["predict", str(root), "--split", "train", "--weights", str(weights), "--thresholds",
+                   str(tmp_path / "none.json"), "--out", str(tmp_path / "x.csv"), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc != 0 and "none.json" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x.csv").exists()
+    finally:
+        shutil.move(moved, beside)
+
+
+def test_tune_refuses_to_replace_an_out_file_without_force(tuned_copy, tmp_path, capsys):
+    from czii_kit.cli import main
+
+    root, weights = tuned_copy
+    out = tmp_path / "mine.json"
+    out.write_text("{}")
+    rc = main(["tune", str(root), "--weights", str(weights), "--out", str(out), "--backend", "torch", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "mine.json" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "{}"
