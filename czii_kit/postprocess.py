@@ -248,9 +248,13 @@ def merge_detections(detections: pd.DataFrame, voxel_size: float | Mapping[str, 
         }))
     if not frames:
         return empty_candidates()
-    out = pd.concat(frames, ignore_index=True)
-    return out.sort_values(["experiment", "particle_type", "score"], ascending=[True, True, False],
-                           kind="stable").reset_index(drop=True)
+    return sort_candidates(pd.concat(frames, ignore_index=True))
+
+
+def sort_candidates(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Candidates sorted by experiment, particle type and descending score (stable; index reset)."""
+    return candidates.sort_values(["experiment", "particle_type", "score"], ascending=[True, True, False],
+                                  kind="stable").reset_index(drop=True)
 
 
 def apply_thresholds(candidates: pd.DataFrame, thresholds: float | Mapping[str, float] | None = None

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
 from czii_kit.infer import InferenceConfig, iter_detect_runs
 from czii_kit.layout import select_runs
-from czii_kit.postprocess import MergeConfig, apply_thresholds, empty_detections, merge_detections
+from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections, sort_candidates
 from czii_kit.tune import DEFAULT_THRESHOLD, read_thresholds, thresholds_path
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -209,30 +208,21 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         from czii_kit.refine import refine_volume
     frames = []
     # one pass per tomogram: read, low-pass and window it once for detection, refinement and rescoring
-    stage = "refine, rescore" if plan is not None and refine_cfg is not None else (
-        "rescore" if plan is not None else "refine" if refine_cfg is not None else None)
-    for done in iter_detect_runs(weights, chosen, tomogram, backend, inf, progress, stage):
+    stage = ", ".join(n for n, on in (("refine", refine_cfg is not None), ("rescore", plan is not None)) if on)
+    for done in iter_detect_runs(weights, chosen, tomogram, backend, inf, progress, stage or None):
         cands = merge_detections(done.detections, {done.run.name: done.voxel_size}, merge, per_type)
-        if (plan is not None or refine_cfg is not None) and not cands.empty:
+        if stage:
             vol = done.normalised(release=True)
             if refine_cfg is not None:
                 cands = refine_volume(cands, vol, done.voxel_size, refine_cfg)
             if plan is not None:
                 cands = rescore_volume(cands, vol, done.voxel_size, rescorer, rcfg, raw=True, templates=matcher)
             del vol
-        elif plan is not None:  # no candidates: the rescored columns, empty
-            cands = rescore_volume(cands, np.zeros((1, 1, 1), np.float32), done.voxel_size, rescorer, rcfg,
-                                   raw=True, templates=matcher)
         frames.append(cands)
         del done  # its volume, before the next tomogram is read
-    if not frames:  # no runs
-        return apply_thresholds(merge_detections(empty_detections(), {}, merge), thr)
-    cands = pd.concat(frames, ignore_index=True)
-    if plan is not None:
-        cands = combine_scores(cands, rcfg)  # sorted as merge_detections sorts
-    else:
-        cands = cands.sort_values(["experiment", "particle_type", "score"], ascending=[True, True, False],
-                                  kind="stable").reset_index(drop=True)
+    cands = pd.concat(frames, ignore_index=True)  # select_runs gave at least one run
+    # runs come in (split, name) order: sort as merge_detections / combine_scores do for several runs
+    cands = combine_scores(cands, rcfg) if plan is not None else sort_candidates(cands)
     return apply_thresholds(cands, thr)
 
 

@@ -43,7 +43,7 @@ from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import DataError
 from czii_kit.metric import DISTANCE_MULTIPLIER
-from czii_kit.postprocess import nms_3d
+from czii_kit.postprocess import nms_3d, sort_candidates
 from czii_kit.preprocess import PreprocessConfig, settle_smoothing, window_for
 
 RESCORER_FILE = "czii_kit_rescorer.pt"
@@ -334,20 +334,16 @@ def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFram
             idx = nms_3d(g[["x", "y", "z"]].to_numpy(float), g["score"].to_numpy(float), radius)
             keep.append(g.index.to_numpy()[idx])
         out = out.loc[np.sort(np.concatenate(keep))]
-    return out.sort_values(["experiment", "particle_type", "score"], ascending=[True, True, False],
-                           kind="stable").reset_index(drop=True)
+    return sort_candidates(out)
 
 
 def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
                  preprocess: PreprocessConfig | None = None, polarity: str = "auto",
                  config: RescoreConfig | None = None, progress: bool = True, raw: bool = False,
-                 refine=None, templates=None, smooth: str | float = "auto") -> pd.DataFrame:
+                 templates=None, smooth: str | float = "auto") -> pd.DataFrame:
     """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
 
     ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
-    ``refine``: a :class:`czii_kit.refine.RefineConfig` to refine each run's candidates first, on
-    the same normalised volume (one read of the tomogram for both; same result as
-    :func:`czii_kit.refine.refine_runs` followed by this function).
     ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as :func:`rescore_volume`).
     ``smooth``: low-pass of the tomograms, as :class:`czii_kit.infer.InferenceConfig` (pass the
     detector's setting so both see the same volume).
@@ -358,10 +354,6 @@ def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, t
     runs = [r for r in runs if (names == r.name).any()]
     for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "rescore", smooth):
         g = candidates[names == run.name]
-        if refine is not None:
-            from czii_kit.refine import refine_volume
-
-            g = refine_volume(g, vol, voxel_size, refine)
         frames.append(rescore_volume(g, vol, voxel_size, rescorer, config, raw=True, templates=templates))
         del vol
     if not frames:
