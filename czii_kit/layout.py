@@ -23,6 +23,30 @@ RUNS_DIR = "ExperimentRuns"
 PICKS_DIR = "Picks"
 _SPACING_RE = re.compile(r"^VoxelSpacing(\d+(?:\.\d+)?)$")
 
+AUTO_TOMOGRAM = "auto"
+"""Tomogram name that stands for the best one a run has (:func:`choose_tomogram`)."""
+
+TOMOGRAM_PREFERENCE = ("denoised", "isonetcorrected", "ctfdeconvolved", "wbp")
+"""The tomograms of the Kaggle / CZII layout in the order :func:`choose_tomogram` takes them: the
+denoised one the shipped models are trained on, then the other reconstructions from the least to
+the most noisy (prediction low-passes noisy ones; see ``InferenceConfig.smooth``)."""
+
+
+def choose_tomogram(available) -> str | None:
+    """The tomogram to pick in among the names ``available``; ``None`` when there is none.
+
+    The first of :data:`TOMOGRAM_PREFERENCE` present; else a name containing ``"denoised"``
+    (portal names such as ``"wbp-denoised"``); else the first name in sorted order.
+    """
+    names = sorted(available)
+    for name in TOMOGRAM_PREFERENCE:
+        if name in names:
+            return name
+    for name in names:
+        if "denoised" in name.lower():
+            return name
+    return names[0] if names else None
+
 
 @dataclass
 class Run:
@@ -57,13 +81,23 @@ class Run:
                         found[name] = (spacing, z)
         return {k: v[1] for k, v in sorted(found.items())}
 
+    def tomogram_name(self, name: str = "denoised") -> str:
+        """``name``, or for ``"auto"`` the tomogram :func:`choose_tomogram` takes among the run's."""
+        if name != AUTO_TOMOGRAM:
+            return name
+        return choose_tomogram(self.tomograms()) or AUTO_TOMOGRAM
+
     def tomogram_path(self, name: str = "denoised") -> Path:
-        """Path of one tomogram; :class:`DataError` naming the run folder when it is missing."""
+        """Path of one tomogram (``"auto"``: :meth:`tomogram_name`); :class:`DataError` naming the run
+        folder when it is missing."""
         tomos = self.tomograms()
+        if name == AUTO_TOMOGRAM:
+            name = choose_tomogram(tomos) or name
         if name not in tomos:
             where = ", ".join(str(d) for d in self.dirs) or self.name
-            have = ", ".join(tomos) or "none"
-            raise DataError(where, f"run {self.name!r} has no tomogram {name!r} (found: {have})")
+            if not tomos:
+                raise DataError(where, f"run {self.name!r} has no tomograms (expected VoxelSpacing*/NAME.zarr)")
+            raise DataError(where, f"run {self.name!r} has no tomogram {name!r} (found: {', '.join(tomos)})")
         return tomos[name]
 
     def pick_files(self) -> list[Path]:

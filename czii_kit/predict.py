@@ -18,7 +18,7 @@ import pandas as pd
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
 from czii_kit.infer import InferenceConfig, iter_detect_runs
-from czii_kit.layout import select_runs
+from czii_kit.layout import AUTO_TOMOGRAM, TOMOGRAM_PREFERENCE, select_runs
 from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections, sort_candidates
 from czii_kit.tune import DEFAULT_THRESHOLD, read_thresholds, thresholds_path
 
@@ -143,7 +143,7 @@ def template_settings(weights: str | Path, section: dict | None, templates: bool
 
 
 def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
-            weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "denoised",
+            weights: str | Path | None = None, backend: str = "openvino", tomogram: str = "auto",
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
             smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None,
@@ -162,6 +162,10 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     weights : path-like, optional
         Default :func:`default_weights`.
     backend : {"openvino", "onnx", "torch"}
+    tomogram : str
+        Tomogram to pick in (``"denoised"``, ``"wbp"``, ...); ``"auto"`` (default): per run, the
+        denoised one, else the best other it has (:func:`czii_kit.layout.choose_tomogram`, with a
+        warning naming the runs and what they use).
     z_stride, batch, tta : optional
         Override the inference settings recorded by ``tune``.
     thresholds : dict, optional
@@ -190,6 +194,8 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     if not weights.is_file():
         raise DataError(weights, "no such weights file")
     chosen = select_runs(root, split, runs)
+    if tomogram == AUTO_TOMOGRAM:
+        _warn_fallback(chosen)
     inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity, smooth=smooth,
                                              thresholds_file=thresholds_file)
     plan = rescore_settings(weights, rescore, thresholds_file)
@@ -224,6 +230,17 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     # runs come in (split, name) order: sort as merge_detections / combine_scores do for several runs
     cands = combine_scores(cands, rcfg) if plan is not None else sort_candidates(cands)
     return apply_thresholds(cands, thr)
+
+
+def _warn_fallback(runs) -> None:
+    """Warn once, naming the runs, when ``tomogram="auto"`` picks in other than the denoised tomogram."""
+    preferred = TOMOGRAM_PREFERENCE[0]
+    used = {r.name: r.tomogram_name(AUTO_TOMOGRAM) for r in runs}
+    other = {n: t for n, t in used.items() if t != preferred}
+    if other:
+        shown = ", ".join(f"{n}: {t}" for n, t in list(other.items())[:5]) + (" ..." if len(other) > 5 else "")
+        warnings.warn(f"{len(other)} of {len(used)} run(s) have no {preferred} tomogram; picking in the best "
+                      f"other one ({shown})", stacklevel=3)
 
 
 def predict_to_csv(root: str | Path, out: str | Path, force: bool = False, **kwargs) -> tuple[Path, pd.DataFrame]:

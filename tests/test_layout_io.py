@@ -20,7 +20,14 @@ from conftest import SMALL_SHAPE, VOXEL_SIZE, random_picks
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.coords import level_origin, nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
-from czii_kit.layout import find_runs, get_run, picks_location, spacing_folder, tomogram_location
+from czii_kit.layout import (
+    choose_tomogram,
+    find_runs,
+    get_run,
+    picks_location,
+    spacing_folder,
+    tomogram_location,
+)
 from czii_kit.picks import parse_pick_filename, picks_document, read_picks, read_picks_file, write_picks
 from czii_kit.tomogram import bin2, describe_tomogram, open_tomogram, read_multiscales, write_tomogram
 
@@ -103,6 +110,28 @@ def test_find_runs_errors(tmp_path, make_dataset):
         get_run(root, "TS_Z")
     with pytest.raises(DataError, match="no tomogram 'wbp' \\(found: denoised\\)"):
         get_run(root, "TS_A").tomogram_path("wbp")
+
+
+
+def test_auto_tomogram_prefers_the_denoised_one_then_the_least_noisy(make_dataset):
+    assert choose_tomogram(["wbp", "denoised", "ctfdeconvolved", "isonetcorrected"]) == "denoised"
+    assert choose_tomogram(["wbp", "ctfdeconvolved", "isonetcorrected"]) == "isonetcorrected"
+    assert choose_tomogram(["wbp", "ctfdeconvolved"]) == "ctfdeconvolved"
+    assert choose_tomogram(["zz", "wbp"]) == "wbp"
+    assert choose_tomogram(["raw", "wbp-Denoised"]) == "wbp-Denoised"
+    assert choose_tomogram(["b", "a"]) == "a"
+    assert choose_tomogram([]) is None
+    root, _, _ = make_dataset(runs=("TS_A",))
+    run = get_run(root, "TS_A")
+    assert run.tomogram_name("auto") == "denoised" and run.tomogram_name("wbp") == "wbp"
+    assert run.tomogram_path("auto") == run.tomogram_path("denoised")
+    wbp = run.tomogram_path().parent / "wbp.zarr"
+    write_tomogram(wbp, np.zeros((4, 8, 12), np.float32), VOXEL_SIZE, n_levels=1)
+    shutil.rmtree(run.tomogram_path("denoised"))
+    assert run.tomogram_name("auto") == "wbp" and run.tomogram_path("auto") == wbp
+    shutil.rmtree(wbp)
+    with pytest.raises(DataError, match="has no tomograms"):
+        run.tomogram_path("auto")
 
 
 # --------------------------------------------------------------------------- tomograms

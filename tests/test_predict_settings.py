@@ -87,3 +87,34 @@ def test_tune_refuses_to_replace_an_out_file_without_force(tuned_copy, tmp_path,
     err = capsys.readouterr().err
     assert rc != 0 and "mine.json" in err and "--force" in err and len(err.strip().splitlines()) == 1
     assert out.read_text() == "{}"
+
+
+def test_predict_falls_back_to_another_tomogram_when_a_run_has_no_denoised_one(tuned_copy, tmp_path, capsys):
+    from czii_kit.cli import main
+    from czii_kit.layout import find_runs
+    from czii_kit.predict import predict
+
+    root, weights = tuned_copy
+    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    (run,) = find_runs(root, "train")
+    assert set(run.tomograms()) == {"denoised", "wbp"}
+    # the default takes the denoised tomogram, silently
+    pd.testing.assert_frame_equal(predict(root, **kw), predict(root, tomogram="denoised", **kw))
+
+    # a copy whose run has only its WBP reconstruction: picked in that one, with a warning naming the run
+    only_wbp = tmp_path / "only_wbp"
+    shutil.copytree(root, only_wbp)
+    (only,) = find_runs(only_wbp, "train")
+    shutil.rmtree(only.tomogram_path("denoised"))
+    with pytest.warns(UserWarning, match=rf"1 of 1 run\(s\) have no denoised tomogram.*{run.name}: wbp"):
+        picks = predict(only_wbp, **kw)
+    pd.testing.assert_frame_equal(picks, predict(root, tomogram="wbp", **kw))
+    assert len(picks)
+    with pytest.raises(DataError, match=r"no tomogram 'denoised' \(found: wbp\)"):
+        predict(only_wbp, tomogram="denoised", **kw)
+
+    out = tmp_path / "sub.csv"
+    rc = main(["predict", str(only_wbp), "--split", "train", "--weights", str(weights), "--backend", "torch",
+               "--out", str(out), "--quiet"])
+    assert rc == 0 and len(pd.read_csv(out)) == len(picks)
+    capsys.readouterr()

@@ -38,7 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tuned settings and thresholds to use instead of czii_kit_thresholds.json beside the "
                         "weights (a file from `czii-kit tune ... --out FILE`, e.g. tuned on your own validation runs)")
     p.add_argument("--backend", default="openvino", choices=["openvino", "onnx", "torch"])
-    p.add_argument("--tomogram", default="denoised")
+    p.add_argument("--tomogram", default="auto",
+                   help="tomogram to pick in (denoised, wbp, ...); 'auto' (default): the denoised one, else the "
+                        "best other reconstruction a run has (isonetcorrected, ctfdeconvolved, wbp), with a warning")
     p.add_argument("--z-stride", type=int, help="slice stride (default: as tuned, else 1)")
     p.add_argument("--batch", type=int, help="slices per forward pass (default: as tuned)")
     p.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
