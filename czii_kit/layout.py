@@ -169,11 +169,14 @@ def find_runs(path: str | Path | Sequence[str | Path], split: str | None = None)
                 if er.is_dir():
                     _runs_in(er, name, runs)
     out = [r for r in runs.values() if split is None or r.split == split]
+    if not out and runs:
+        found = ", ".join(sorted({r.split or "(none: not under a split folder)" for r in runs.values()}))
+        raise DataError(root, f"no runs of split {split!r} found; its {len(runs)} run(s) are of split {found} "
+                              "(--split all takes every run)")
     if not out:
-        what = f"no runs of split {split!r}" if split and runs else "no runs"
         raise DataError(
             root,
-            f"{what} found (expected {{split}}/static/{RUNS_DIR}/{{run}}/..., "
+            f"no runs found (expected {{split}}/static/{RUNS_DIR}/{{run}}/..., "
             f"{{split}}/overlay/{RUNS_DIR}/{{run}}/Picks, or a run folder)",
         )
     return sorted(out, key=lambda r: (r.split or "", r.name))

@@ -11,6 +11,7 @@ level-0 voxel at most). Chunks are blosc-lz4 compressed with byte shuffle, keyed
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,31 +101,54 @@ def _read_attrs(path: Path) -> dict:
     return {}
 
 
+UNIT_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "millimeter": 1e7, "picometer": 0.01}
+"""Å per unit of the OME-NGFF space units a ``multiscales`` scale may be given in (no unit: Å)."""
+
+_SPACING_RE = re.compile(r"^VoxelSpacing(\d+(?:\.\d+)?)$")
+
+
+def _axis_unit(ms: dict, path: Path) -> float:
+    """Å per unit of the x axis of a ``multiscales`` entry (OME 0.4+ axes dicts; 0.3 names: Å)."""
+    axes = ms.get("axes") or []
+    unit = axes[-1].get("unit") if axes and isinstance(axes[-1], dict) else None
+    if unit is None:
+        return 1.0
+    if str(unit).lower() not in UNIT_ANGSTROM:
+        raise DataError(path, f"'multiscales' axis unit {unit!r} is not a length unit ({', '.join(UNIT_ANGSTROM)})")
+    return UNIT_ANGSTROM[str(unit).lower()]
+
+
 def read_multiscales(path: str | Path) -> list[tuple[str, float]]:
     """``[(dataset path, voxel size Å), ...]`` from the OME-NGFF ``multiscales`` metadata, finest first.
+
+    Scales given in another length unit (``axes[...]["unit"]``, e.g. nanometer) are converted to Å.
+    A store without that metadata falls back, with a warning, to the voxel size in its
+    ``VoxelSpacing{size}`` folder name (nominal: 10.000 for the real data's 10.012444 Å) and to the
+    3D arrays it holds (:func:`_levels_without_metadata`).
 
     Raises
     ------
     DataError
-        If the group is missing, or its metadata has no usable ``multiscales`` entry.
+        If the store is missing, or its metadata is unusable and there is no fallback.
     """
     path = Path(path)
     if not path.is_dir():
         raise DataError(path, "no such zarr group")
-    if not ((path / ".zgroup").is_file() or (path / "zarr.json").is_file()):
-        raise DataError(path, "not a zarr group (no .zgroup or zarr.json)")
+    if not any((path / f).is_file() for f in (".zgroup", ".zarray", "zarr.json")):
+        raise DataError(path, "not a zarr group (no .zgroup, .zarray or zarr.json)")
     attrs = _read_attrs(path)
     ms = attrs.get("multiscales")
     if not ms and isinstance(attrs.get("ome"), dict):  # OME-NGFF 0.5 nests it under "ome"
         ms = attrs["ome"].get("multiscales")
     if not ms:
-        raise DataError(path, "no OME-NGFF 'multiscales' metadata: cannot tell the voxel size")
+        return _levels_without_metadata(path)
     out = []
     try:
+        unit = _axis_unit(ms[0], path)
         for ds in ms[0]["datasets"]:
             scale = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
-            out.append((str(ds["path"]), float(scale[-1])))
-    except (KeyError, IndexError, TypeError, StopIteration, ValueError) as exc:
+            out.append((str(ds["path"]), float(scale[-1]) * unit))
+    except (KeyError, IndexError, TypeError, StopIteration, ValueError, AttributeError) as exc:
         raise DataError(path, f"malformed 'multiscales' metadata ({exc!r})") from exc
     if not out:
         raise DataError(path, "'multiscales' metadata lists no datasets")
@@ -132,6 +156,36 @@ def read_multiscales(path: str | Path) -> list[tuple[str, float]]:
     if bad:
         raise DataError(path, f"'multiscales' level {bad[0][0]!r} has a non-positive voxel size {bad[0][1]!r}")
     return sorted(out, key=lambda t: t[1])
+
+
+def _levels_without_metadata(path: Path) -> list[tuple[str, float]]:
+    """Levels of a store without ``multiscales``: the voxel size from the ``VoxelSpacing`` folder name.
+
+    The store itself when it is an array (level ``""``), else its 3D arrays; the widest is level 0
+    at the folder's voxel size, the others at that size times the ratio of widths (x).
+    """
+    import warnings
+
+    m = _SPACING_RE.match(path.parent.name)
+    if not m or not float(m.group(1)) > 0:
+        raise DataError(path, "no OME-NGFF 'multiscales' metadata: cannot tell the voxel size (nor from a "
+                              "VoxelSpacing{size} parent folder)")
+    size = float(m.group(1))
+    try:
+        node = _zarr().open(str(path), mode="r")
+    except Exception as exc:
+        raise DataError(path, f"cannot open zarr store: {exc}") from exc
+    if hasattr(node, "shape"):
+        widths = {"": node.shape[-1]} if len(node.shape) == 3 else {}
+    else:
+        widths = {str(k): a.shape[-1] for k, a in node.arrays() if len(a.shape) == 3}
+    if not widths:
+        raise DataError(path, "no OME-NGFF 'multiscales' metadata and no 3D array [z, y, x] in the store")
+    widest = max(widths.values())
+    warnings.warn(f"{path}: no OME-NGFF 'multiscales' metadata; voxel size {size:g} A taken from the folder "
+                  f"name {path.parent.name}", stacklevel=3)
+    out = [(k, size * widest / w) for k, w in widths.items()]
+    return sorted(out, key=lambda t: (t[1], t[0]))
 
 
 def open_tomogram(path: str | Path, level: int | str = 0) -> Tomogram:
@@ -142,7 +196,8 @@ def open_tomogram(path: str | Path, level: int | str = 0) -> Tomogram:
     path : path-like
         The ``.zarr`` group (e.g. ``.../VoxelSpacing10.000/denoised.zarr``).
     level : int or str
-        Multiscale dataset path; ``0`` is full resolution.
+        Multiscale dataset path; ``0`` is full resolution (an int that names no dataset path picks
+        the level-th finest one, e.g. for datasets named ``"s0"``).
 
     Raises
     ------
@@ -150,14 +205,16 @@ def open_tomogram(path: str | Path, level: int | str = 0) -> Tomogram:
         Missing group, missing level, or unreadable metadata.
     """
     path = Path(path)
-    levels = dict(read_multiscales(path))
+    ordered = read_multiscales(path)
+    levels = dict(ordered)
     key = str(level)
+    if key not in levels and isinstance(level, int) and 0 <= level < len(ordered):
+        key = ordered[level][0]  # datasets named otherwise ("s0", or the bare array ""): k-th finest
     if key not in levels:
         raise DataError(path, f"no multiscale level {key!r} (levels: {', '.join(levels)})")
     zarr = _zarr()
     try:
-        group = zarr.open_group(str(path), mode="r")
-        arr = group[key]
+        arr = zarr.open_array(str(path), mode="r") if key == "" else zarr.open_group(str(path), mode="r")[key]
     except Exception as exc:
         raise DataError(path / key, f"cannot open zarr array: {exc}") from exc
     if len(arr.shape) != 3:

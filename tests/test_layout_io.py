@@ -104,8 +104,16 @@ def test_find_runs_errors(tmp_path, make_dataset):
     with pytest.raises(DataError, match="no runs found"):
         find_runs(tmp_path / "empty")
     root, _, _ = make_dataset()
-    with pytest.raises(DataError, match="no runs of split 'valid'"):
+    with pytest.raises(DataError, match="no runs of split 'valid' found; its 2 run\\(s\\) are of split train "):
         find_runs(root, split="valid")
+    runs_dir = root / "train" / "static" / "ExperimentRuns"
+    with pytest.raises(DataError, match="are of split train "):
+        find_runs(runs_dir, split="test")
+    loose = tmp_path / "loose" / "ExperimentRuns"
+    shutil.copytree(runs_dir, loose)
+    with pytest.raises(DataError, match="of split \\(none: not under a split folder\\)"):
+        find_runs(loose, split="test")
+    assert [r.name for r in find_runs(loose)] == ["TS_A", "TS_B"]
     with pytest.raises(DataError, match="no run 'TS_Z' \\(found: TS_A, TS_B\\)"):
         get_run(root, "TS_Z")
     with pytest.raises(DataError, match="no tomogram 'wbp' \\(found: denoised\\)"):
@@ -224,7 +232,7 @@ def test_bad_tomograms(tmp_path):
     with pytest.raises(DataError, match="no such zarr group"):
         open_tomogram(tmp_path / "missing.zarr")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(DataError, match="not a zarr group"):
+    with pytest.raises(DataError, match="not a zarr group \\(no .zgroup, .zarray or zarr.json\\)"):
         open_tomogram(tmp_path / "plain")
     attrs = path / ".zattrs"
     good = attrs.read_text()
@@ -242,6 +250,52 @@ def test_bad_tomograms(tmp_path):
     attrs.write_text(json.dumps({"ome": json.loads(good)}))
     assert open_tomogram(path).voxel_size == 10.0
 
+
+
+def test_voxel_size_in_other_units_and_without_metadata(tmp_path):
+    vol = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
+    path = write_tomogram(tmp_path / "t.zarr", vol, VOXEL_SIZE)
+    attrs = path / ".zattrs"
+    doc = json.loads(attrs.read_text())
+    ms = doc["multiscales"][0]
+    for ax in ms["axes"]:
+        ax["unit"] = "nanometer"
+    for ds in ms["datasets"]:
+        for t in ds["coordinateTransformations"]:
+            t[t["type"]] = [v / 10 for v in t[t["type"]]]
+    attrs.write_text(json.dumps(doc))
+    assert [k for k, _ in read_multiscales(path)] == ["0", "1", "2"]
+    assert np.allclose([v for _, v in read_multiscales(path)], [VOXEL_SIZE, 2 * VOXEL_SIZE, 4 * VOXEL_SIZE])
+    for ax in ms["axes"]:
+        ax["unit"] = "second"
+    attrs.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="axis unit 'second' is not a length unit") as exc:
+        open_tomogram(path)
+    assert exc.value.path == path
+
+    # no multiscales: the voxel size of the VoxelSpacing folder, with a warning; levels by width
+    spacing = tmp_path / "VoxelSpacing10.000"
+    plain = write_tomogram(spacing / "denoised.zarr", vol, VOXEL_SIZE)
+    (plain / ".zattrs").write_text("{}")
+    with pytest.warns(UserWarning, match="voxel size 10 A taken from the folder name VoxelSpacing10.000"):
+        levels = read_multiscales(plain)
+    assert levels == [("0", 10.0), ("1", 20.0), ("2", 40.0)]
+    with pytest.warns(UserWarning):
+        t = open_tomogram(plain)
+    assert t.voxel_size == 10.0 and t.shape == (4, 6, 8)
+    np.testing.assert_array_equal(t.read(), vol)
+    # the store is one bare array
+    bare = spacing / "wbp.zarr"
+    arr = zarr.open_array(str(bare), mode="w", shape=vol.shape, dtype="float32", chunks=(2, 6, 8))
+    arr[:] = vol
+    with pytest.warns(UserWarning, match="taken from the folder name"):
+        t = open_tomogram(bare)
+    assert t.voxel_size == 10.0 and t.level == ""
+    np.testing.assert_array_equal(t.read(1, 3), vol[1:3])
+    # neither metadata nor a VoxelSpacing folder: the voxel size cannot be told
+    (path / ".zattrs").write_text("{}")
+    with pytest.raises(DataError, match="cannot tell the voxel size"):
+        open_tomogram(path)
 
 def test_corrupt_chunk_is_a_data_error(tmp_path):
     path = write_tomogram(tmp_path / "t.zarr", np.ones((4, 6, 8), np.float32), 10.0, n_levels=1)
