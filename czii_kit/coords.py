@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+KAGGLE_VOXEL_SIZE = 10.012444
+"""Å per voxel of the Kaggle tomograms (their folders say ``VoxelSpacing10.000``)."""
+
 
 def angstrom_to_voxel(points_xyz, voxel_size: float, origin: float = 0.0) -> np.ndarray:
     """Points ``(N, 3)`` as ``(x, y, z)`` in Å -> fractional voxel indices ``(N, 3)`` as ``(z, y, x)``.

@@ -29,13 +29,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from czii_kit.coords import KAGGLE_VOXEL_SIZE
 from czii_kit.errors import CziiKitError, DataError
 from czii_kit.postprocess import DETECTION_COLUMNS, empty_detections
 from czii_kit.preprocess import (
+    FLATTEN_MODES,
     PreprocessConfig,
     Window,
     iter_stacks,
     parse_smooth,
+    resample_to,
+    resampled_shape,
+    settle_flatten,
     settle_smoothing,
     slice_indices,
     window_for,
@@ -85,6 +90,10 @@ class InferenceConfig:
         correlation below :data:`czii_kit.preprocess.SMOOTH_TARGET`) just enough to look as smooth
         as the denoised tomograms the models are trained on (:func:`czii_kit.preprocess.settle_smoothing`;
         a warning names the tomogram); ``0`` never.
+    flatten : {"auto", "on", "off"}
+        Subtract the slow lateral variation of the background (uneven ice or illumination) before
+        everything else: ``"auto"`` only when it is strong (:func:`czii_kit.preprocess.settle_flatten`;
+        a warning names the tomogram), ``"on"`` always, ``"off"`` never.
     device : str or None
         ultralytics device string (``"cpu"``, ``"0"``); ``None`` lets ultralytics choose.
     """
@@ -99,10 +108,13 @@ class InferenceConfig:
     multi_label: bool = False
     polarity: str = "auto"
     smooth: str | float = "auto"
+    flatten: str = "auto"
     device: str | None = None
 
     def __post_init__(self):
         self.smooth = parse_smooth(self.smooth)
+        if self.flatten not in FLATTEN_MODES:
+            raise ValueError(f"flatten must be one of {FLATTEN_MODES}, got {self.flatten!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -377,6 +389,26 @@ def read_volume(tomo) -> np.ndarray:
     return out
 
 
+def model_voxel_size(weights: str | Path) -> float:
+    """Å per voxel of the tomograms ``weights`` was trained on (median over the runs recorded in
+    ``czii_kit_train.json``), else :data:`czii_kit.coords.KAGGLE_VOXEL_SIZE`."""
+    from czii_kit.train import read_train_record
+
+    sizes = read_train_record(weights).get("dataset", {}).get("voxel_size")
+    values = [float(v) for v in sizes.values()] if isinstance(sizes, dict) else []
+    return float(np.median(values)) if values else KAGGLE_VOXEL_SIZE
+
+
+def load_volume(tomo, voxel_size: float | None = None, warn: bool = True) -> tuple[np.ndarray, float]:
+    """:func:`read_volume`, resampled to ``voxel_size`` Å when the tomogram's differs by more than
+    :data:`czii_kit.preprocess.RESAMPLE_TOLERANCE` (:func:`czii_kit.preprocess.resample_to`; a warning
+    names it). Returns ``(volume [z, y, x], its voxel size Å)``; ``voxel_size=None`` never resamples."""
+    volume = read_volume(tomo)
+    if voxel_size is None:
+        return volume, float(tomo.voxel_size)
+    return resample_to(volume, tomo.voxel_size, voxel_size, source=tomo.path, warn=warn)
+
+
 def preprocess_config_for(weights: str | Path) -> PreprocessConfig:
     """The preprocessing recorded beside ``weights`` (``czii_kit_train.json``), else the default."""
     from czii_kit.train import read_train_record
@@ -386,7 +418,7 @@ def preprocess_config_for(weights: str | Path) -> PreprocessConfig:
 
 def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: InferenceConfig | None = None,
                    source=None) -> tuple[np.ndarray, Window, float]:
-    """``volume [z, y, x]`` low-passed as ``config.smooth`` asks, its intensity window and the sigma used.
+    """``volume [z, y, x]`` flattened and low-passed as ``config`` asks, its intensity window and the sigma used.
 
     Returns ``(volume, window, sigma)``: the (possibly) low-passed volume, the :class:`Window` that maps
     it to 0..1 with dense matter dark (polarity settled as ``config.polarity`` asks), and the Gaussian
@@ -394,6 +426,7 @@ def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: Inf
     same volume and window, so a tomogram is prepared once per pass over it.
     """
     config = config or InferenceConfig()
+    volume, _ = settle_flatten(volume, config.flatten, source=source)
     volume, sigma = settle_smoothing(volume, config.smooth, source=source)
     window, _ = window_for(volume, preprocess, config.polarity, source=source)
     return volume, window, sigma
@@ -480,19 +513,22 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
     config = config or InferenceConfig()
     runs = list(runs)
     prep = preprocess_config_for(weights)
+    target = model_voxel_size(weights)
     detector = None
     tomos = [(r, open_tomogram(r.tomogram_path(tomogram))) for r in runs]
-    total = sum(len(slice_indices(t.shape[0], config.z_stride)) for _, t in tomos)
+    total = sum(len(slice_indices(resampled_shape(t.shape, t.voxel_size, target)[0], config.z_stride))
+                for _, t in tomos)
     bar = tqdm(total=total, desc="detect", unit="slice", disable=not progress)
     try:
         for run, tomo in tomos:
             bar.set_postfix_str(run.name)
-            imgsz = config.imgsz or native_imgsz(tomo.shape[1:])
+            vol, voxel_size = load_volume(tomo, target)
+            imgsz = config.imgsz or native_imgsz(vol.shape[1:])
             if detector is None or detector.imgsz != imgsz:
                 detector = Detector(weights, backend, config, imgsz)
-            vol, window, sigma = prepare_volume(read_volume(tomo), prep, config, tomo.path)
+            vol, window, sigma = prepare_volume(vol, prep, config, tomo.path)
             dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar)
-            item = DetectedRun(run, tomo.voxel_size, dets, vol, window, sigma)
+            item = DetectedRun(run, voxel_size, dets, vol, window, sigma)
             del vol, dets  # the consumer may drop the volume (see DetectedRun.normalised)
             if stage:
                 bar.set_postfix_str(f"{run.name}: {stage}")

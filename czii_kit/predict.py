@@ -43,24 +43,36 @@ def default_weights() -> Path:
 
 def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
                  tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None,
-                 smooth: str | float | None = None, thresholds_file: str | Path | None = None
-                 ) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
+                 smooth: str | float | None = None, thresholds_file: str | Path | None = None,
+                 flatten: str | None = None) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
     """Inference config, merge config, per-type merge configs and thresholds for ``weights``
     (tuned file, then overrides). ``thresholds_file``: another tuned file than the one beside the weights."""
     doc = read_thresholds(weights, thresholds_file)
     if not doc:
         warnings.warn(f"{thresholds_path(weights)} not found: using greedy merging and a "
                       f"threshold of {DEFAULT_THRESHOLD} for every type (run `czii-kit tune`)", stacklevel=2)
+    _check_tuned_for(weights, doc, thresholds_path(weights, thresholds_file))
     known = {f.name for f in fields(InferenceConfig)}
     inf = {k: v for k, v in (doc.get("inference") or {}).items() if k in known}
     overrides = {"z_stride": z_stride, "batch": batch, "tta": tta, "imgsz": imgsz, "polarity": polarity,
-                 "smooth": smooth}
+                 "smooth": smooth, "flatten": flatten}
     for k, v in overrides.items():
         if v is not None:
             inf[k] = v
     thresholds = {n: float(doc.get("thresholds", {}).get(n, DEFAULT_THRESHOLD)) for n in PARTICLE_NAMES}
     per_type = {n: MergeConfig.from_dict(c) for n, c in (doc.get("merge_per_type") or {}).items()}
     return InferenceConfig(**inf), MergeConfig.from_dict(doc.get("merge")), per_type, thresholds
+
+
+def _check_tuned_for(weights: Path, doc: dict, path: Path) -> None:
+    """Warn when the thresholds file records other weights (by SHA-256) than ``weights``: its
+    thresholds were tuned on another model's scores."""
+    from czii_kit.rescore import file_sha256
+
+    recorded = doc.get("weights_sha256")
+    if recorded and recorded != file_sha256(weights):
+        warnings.warn(f"{path}: tuned for other weights ({doc.get('weights', '?')}, sha256 {recorded[:12]}...) "
+                      f"than {weights}; its thresholds may not fit this model (re-run `czii-kit tune`)", stacklevel=3)
 
 
 def refine_settings(weights: str | Path, refine: bool | None = None, thresholds_file: str | Path | None = None):
@@ -148,7 +160,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
             smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None,
             templates: bool | None = None, thresholds_file: str | Path | None = None,
-            progress: bool = True) -> pd.DataFrame:
+            flatten: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
@@ -175,6 +187,9 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     smooth : "auto", "off" or float, optional
         Low-pass of the tomograms before detection, refinement and rescoring (default as tuned, else
         ``"auto"``: noisy tomograms only; see :class:`czii_kit.infer.InferenceConfig`).
+    flatten : {"auto", "on", "off"}, optional
+        Subtract a strong slow lateral background variation first (default as tuned, else ``"auto"``:
+        uneven tomograms only; see :class:`czii_kit.infer.InferenceConfig`).
     rescore : bool, optional
         Second-stage 3D rescoring (:mod:`czii_kit.rescore`; see :func:`rescore_settings`): default
         when it was tuned, ``False`` to skip it.
@@ -197,7 +212,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     if tomogram == AUTO_TOMOGRAM:
         _warn_fallback(chosen)
     inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity, smooth=smooth,
-                                             thresholds_file=thresholds_file)
+                                             thresholds_file=thresholds_file, flatten=flatten)
     plan = rescore_settings(weights, rescore, thresholds_file)
     refine_cfg = refine_settings(weights, refine, thresholds_file)
     if plan is not None:

@@ -282,6 +282,132 @@ def settle_smoothing(volume: np.ndarray, smooth: str | float = "auto", source=No
     return gaussian_filter(np.asarray(volume, dtype=np.float32), sigma, output=np.float32), sigma
 
 
+FLATTEN_SIGMA = 24.0
+"""Gaussian sigma (voxels, about 240 Å) of the background :func:`lateral_background` estimates: wider
+than the largest particles (ribosome radius 15 voxels), so they stay out of it."""
+
+FLATTEN_MODES = ("auto", "on", "off")
+
+UNEVEN_LIMIT = 0.1
+"""Lateral background unevenness (:func:`unevenness`) above which ``flatten="auto"`` flattens a
+tomogram. Our simulated tomograms: 0.001-0.054; a lateral ramp of 0.3 x the intensity range across
+x (plus half that across y) gives 0.09 and costs the shipped model 0.005 F4, one of 1 x gives 0.18
+and costs 0.22 (README, "Uneven background")."""
+
+
+def coarse_background(volume: np.ndarray, sigma: float = FLATTEN_SIGMA, binning: int = 4) -> np.ndarray:
+    """Slowly varying lateral background of ``volume [z, y, x]``, on a grid ``binning`` times coarser.
+
+    The volume mean-binned by ``binning``, Gaussian low-passed (``sigma`` voxels), minus its mean
+    over each z-slice: what varies across y and x on scales far above a particle (uneven ice or
+    illumination), not the specimen's profile along z. :func:`lateral_background` brings it to full size.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    vol = np.asarray(volume)
+    b = binning if min(vol.shape) >= binning else 1
+    crop = tuple(n - n % b for n in vol.shape)
+    small = vol[: crop[0], : crop[1], : crop[2]].astype(np.float32, copy=False)
+    if b > 1:
+        small = small.reshape(crop[0] // b, b, crop[1] // b, b, crop[2] // b, b).mean((1, 3, 5), dtype=np.float32)
+    small = gaussian_filter(small, sigma / b, mode="nearest", output=np.float32)
+    small -= small.mean(axis=(1, 2), keepdims=True)
+    return small
+
+
+def lateral_background(volume: np.ndarray, sigma: float = FLATTEN_SIGMA, binning: int = 4,
+                       coarse: np.ndarray | None = None) -> np.ndarray:
+    """:func:`coarse_background` (or ``coarse``, its result) linearly upsampled to ``volume``'s shape (float32)."""
+    from scipy.ndimage import zoom
+
+    small = coarse_background(volume, sigma, binning) if coarse is None else coarse
+    factors = [n / m for n, m in zip(volume.shape, small.shape, strict=True)]
+    return zoom(small, factors, order=1, mode="nearest", grid_mode=True, output=np.float32)
+
+
+def unevenness(volume: np.ndarray, coarse: np.ndarray | None = None, step: int = 4) -> float:
+    """Standard deviation of the lateral background (:func:`coarse_background`, or ``coarse``) relative
+    to the robust intensity range (0.5-99.5 percentiles) of ``volume``: 0 for an even tomogram,
+    independent of scale and offset."""
+    coarse = coarse_background(volume) if coarse is None else coarse
+    lo, hi = np.percentile(np.asarray(volume[::step, ::step, ::step], dtype=np.float64), [0.5, 99.5])
+    return float(coarse.std() / (hi - lo)) if hi > lo else 0.0
+
+
+def settle_flatten(volume: np.ndarray, flatten: str = "auto", source=None,
+                   warn: bool = True) -> tuple[np.ndarray, float]:
+    """``volume`` with its lateral background removed when ``flatten`` asks; returns ``(volume, unevenness)``.
+
+    ``flatten``: ``"auto"`` subtracts :func:`lateral_background` only when :func:`unevenness` is
+    above :data:`UNEVEN_LIMIT` (a warning names ``source``), ``"on"`` always, ``"off"`` never
+    (unevenness then reported as 0).
+    """
+    if flatten not in FLATTEN_MODES:
+        raise ValueError(f"flatten must be one of {FLATTEN_MODES}, got {flatten!r}")
+    if flatten == "off":
+        return volume, 0.0
+    coarse = coarse_background(volume)
+    u = unevenness(volume, coarse)
+    if flatten == "auto" and u <= UNEVEN_LIMIT:
+        return volume, u
+    if warn and flatten == "auto":
+        import warnings
+
+        warnings.warn(f"{source}: uneven background (lateral unevenness {u:.2f} > {UNEVEN_LIMIT}); its slow "
+                      "variation across y and x is subtracted before detection (flatten='off' keeps it)",
+                      stacklevel=2)
+    out = np.asarray(volume, dtype=np.float32) - lateral_background(volume, coarse=coarse)
+    return out, u
+
+
+RESAMPLE_TOLERANCE = 0.05
+"""Relative voxel-size difference from the model's above which :func:`resample_to` resamples
+(smaller ones are within the training's scale jitter; the real data's 10.012444 Å against a nominal
+10 Å is 0.1 %)."""
+
+
+def resampled_shape(shape: Sequence[int], voxel_size: float, target: float,
+                    tolerance: float = RESAMPLE_TOLERANCE) -> tuple[int, ...]:
+    """The shape :func:`resample_to` gives a volume of ``shape`` (unchanged within ``tolerance``)."""
+    if not (voxel_size > 0 and target > 0):
+        raise ValueError(f"voxel sizes must be > 0, got {voxel_size!r} and {target!r}")
+    if abs(voxel_size / target - 1) <= tolerance:
+        return tuple(int(n) for n in shape)
+    step = target / voxel_size
+    return tuple(int(np.floor((n - 1) / step + 1e-9)) + 1 for n in shape)
+
+
+def resample_to(volume: np.ndarray, voxel_size: float, target: float, tolerance: float = RESAMPLE_TOLERANCE,
+                source=None, warn: bool = True) -> tuple[np.ndarray, float]:
+    """``volume [z, y, x]`` at ``voxel_size`` Å resampled to ``target`` Å voxels; returns ``(volume, voxel_size)``.
+
+    Within ``tolerance`` (relative) the volume is returned as is, with its own voxel size. Otherwise
+    output voxel ``j`` (each axis) is the linear interpolation of the input at index
+    ``j * target / voxel_size``, so voxel 0 stays at 0 Å and voxel centres stay at ``index * voxel
+    size`` (:mod:`czii_kit.coords`); a finer input is Gaussian-blurred first against aliasing. The
+    output (float32) has ``floor((n - 1) * voxel_size / target) + 1`` voxels per axis. A warning
+    names ``source``.
+    """
+    from scipy.ndimage import affine_transform, gaussian_filter
+
+    shape = resampled_shape(volume.shape, voxel_size, target, tolerance)
+    if abs(voxel_size / target - 1) <= tolerance:
+        return volume, float(voxel_size)
+    step = target / voxel_size  # input voxels per output voxel
+    if min(shape) < 2:
+        raise DataError(source, f"volume {tuple(volume.shape)} at {voxel_size:g} A is too small to resample to {target:g} A")
+    if warn:
+        import warnings
+
+        warnings.warn(f"{source}: voxel size {voxel_size:g} A, the model's is {target:g} A: resampled "
+                      f"{tuple(volume.shape)} -> {shape} voxels before detection", stacklevel=2)
+    vol = np.asarray(volume, dtype=np.float32)
+    if step > 1:
+        vol = gaussian_filter(vol, 0.5 * np.sqrt(step**2 - 1), output=np.float32)
+    out = affine_transform(vol, np.full(3, step), output_shape=shape, order=1, mode="nearest", output=np.float32)
+    return out, float(target)
+
+
 def _channel(volume: np.ndarray, z: int, slab: int) -> np.ndarray:
     nz = volume.shape[0]
     if slab == 1:

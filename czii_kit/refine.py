@@ -168,10 +168,12 @@ def refine_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: floa
 
 def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", preprocess=None,
                 polarity: str = "auto", config: RefineConfig | None = None, progress: bool = True,
-                smooth: str | float = "auto") -> pd.DataFrame:
+                smooth: str | float = "auto", voxel_size: float | None = None, flatten: str = "auto") -> pd.DataFrame:
     """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time.
 
-    ``smooth``: low-pass of the tomograms, as :class:`czii_kit.infer.InferenceConfig`.
+    ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as
+    :class:`czii_kit.infer.InferenceConfig`; ``voxel_size``:
+    resample to it, as the detector does (:func:`czii_kit.rescore.normalised_runs`).
     """
     from czii_kit.rescore import normalised_runs
 
@@ -181,8 +183,9 @@ def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", prep
     frames, done = [], set()
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "refine", smooth):
-        frames.append(refine_volume(candidates[names == run.name], vol, voxel_size, config))
+    for run, vs, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "refine", smooth, voxel_size,
+                                        flatten):
+        frames.append(refine_volume(candidates[names == run.name], vol, vs, config))
         done.add(run.name)
         del vol
     frames.append(candidates[~names.isin(done)])

@@ -44,7 +44,7 @@ from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import DataError
 from czii_kit.metric import DISTANCE_MULTIPLIER
 from czii_kit.postprocess import nms_3d, sort_candidates
-from czii_kit.preprocess import PreprocessConfig, settle_smoothing, window_for
+from czii_kit.preprocess import PreprocessConfig, settle_flatten, settle_smoothing, window_for
 
 RESCORER_FILE = "czii_kit_rescorer.pt"
 PATCH_SIZE = 32
@@ -107,11 +107,13 @@ class RescoreConfig:
 
 
 def normalised_volume(volume: np.ndarray, preprocess: PreprocessConfig | None = None, polarity: str = "auto",
-                      source=None, smooth: str | float = "auto") -> np.ndarray:
-    """``volume [z, y, x]`` low-passed and windowed as for the detector: float32 in 0..1, particles dark.
+                      source=None, smooth: str | float = "auto", flatten: str = "auto") -> np.ndarray:
+    """``volume [z, y, x]`` flattened, low-passed and windowed as for the detector: float32 in 0..1, particles dark.
 
-    ``smooth``: as :class:`czii_kit.infer.InferenceConfig` (``"auto"``: noisy tomograms only; 0: never).
+    ``smooth``, ``flatten``: as :class:`czii_kit.infer.InferenceConfig` (``"auto"``: noisy /
+    uneven tomograms only).
     """
+    volume, _ = settle_flatten(volume, flatten, source=source, warn=False)
     volume, _ = settle_smoothing(volume, smooth, source=source, warn=False)
     window, _ = window_for(volume, preprocess or PreprocessConfig(), polarity, source=source)
     return window.apply(volume, "float32")
@@ -119,17 +121,22 @@ def normalised_volume(volume: np.ndarray, preprocess: PreprocessConfig | None = 
 
 def normalised_runs(runs: Iterable, tomogram: str = "denoised", preprocess: PreprocessConfig | None = None,
                     polarity: str = "auto", progress: bool = True, desc: str = "tomograms",
-                    smooth: str | float = "auto"):
+                    smooth: str | float = "auto", voxel_size: float | None = None, flatten: str = "auto"):
     """Yield ``(run, voxel_size, volume)`` for each run (``czii_kit.layout.Run``): its ``tomogram``
-    read and normalised by :func:`normalised_volume`, one at a time (drop ``volume`` before the next)."""
+    read and normalised by :func:`normalised_volume`, one at a time (drop ``volume`` before the next).
+
+    ``voxel_size``: resample tomograms whose voxel size differs to this one (Å), as the detector
+    does (:func:`czii_kit.infer.load_volume`); the voxel size yielded is then the volume's.
+    """
     from tqdm.auto import tqdm
 
-    from czii_kit.infer import read_volume
+    from czii_kit.infer import load_volume
     from czii_kit.tomogram import open_tomogram
 
     for run in tqdm(list(runs), desc=desc, unit="run", disable=not progress):
         tomo = open_tomogram(run.tomogram_path(tomogram))
-        yield run, tomo.voxel_size, normalised_volume(read_volume(tomo), preprocess, polarity, tomo.path, smooth)
+        vol, vs = load_volume(tomo, voxel_size, warn=False)
+        yield run, vs, normalised_volume(vol, preprocess, polarity, tomo.path, smooth, flatten)
 
 
 def extract_patches(volume: np.ndarray, centres_zyx, size: int = PATCH_SIZE) -> np.ndarray:
@@ -340,21 +347,24 @@ def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFram
 def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
                  preprocess: PreprocessConfig | None = None, polarity: str = "auto",
                  config: RescoreConfig | None = None, progress: bool = True, raw: bool = False,
-                 templates=None, smooth: str | float = "auto") -> pd.DataFrame:
+                 templates=None, smooth: str | float = "auto", voxel_size: float | None = None,
+                 flatten: str = "auto") -> pd.DataFrame:
     """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
 
     ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
     ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as :func:`rescore_volume`).
-    ``smooth``: low-pass of the tomograms, as :class:`czii_kit.infer.InferenceConfig` (pass the
-    detector's setting so both see the same volume).
+    ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as
+    :class:`czii_kit.infer.InferenceConfig` (pass the detector's settings so both see the same volume). ``voxel_size``: as :func:`normalised_runs`
+    (pass the detector's, :func:`czii_kit.infer.model_voxel_size`).
     """
     config = config or RescoreConfig()
     frames = []
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    for run, voxel_size, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "rescore", smooth):
+    for run, vs, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "rescore", smooth, voxel_size,
+                                        flatten):
         g = candidates[names == run.name]
-        frames.append(rescore_volume(g, vol, voxel_size, rescorer, config, raw=True, templates=templates))
+        frames.append(rescore_volume(g, vol, vs, rescorer, config, raw=True, templates=templates))
         del vol
     if not frames:
         return rescore_volume(candidates.iloc[:0], np.zeros((1, 1, 1), np.float32), 1.0, rescorer, config, raw,
@@ -407,7 +417,7 @@ def background_points(shape_zyx: Sequence[int], reference_zyx: np.ndarray, n: in
 def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataFrame | None = None,
                     tomograms: Sequence[str] = ("denoised",), background_ratio: float = 1.0,
                     preprocess: PreprocessConfig | None = None, seed: int = 0, progress: bool = True,
-                    smooth: str | float = "auto") -> dict:
+                    smooth: str | float = "auto", voxel_size: float | None = None, flatten: str = "auto") -> dict:
     """Training patches of ``runs``: references, random background and (optionally) detector candidates.
 
     Parameters
@@ -425,6 +435,10 @@ def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataF
     smooth : "auto" or float
         Low-pass of each tomogram before cutting, as at inference (:class:`czii_kit.infer.InferenceConfig`;
         the shipped rescorer's patches were cut with 0, before the option existed).
+    voxel_size : float, optional
+        Resample tomograms whose voxel size differs to this one (Å; :func:`czii_kit.infer.load_volume`).
+    flatten : {"auto", "on", "off"}
+        Background flattening, as at inference (:class:`czii_kit.infer.InferenceConfig`).
 
     Returns
     -------
@@ -434,7 +448,7 @@ def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataF
     """
     from tqdm.auto import tqdm
 
-    from czii_kit.infer import read_volume
+    from czii_kit.infer import load_volume
     from czii_kit.tomogram import open_tomogram
 
     rng = np.random.default_rng(seed)
@@ -445,8 +459,8 @@ def collect_patches(runs: Sequence, solution: pd.DataFrame, candidates: pd.DataF
                         f"no tomograms {list(tomograms)} in these runs")
     for run, kind in tqdm(jobs, desc="patches", unit="tomogram", disable=not progress):
         tomo = open_tomogram(run.tomogram_path(kind))
-        vs = tomo.voxel_size
-        vol = normalised_volume(read_volume(tomo), preprocess, "dark", tomo.path, smooth)
+        vol, vs = load_volume(tomo, voxel_size)
+        vol = normalised_volume(vol, preprocess, "dark", tomo.path, smooth, flatten)
         sol = solution[solution["experiment"].astype(str) == run.name]
         ref_xyz = sol[["x", "y", "z"]].to_numpy(float)
         ref = nearest_voxel(ref_xyz, vs)

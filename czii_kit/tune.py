@@ -290,7 +290,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
     cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, tomogram, weights,
                                                          config.polarity, refine, tolerance, progress,
-                                                         config.smooth)
+                                                         config.smooth, config.flatten)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
     from czii_kit.metric import score
 
@@ -299,6 +299,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         "czii_kit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights": weights.name,
+        "weights_sha256": _sha256(weights),
         "val_runs": [r.name for r in chosen],
         "backend": backend,
         "inference": config.to_dict(),
@@ -337,27 +338,35 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
 
 def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: str, weights: Path,
                   polarity: str = "auto", refine=None, tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True,
-                  smooth: str | float = "auto"):
+                  smooth: str | float = "auto", flatten: str = "auto"):
     """Refine the merged validation candidates (:mod:`czii_kit.refine`) if asked, or if it pays.
 
     ``refine=None`` tunes thresholds with and without refinement and keeps the better validation
     F4; ``True`` / a :class:`~czii_kit.refine.RefineConfig` always refines; ``False`` never.
-    ``smooth``: low-pass of the tomograms, as the detector's :class:`~czii_kit.infer.InferenceConfig`.
+    ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as the detector's
+    :class:`~czii_kit.infer.InferenceConfig`.
     Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
     """
-    from czii_kit.infer import preprocess_config_for
+    from czii_kit.infer import model_voxel_size, preprocess_config_for
     from czii_kit.refine import RefineConfig, refine_runs
 
     if refine is False:
         return cands, None, None
     cfg = refine if isinstance(refine, RefineConfig) else RefineConfig()
-    refined = refine_runs(cands, runs, tomogram, preprocess_config_for(weights), polarity, cfg, progress, smooth)
+    refined = refine_runs(cands, runs, tomogram, preprocess_config_for(weights), polarity, cfg, progress, smooth,
+                          model_voxel_size(weights), flatten)
     if refine is not None:
         return refined, cfg, None
     plain = weighted_final(tune_thresholds(cands, solution, tolerance=tolerance)[1])
     better = weighted_final(tune_thresholds(refined, solution, tolerance=tolerance)[1])
     comparison = {"none": plain, "refined": better}
     return (refined, cfg, comparison) if better > plain else (cands, None, comparison)
+
+
+def _sha256(path: Path) -> str:
+    from czii_kit.rescore import file_sha256
+
+    return file_sha256(path)
 
 
 def _table_dict(table: pd.DataFrame) -> dict:
@@ -407,7 +416,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     template weight is > 0, the template file's name, SHA-256 and :class:`~czii_kit.templates.TemplateConfig`)
     and the rescored candidates.
     """
-    from czii_kit.infer import preprocess_config_for
+    from czii_kit.infer import model_voxel_size, preprocess_config_for
     from czii_kit.metric import score
     from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, rescore_runs
 
@@ -423,7 +432,8 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     model = Rescorer(rescorer_path)
     raw = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
                        RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}), progress, raw=True,
-                       templates=matcher, smooth=config.smooth)
+                       templates=matcher, smooth=config.smooth, voxel_size=model_voxel_size(weights),
+                       flatten=config.flatten)
     best, comparison = None, []
     for cross_type in cross:
         for mix in mixes:

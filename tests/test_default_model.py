@@ -31,7 +31,9 @@ def test_shipped_files_agree_with_the_thresholds_and_go_into_the_wheel(tmp_path)
     from czii_kit.rescore import file_sha256
 
     w = default_weights()
-    section = json.loads((w.parent / "czii_kit_thresholds.json").read_text()).get("rescore") or {}
+    doc = json.loads((w.parent / "czii_kit_thresholds.json").read_text())
+    assert doc["weights_sha256"] == file_sha256(w), "thresholds tuned for other weights than the shipped ones"
+    section = doc.get("rescore") or {}
     for rec in (section, section.get("templates")):
         if rec:
             assert file_sha256(w.parent / rec["file"]) == rec["sha256"], rec["file"]

@@ -46,6 +46,12 @@ def test_predict_reads_a_thresholds_file_of_its_own(tuned_copy, tmp_path, capsys
     try:
         pd.testing.assert_frame_equal(predict(root, thresholds_file=own, **kw), base)
 
+        # a file tuned for other weights (by SHA-256) is used, with a warning naming it
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({**doc, "weights_sha256": "0" * 64, "weights": "best.pt"}))
+        with pytest.warns(UserWarning, match=r"other.json: tuned for other weights \(best.pt"):
+            pd.testing.assert_frame_equal(predict(root, thresholds_file=other, **kw), base)
+
         # its thresholds are the ones applied: no ribosome passes 2.0
         doc["rescore"]["thresholds"]["ribosome"] = 2.0
         strict = tmp_path / "strict.json"
@@ -118,3 +124,36 @@ def test_predict_falls_back_to_another_tomogram_when_a_run_has_no_denoised_one(t
                "--out", str(out), "--quiet"])
     assert rc == 0 and len(pd.read_csv(out)) == len(picks)
     capsys.readouterr()
+
+
+def test_predict_resamples_tomograms_of_another_voxel_size(tuned_copy, tmp_path):
+    from czii_kit.coords import KAGGLE_VOXEL_SIZE
+    from czii_kit.infer import InferenceConfig, iter_detect_runs, model_voxel_size, read_volume
+    from czii_kit.layout import find_runs
+    from czii_kit.metric import score
+    from czii_kit.picks import read_picks
+    from czii_kit.predict import predict
+    from czii_kit.preprocess import resample_to, resampled_shape
+    from czii_kit.tomogram import open_tomogram, write_tomogram
+
+    root, weights = tuned_copy
+    assert model_voxel_size(weights) == pytest.approx(KAGGLE_VOXEL_SIZE)
+    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    truth = read_picks(root, split="train")
+    base = score(truth, predict(root, **kw)).final
+
+    # the same run written at 15 A voxels (the picks stay in A)
+    coarse = tmp_path / "coarse"
+    shutil.copytree(root, coarse)
+    (run,) = find_runs(coarse, "train")
+    path = run.tomogram_path("denoised")
+    vol, vs = resample_to(read_volume(open_tomogram(path)), KAGGLE_VOXEL_SIZE, 15.0, warn=False)
+    write_tomogram(path, vol, vs, overwrite=True)
+    shutil.rmtree(run.tomogram_path("wbp"))
+    with pytest.warns(UserWarning, match=r"voxel size 15 A, the model's is 10.0124 A: resampled"):
+        (done,) = list(iter_detect_runs(weights, [run], "denoised", "torch", InferenceConfig(), progress=False))
+    assert done.voxel_size == pytest.approx(KAGGLE_VOXEL_SIZE)
+    assert done.volume.shape == resampled_shape(vol.shape, 15.0, KAGGLE_VOXEL_SIZE)
+    with pytest.warns(UserWarning, match="resampled"):
+        picks = predict(coarse, **kw)
+    assert score(truth, picks).final >= base - 0.15, (score(truth, picks).final, base)

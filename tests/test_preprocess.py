@@ -10,6 +10,8 @@ from czii_kit.preprocess import (
     PreprocessConfig,
     Window,
     iter_stacks,
+    resample_to,
+    resampled_shape,
     robust_window,
     slice_indices,
     stack_slice,
@@ -231,3 +233,90 @@ def test_settle_smoothing_low_passes_noisy_volumes_only():
     assert InferenceConfig().smooth == "auto" and InferenceConfig(smooth="off").smooth == 0.0
     with pytest.raises(ValueError, match="smooth"):
         InferenceConfig(smooth="strong")
+
+
+def _blobs(shape, voxel_size, centres_xyz, sigma_a=25.0):
+    """Gaussian blobs (sigma in Å) at ``centres_xyz`` (Å) in a ``[z, y, x]`` volume of ``voxel_size`` Å."""
+    grids = np.meshgrid(*[np.arange(n) * voxel_size for n in shape], indexing="ij")
+    vol = np.zeros(shape, np.float32)
+    for x, y, z in centres_xyz:
+        d2 = (grids[0] - z) ** 2 + (grids[1] - y) ** 2 + (grids[2] - x) ** 2
+        vol += np.exp(-0.5 * d2 / sigma_a**2).astype(np.float32)
+    return vol
+
+
+@pytest.mark.parametrize("voxel_size", [7.0, 14.5])
+def test_resample_to_keeps_points_where_they_are_in_angstrom(voxel_size):
+    from scipy.ndimage import maximum_filter
+
+    from czii_kit.coords import angstrom_to_voxel, voxel_to_angstrom
+
+    target = 10.0
+    extent = np.array([230.0, 410.0, 520.0])  # Å along z, y, x: unequal sides
+    shape = tuple(int(n) for n in np.floor(extent / voxel_size) + 1)
+    centres = np.array([[120.0, 300.0, 60.0], [400.0, 100.0, 180.0], [260.0, 210.0, 120.0]])  # (x, y, z) Å
+    vol = _blobs(shape, voxel_size, centres)
+    with pytest.warns(UserWarning, match=f"voxel size {voxel_size:g} A, the model's is 10 A: resampled"):
+        out, vs = resample_to(vol, voxel_size, target, source="t.zarr")
+    assert vs == target and out.dtype == np.float32
+    assert out.shape == resampled_shape(vol.shape, voxel_size, target)
+    assert out.shape == tuple(int(n) for n in np.floor((np.array(shape) - 1) * voxel_size / target + 1e-9) + 1)
+    # each blob's peak voxel in the output is where its Å position says (within a voxel)
+    peaks = np.argwhere((out == maximum_filter(out, size=5)) & (out > 0.5))
+    found = voxel_to_angstrom(peaks, vs)
+    assert len(found) == len(centres)
+    for c in centres:
+        assert np.min(np.linalg.norm(found - c, axis=1)) <= target
+    np.testing.assert_allclose(np.sort(angstrom_to_voxel(centres, vs)[:, 0]), np.sort(peaks[:, 0]), atol=1.0)
+
+
+def test_resample_to_leaves_close_voxel_sizes_alone():
+    vol = np.random.default_rng(0).normal(size=(6, 9, 11)).astype(np.float32)
+    out, vs = resample_to(vol, 10.0, 10.012444)
+    assert out is vol and vs == 10.0
+    assert resampled_shape(vol.shape, 10.4, 10.0) == vol.shape
+    with pytest.raises(ValueError, match="voxel sizes must be > 0"):
+        resample_to(vol, 0.0, 10.0)
+    with pytest.raises(DataError, match="too small to resample"):
+        resample_to(vol[:1], 5.0, 20.0, source="t.zarr", warn=False)
+
+
+def test_flatten_removes_a_lateral_ramp_and_leaves_even_volumes_alone():
+    from czii_kit.preprocess import UNEVEN_LIMIT, coarse_background, settle_flatten, unevenness
+
+    rng = np.random.default_rng(3)
+    shape = (40, 96, 136)  # unequal sides
+    centres = [(20.0, 30.0, 40.0), (20.0, 60.0, 100.0), (12.0, 48.0, 70.0)]
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    even = rng.normal(0, 0.3, shape).astype(np.float32)
+    for c in centres:  # dark particles of radius 6 voxels
+        even[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 36] -= 1.0
+    even = even * 40.0 + 900.0  # arbitrary units
+    lo, hi = np.percentile(even, [0.5, 99.5])
+    ramp = ((xx / (shape[2] - 1) - 0.5) + 0.5 * (yy / (shape[1] - 1) - 0.5)) * (hi - lo)
+    uneven = even + ramp.astype(np.float32)
+
+    assert unevenness(even) < 0.03 < UNEVEN_LIMIT < unevenness(uneven)
+    assert coarse_background(uneven).shape == (10, 24, 34)
+    out, u = settle_flatten(even, "auto", source="even.zarr")
+    assert out is even and u < UNEVEN_LIMIT
+    with pytest.warns(UserWarning, match="uneven.zarr: uneven background"):
+        flat, u = settle_flatten(uneven, "auto", source="uneven.zarr")
+    assert u > UNEVEN_LIMIT and flat.shape == shape and flat.dtype == np.float32
+    # the ramp is gone (the residual is a small fraction of it) and the particles are still there
+    inner = (slice(None), slice(8, -8), slice(8, -8))
+    resid = (flat - even)[inner]
+    assert np.ptp(resid.mean(axis=0)) < 0.15 * np.ptp(ramp[inner].mean(axis=0))
+    for c in centres:
+        z, y, x = (int(v) for v in c)
+        assert flat[z, y, x] < np.median(flat) - 20
+    assert settle_flatten(uneven, "off") == (uneven, 0.0)
+    on, _ = settle_flatten(even, "on")
+    assert on is not even and np.abs(on - even).max() < 0.1 * (hi - lo)
+    with pytest.raises(ValueError, match="flatten must be one of"):
+        settle_flatten(even, "sometimes")
+    from czii_kit.infer import InferenceConfig
+
+    assert InferenceConfig().flatten == "auto"
+    with pytest.raises(ValueError, match="flatten must be one of"):
+        InferenceConfig(flatten="sometimes")

@@ -438,6 +438,34 @@ def test_cli_synth(tmp_path):
     assert main(["synth"]) == 2
 
 
+
+def test_other_voxel_size_keeps_the_field_of_view_and_the_density(tmp_path):
+    import json
+
+    from czii_kit.cli import main
+    from czii_kit.layout import find_runs
+    from czii_kit.synthetic.params import VOXEL_SIZE, volume_ratio
+    from czii_kit.tomogram import open_tomogram
+
+    # counts follow the physical volume: the full field at 20 A voxels is as crowded as at 10.012 A
+    half = tuple(int(round(n * VOXEL_SIZE / 20.0)) for n in SIZES["full"])
+    assert volume_ratio(half, 20.0) == pytest.approx(1.0, rel=0.02)
+    assert volume_ratio(half) == pytest.approx(1 / 8, rel=0.02)
+    n_full = [sum(sample_params(np.random.default_rng(s), SIZES["full"]).counts.values()) for s in range(10)]
+    n_half = [sum(sample_params(np.random.default_rng(s), half, 20.0).counts.values()) for s in range(10)]
+    assert np.mean(n_half) == pytest.approx(np.mean(n_full), rel=0.1)
+
+    out = tmp_path / "vs"
+    assert main(["synth", "--out", str(out), "--runs", "1", "--test-runs", "0", "--size", "tiny", "--quiet",
+                 "--voxel-size", "15", "--seed", "5"]) == 0
+    (run,) = find_runs(out, "train")
+    tomo = open_tomogram(run.tomogram_path("denoised"))
+    assert tomo.voxel_size == 15.0 and tomo.path.parent.name == "VoxelSpacing15.000"
+    assert tomo.shape == tuple(int(round(n * VOXEL_SIZE / 15.0)) for n in SIZES["tiny"])
+    assert json.loads((out / "synthetic.json").read_text())["voxel_size"] == 15.0
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--runs", "1", "--size", "tiny", "--quiet",
+                 "--voxel-size", "-1"]) == 2
+
 def test_cli_synth_ranges(tmp_path, capsys):
     from czii_kit.cli import main
 

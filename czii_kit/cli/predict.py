@@ -48,6 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="contrast of the tomograms: dark particles (cryo-ET), bright (inverted first), or auto "
                         "(inverted when the intensity skew shows bright dense matter; default)")
     p.add_argument("--smooth", type=smooth_arg, metavar="auto|off|SIGMA", help=SMOOTH_HELP)
+    p.add_argument("--flatten", choices=["auto", "on", "off"],
+                   help="subtract the slow lateral variation of the background (uneven ice or illumination) first: "
+                        "'auto' (default) only when it is strong, with a warning")
     p.add_argument("--no-rescore", action="store_true",
                    help="skip the second-stage 3D rescorer (detector-only thresholds; faster)")
     p.add_argument("--no-refine", action="store_true",
@@ -66,7 +69,7 @@ def run(args) -> int:
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
-        polarity=args.polarity, smooth=args.smooth, rescore=False if args.no_rescore else None,
+        polarity=args.polarity, smooth=args.smooth, flatten=args.flatten, rescore=False if args.no_rescore else None,
         refine=False if args.no_refine else None, templates=False if args.no_templates else None,
         thresholds_file=args.thresholds, progress=not args.quiet,
     )

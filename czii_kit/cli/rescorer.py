@@ -75,17 +75,20 @@ def _collect(args) -> int:
     runs = [r for r in runs if r.name in set(solution["experiment"].astype(str))]
     if not runs:
         raise DataError(args.root, "no runs with picks to collect patches from")
-    cands, prep = None, None
+    from czii_kit.coords import KAGGLE_VOXEL_SIZE
+
+    cands, prep, voxel_size = None, None, KAGGLE_VOXEL_SIZE
     if (args.weights or "").lower() != "none":
-        from czii_kit.infer import preprocess_config_for
+        from czii_kit.infer import model_voxel_size, preprocess_config_for
         from czii_kit.predict import default_weights
 
         weights = Path(args.weights) if args.weights else default_weights()
-        prep = preprocess_config_for(weights)
+        prep, voxel_size = preprocess_config_for(weights), model_voxel_size(weights)
         cands = detector_candidates(weights, runs, args.tomograms[0], args.backend, args.floor,
                                     progress=not args.quiet)
+    # patches at the detector's voxel size (tomograms more than 5 % off are resampled, as at inference)
     data = collect_patches(runs, solution, cands, args.tomograms, args.background_ratio, prep, args.seed,
-                           progress=not args.quiet, smooth=args.smooth)
+                           progress=not args.quiet, smooth=args.smooth, voxel_size=voxel_size)
     path = save_patches(data, args.out, overwrite=args.force)
     counts = np.bincount(data["y"], minlength=len(CLASSES))
     print(f"{len(data['y'])} patches from {len(runs)} run(s): "

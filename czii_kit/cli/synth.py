@@ -27,6 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-runs", type=int, default=3, help="test runs (ground truth in solution.csv) [3]")
     p.add_argument("--size", default="full", choices=["full", "small", "tiny"],
                    help="full = 184x630x630, small = 92x316x316, tiny = 48x96x128 voxels of 10.012 Å [full]")
+    p.add_argument("--voxel-size", type=float, default=None, metavar="A",
+                   help="Å per voxel [10.012444, Kaggle's]; another size keeps the field of view of --size "
+                        "(its shape scaled) and resamples the density maps")
     p.add_argument("--seed", type=int, default=0, help="master seed [0]")
     p.add_argument("--maps", type=Path, default=None,
                    help="folder of MRC density maps (e.g. ../shared/data/density_maps); default: built-in models")
@@ -90,6 +93,7 @@ def run(args) -> int:
             args.out, n_train=args.runs, n_test=args.test_runs, size=args.size, seed=args.seed,
             maps_dir=args.maps, picks_dir=args.picks, overwrite=args.force, progress=not args.quiet,
             workers=args.workers, ranges=parse_ranges(args.range),
+            **({} if args.voxel_size is None else {"voxel_size": args.voxel_size}),
         )
         print(f"wrote {args.runs} training and {args.test_runs} test runs to {root}")
         did = True

@@ -28,7 +28,7 @@ from czii_kit import __version__
 from czii_kit.atomic import atomic_dir, atomic_write, atomic_write_text
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import DataError, FileExistsNoForce
-from czii_kit.layout import RUNS_DIR
+from czii_kit.layout import RUNS_DIR, spacing_folder
 from czii_kit.picks import read_picks, write_picks
 from czii_kit.synthetic.params import VOXEL_SIZE, SimParamError, SimRanges, shape_for_size
 from czii_kit.synthetic.simulate import TOMOGRAM_NAMES, get_models, simulate_run
@@ -49,8 +49,10 @@ def write_run(root: Path, split: str, name: str, tomograms: dict, picks: pd.Data
               params_json: str, voxel_size: float, overwrite: bool = False) -> Path:
     """Write one run's tomograms (3-level zarr), ``sim_params.json`` and, when given, its picks."""
     run_dir = Path(root) / split / "static" / RUNS_DIR / name
+    # the folder name is nominal, as Kaggle's (VoxelSpacing10.000 for 10.012444 A voxels)
+    spacing = SPACING_DIR if abs(voxel_size - VOXEL_SIZE) < 0.05 else spacing_folder(voxel_size)
     for tname, vol in tomograms.items():
-        write_tomogram(run_dir / SPACING_DIR / f"{tname}.zarr", vol, voxel_size, n_levels=3, overwrite=overwrite)
+        write_tomogram(run_dir / spacing / f"{tname}.zarr", vol, voxel_size, n_levels=3, overwrite=overwrite)
     atomic_write_text(run_dir / PARAMS_FILE, params_json, overwrite=overwrite)
     if picks is not None:
         write_picks(picks, Path(root) / split / "overlay", runs=[name], particle_types=PARTICLE_NAMES,
@@ -92,6 +94,7 @@ def generate_dataset(
     progress: bool = True,
     ranges: SimRanges | None = None,
     workers: int | None = None,
+    voxel_size: float = VOXEL_SIZE,
 ) -> Path:
     """Simulate ``n_train + n_test`` runs and write them as a dataset root (Kaggle layout).
 
@@ -119,6 +122,11 @@ def generate_dataset(
         Show a tqdm bar over runs.
     ranges : SimRanges, optional
         Parameter ranges (defaults otherwise).
+    voxel_size : float
+        Å per voxel (default the Kaggle 10.012444). Another size keeps the physical field of view:
+        the shape of ``size`` is scaled by ``10.012444 / voxel_size`` (rounded), and the density maps
+        are resampled to it; the simulator's parameters in voxels (e.g. the denoiser's sigma) stay in
+        voxels. Tomograms go under ``VoxelSpacing{voxel_size:.3f}``.
 
     Returns
     -------
@@ -131,9 +139,13 @@ def generate_dataset(
     n_train, n_test = int(n_train), int(n_test)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
         raise SimParamError(f"need at least one run (n_train={n_train}, n_test={n_test})")
+    if not (voxel_size > 0 and np.isfinite(voxel_size)):
+        raise SimParamError(f"voxel size must be > 0 A, got {voxel_size!r}")
     shape = shape_for_size(size)
+    if voxel_size != VOXEL_SIZE:
+        shape = shape_for_size(tuple(int(round(n * VOXEL_SIZE / voxel_size)) for n in shape))
     _prepare_out(out_dir, overwrite)
-    models = get_models(maps_dir)
+    models = get_models(maps_dir, voxel_size)
     layouts = _layouts(picks_dir)
     with atomic_dir(out_dir) as tmp:
         solution = []
@@ -144,7 +156,7 @@ def generate_dataset(
             layout = layouts[i % len(layouts)] if layouts else None
             timings: dict = {}
             tomos, picks, params = simulate_run(
-                shape, VOXEL_SIZE, seed=np.random.default_rng([seed, i]), maps=models,
+                shape, voxel_size, seed=np.random.default_rng([seed, i]), maps=models,
                 picks=None if layout is None else layout[1], ranges=ranges, run_name=name,
                 workers=workers, timings=timings, return_params=True,
             )
@@ -154,7 +166,7 @@ def generate_dataset(
                          "models": "procedural" if maps_dir is None else str(Path(maps_dir).resolve())})
             t = time.perf_counter()
             write_run(tmp, split, name, tomos, picks if split == "train" else None,
-                      json.dumps(meta, indent=1), VOXEL_SIZE)
+                      json.dumps(meta, indent=1), voxel_size)
             timings["write"] = time.perf_counter() - t
             if split == "test":
                 solution.append(picks)
@@ -164,7 +176,7 @@ def generate_dataset(
             sol = pd.concat(solution, ignore_index=True)[["experiment", "particle_type", "x", "y", "z"]]
             atomic_write(tmp / "solution.csv", lambda p: sol.to_csv(p, index=False))
         info = {"generator": f"czii_kit {__version__}", "seed": seed, "size": list(shape),
-                "voxel_size": VOXEL_SIZE, "maps_dir": None if maps_dir is None else str(Path(maps_dir).resolve()),
+                "voxel_size": voxel_size, "maps_dir": None if maps_dir is None else str(Path(maps_dir).resolve()),
                 "picks_dir": None if picks_dir is None else str(Path(picks_dir).resolve()),
                 "ranges": (ranges or SimRanges()).to_dict(), "runs": summary,
                 "tomograms": list(TOMOGRAM_NAMES)}

@@ -231,9 +231,10 @@ def _u(rng: np.random.Generator, r: tuple[float, float]) -> float:
     return float(lo) if lo == hi else float(rng.uniform(lo, hi))
 
 
-def volume_ratio(shape: tuple[int, int, int]) -> float:
-    """Volume of ``shape`` relative to the full-size Kaggle tomogram."""
-    return float(np.prod(shape)) / float(np.prod(FULL_SHAPE))
+def volume_ratio(shape: tuple[int, int, int], voxel_size: float = VOXEL_SIZE) -> float:
+    """Physical volume of ``shape`` at ``voxel_size`` Å relative to the full-size Kaggle tomogram."""
+    ratio = float(np.prod(shape)) / float(np.prod(FULL_SHAPE))
+    return ratio if voxel_size == VOXEL_SIZE else ratio * (voxel_size / VOXEL_SIZE) ** 3
 
 
 def stochastic_round(rng: np.random.Generator, x: float) -> int:
@@ -262,7 +263,7 @@ def sample_params(
     """
     r = ranges or SimRanges()
     nz = shape[0]
-    ratio = volume_ratio(shape)
+    ratio = volume_ratio(shape, voxel_size)
     step = _u(rng, r.tilt_step)
     tmin = -step * round(_u(rng, r.tilt_max) / step)
     tmax = step * round(_u(rng, r.tilt_max) / step)
