@@ -168,14 +168,16 @@ def refine_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: floa
 
 def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", preprocess=None,
                 polarity: str = "auto", config: RefineConfig | None = None, progress: bool = True,
-                smooth: str | float = "auto", voxel_size: float | None = None, flatten: str = "auto") -> pd.DataFrame:
+                smooth: str | float = "auto", voxel_size: float | None = None, flatten: str = "auto",
+                volumes=None) -> pd.DataFrame:
     """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time.
 
     ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as
     :class:`czii_kit.infer.InferenceConfig`; ``voxel_size``:
-    resample to it, as the detector does (:func:`czii_kit.rescore.normalised_runs`).
+    resample to it, as the detector does (:func:`czii_kit.rescore.normalised_runs`); ``volumes``:
+    normalised volumes already at hand (:func:`czii_kit.rescore.run_volumes`), not read again.
     """
-    from czii_kit.rescore import normalised_runs
+    from czii_kit.rescore import run_volumes
 
     config = config or RefineConfig()
     if candidates.empty or not config.types:
@@ -183,8 +185,9 @@ def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", prep
     frames, done = [], set()
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    for run, vs, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "refine", smooth, voxel_size,
-                                        flatten):
+    read = {"tomogram": tomogram, "preprocess": preprocess, "polarity": polarity, "progress": progress,
+            "desc": "refine", "smooth": smooth, "voxel_size": voxel_size, "flatten": flatten}
+    for run, vs, vol in run_volumes(runs, volumes, **read):
         frames.append(refine_volume(candidates[names == run.name], vol, vs, config))
         done.add(run.name)
         del vol

@@ -139,6 +139,17 @@ def normalised_runs(runs: Iterable, tomogram: str = "denoised", preprocess: Prep
         yield run, vs, normalised_volume(vol, preprocess, polarity, tomo.path, smooth, flatten)
 
 
+def run_volumes(runs: Iterable, cache: Mapping | None = None, **read):
+    """Yield ``(run, voxel_size, volume)`` per run, as :func:`normalised_runs` (``read``: its keyword
+    arguments), taking those in ``cache`` (``{run name: (voxel_size, normalised volume)}``, e.g.
+    kept by ``tune`` from its detection pass) instead of reading them again."""
+    runs = list(runs)
+    cache = cache or {}
+    reading = normalised_runs([r for r in runs if r.name not in cache], **read)
+    for run in runs:
+        yield (run, *cache[run.name]) if run.name in cache else next(reading)
+
+
 def extract_patches(volume: np.ndarray, centres_zyx, size: int = PATCH_SIZE) -> np.ndarray:
     """Cubes of side ``size`` centred on integer voxel indices ``centres_zyx (N, 3)``.
 
@@ -348,21 +359,23 @@ def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, t
                  preprocess: PreprocessConfig | None = None, polarity: str = "auto",
                  config: RescoreConfig | None = None, progress: bool = True, raw: bool = False,
                  templates=None, smooth: str | float = "auto", voxel_size: float | None = None,
-                 flatten: str = "auto") -> pd.DataFrame:
+                 flatten: str = "auto", volumes: Mapping | None = None) -> pd.DataFrame:
     """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
 
     ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
     ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as :func:`rescore_volume`).
     ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as
     :class:`czii_kit.infer.InferenceConfig` (pass the detector's settings so both see the same volume). ``voxel_size``: as :func:`normalised_runs`
-    (pass the detector's, :func:`czii_kit.infer.model_voxel_size`).
+    (pass the detector's, :func:`czii_kit.infer.model_voxel_size`). ``volumes``: normalised
+    volumes already at hand (:func:`run_volumes`), not read again.
     """
     config = config or RescoreConfig()
     frames = []
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    for run, vs, vol in normalised_runs(runs, tomogram, preprocess, polarity, progress, "rescore", smooth, voxel_size,
-                                        flatten):
+    read = {"tomogram": tomogram, "preprocess": preprocess, "polarity": polarity, "progress": progress,
+            "desc": "rescore", "smooth": smooth, "voxel_size": voxel_size, "flatten": flatten}
+    for run, vs, vol in run_volumes(runs, volumes, **read):
         g = candidates[names == run.name]
         frames.append(rescore_volume(g, vol, vs, rescorer, config, raw=True, templates=templates))
         del vol

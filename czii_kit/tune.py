@@ -60,6 +60,11 @@ TEMPLATE_WEIGHTS = (0.0, 10.0, 20.0, 40.0, 80.0)
 """Weights of the template-matching margin compared by :func:`tune` when a template file is found
 (:class:`~czii_kit.rescore.RescoreConfig`'s ``template_weight``; 0 = without)."""
 
+KEEP_VOLUMES_BYTES = 4 * 2**30
+"""Memory :func:`tune` may spend keeping the validation runs' normalised tomograms from its detection
+pass for refinement and rescoring (float32: about 290 MB per full-size run); runs beyond it are read
+again."""
+
 PER_TYPE_MARGIN = 0.01
 """F4 gain on the validation runs a particle type needs to leave the default merging configuration."""
 
@@ -265,7 +270,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     dict
         The saved document: ``thresholds``, ``merge``, ``inference``, ``comparison``, ``table``, ...
     """
-    from czii_kit.infer import InferenceConfig, detect_runs
+    from czii_kit.infer import InferenceConfig
     from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
     from czii_kit.train import read_train_record
@@ -280,7 +285,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     solution = read_picks(root, split=split, runs=[r.name for r in chosen])
     if solution.empty:
         raise DataError(root, "the validation runs have no picks to tune against")
-    dets, voxel_sizes = detect_runs(weights, chosen, tomogram, backend, config, progress)
+    dets, voxel_sizes, volumes = detect_keeping_volumes(weights, chosen, tomogram, backend, config, progress)
     comparison = compare_merges(dets, voxel_sizes, solution, merges, config.z_stride, tolerance)
     best = comparison.iloc[0]
     merge_cfg = MergeConfig.from_dict(best["config"])
@@ -290,7 +295,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
     cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, tomogram, weights,
                                                          config.polarity, refine, tolerance, progress,
-                                                         config.smooth, config.flatten)
+                                                         config.smooth, config.flatten, volumes)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
     from czii_kit.metric import score
 
@@ -323,7 +328,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, tomogram, weights, config,
                                                  rescore_config, tolerance, progress, rescore_mixes,
                                                  templates=_templates_path(weights, templates),
-                                                 template_weights=template_weights)
+                                                 template_weights=template_weights, volumes=volumes)
     else:
         rescored = None
     dest = Path(out) if out else weights.parent / THRESHOLDS_FILE
@@ -336,15 +341,39 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     return doc
 
 
+def detect_keeping_volumes(weights: Path, runs, tomogram: str, backend: str, config, progress: bool = True,
+                           budget: int | None = None) -> tuple[pd.DataFrame, dict[str, float], dict]:
+    """Detections and voxel sizes of ``runs`` (as :func:`czii_kit.infer.detect_runs`), plus the
+    normalised volumes refinement and rescoring read (``{run: (voxel_size, volume)}``), kept while
+    they fit in ``budget`` bytes (default :data:`KEEP_VOLUMES_BYTES`): each tomogram is then read,
+    resampled, flattened and low-passed once."""
+    from czii_kit.infer import iter_detect_runs
+    from czii_kit.postprocess import empty_detections
+
+    budget = KEEP_VOLUMES_BYTES if budget is None else budget
+    frames, voxel_sizes, volumes, used = [], {}, {}, 0
+    for done in iter_detect_runs(weights, runs, tomogram, backend, config, progress):
+        frames.append(done.detections)
+        voxel_sizes[done.run.name] = done.voxel_size
+        if used + done.volume.nbytes <= budget:
+            vol = done.normalised(release=True)
+            volumes[done.run.name] = (done.voxel_size, vol)
+            used += vol.nbytes
+        del done
+    dets = pd.concat(frames, ignore_index=True) if frames else empty_detections()
+    return dets, voxel_sizes, volumes
+
+
 def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: str, weights: Path,
                   polarity: str = "auto", refine=None, tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True,
-                  smooth: str | float = "auto", flatten: str = "auto"):
+                  smooth: str | float = "auto", flatten: str = "auto", volumes=None):
     """Refine the merged validation candidates (:mod:`czii_kit.refine`) if asked, or if it pays.
 
     ``refine=None`` tunes thresholds with and without refinement and keeps the better validation
     F4; ``True`` / a :class:`~czii_kit.refine.RefineConfig` always refines; ``False`` never.
     ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as the detector's
-    :class:`~czii_kit.infer.InferenceConfig`.
+    :class:`~czii_kit.infer.InferenceConfig`; ``volumes``: normalised volumes already at hand
+    (:func:`detect_keeping_volumes`).
     Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
     """
     from czii_kit.infer import model_voxel_size, preprocess_config_for
@@ -354,7 +383,7 @@ def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: s
         return cands, None, None
     cfg = refine if isinstance(refine, RefineConfig) else RefineConfig()
     refined = refine_runs(cands, runs, tomogram, preprocess_config_for(weights), polarity, cfg, progress, smooth,
-                          model_voxel_size(weights), flatten)
+                          model_voxel_size(weights), flatten, volumes)
     if refine is not None:
         return refined, cfg, None
     plain = weighted_final(tune_thresholds(cands, solution, tolerance=tolerance)[1])
@@ -404,7 +433,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
                   weights: Path, config, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
                   progress: bool = True, mixes: Sequence[float] | None = RESCORE_MIXES,
                   cross_types: Sequence[bool] | None = (False, True), templates: Path | None = None,
-                  template_weights: Sequence[float] = TEMPLATE_WEIGHTS) -> tuple[dict, pd.DataFrame]:
+                  template_weights: Sequence[float] = TEMPLATE_WEIGHTS, volumes=None) -> tuple[dict, pd.DataFrame]:
     """Rescore the validation candidates and tune thresholds on the rescored score.
 
     Every combination of ``cross_types``, ``mixes`` (``None``: only ``rescore_config``'s) and, with a
@@ -433,7 +462,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     raw = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
                        RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}), progress, raw=True,
                        templates=matcher, smooth=config.smooth, voxel_size=model_voxel_size(weights),
-                       flatten=config.flatten)
+                       flatten=config.flatten, volumes=volumes)
     best, comparison = None, []
     for cross_type in cross:
         for mix in mixes:

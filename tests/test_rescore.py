@@ -280,10 +280,12 @@ def test_collect_cli_cuts_references_and_background(tmp_path, capsys):
     assert "no run(s) ['TS_zz'] in split 'train' (found: TS_a, TS_b)" in err and str(tmp_path / "root") in err
 
 
-def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):
+def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path, monkeypatch):
     import torch
     from pipeline_fixture import shipped_model_copy
 
+    import czii_kit.infer
+    import czii_kit.tune
     from czii_kit.infer import InferenceConfig
     from czii_kit.postprocess import apply_thresholds
     from czii_kit.predict import predict
@@ -294,8 +296,20 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path):
     wdir = weights.parent
     torch.manual_seed(0)
     save_rescorer(build_network(), wdir / RESCORER_FILE)
-    doc = tune(weights, root, split="train", runs=[run], backend="torch", config=InferenceConfig(multi_label=True),
-               progress=False, refine=True)  # predict then refines and rescores on one read of each tomogram
+    reads = []
+    real_read = czii_kit.infer.read_volume
+    monkeypatch.setattr(czii_kit.infer, "read_volume", lambda tomo: reads.append(tomo.path) or real_read(tomo))
+    kw_tune = {"split": "train", "runs": [run], "backend": "torch", "config": InferenceConfig(multi_label=True),
+               "progress": False, "refine": True, "out": tmp_path / "kept.json"}
+    doc = tune(weights, root, **kw_tune)  # predict then refines and rescores on one read of each tomogram
+    assert len(reads) == 1  # detection, refinement and rescoring share one read of the run's tomogram
+    # with no memory to keep it, the tomogram is read for each stage, and the result is the same
+    monkeypatch.setattr(czii_kit.tune, "KEEP_VOLUMES_BYTES", 0)
+    again = tune(weights, root, **{**kw_tune, "out": tmp_path / "reread.json"})
+    assert len(reads) == 1 + 3
+    assert again["rescore"]["thresholds"] == doc["rescore"]["thresholds"] and again["thresholds"] == doc["thresholds"]
+    pd.testing.assert_frame_equal(again["_rescored"], doc["_rescored"])
+    doc = tune(weights, root, **{**kw_tune, "out": None})
     assert doc["refine"]
     section = doc["rescore"]
     assert section["file"] == RESCORER_FILE and len(section["sha256"]) == 64
