@@ -251,7 +251,7 @@ def _warn_fallback(runs) -> None:
     """Warn once, naming the runs, when ``tomogram="auto"`` picks in other than the denoised tomogram."""
     preferred = TOMOGRAM_PREFERENCE[0]
     used = {r.name: r.tomogram_name(AUTO_TOMOGRAM) for r in runs}
-    other = {n: t for n, t in used.items() if t != preferred}
+    other = {n: t for n, t in used.items() if t not in (preferred, AUTO_TOMOGRAM)}  # AUTO: none at all (an error)
     if other:
         shown = ", ".join(f"{n}: {t}" for n, t in list(other.items())[:5]) + (" ..." if len(other) > 5 else "")
         warnings.warn(f"{len(other)} of {len(used)} run(s) have no {preferred} tomogram; picking in the best "

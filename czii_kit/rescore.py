@@ -365,9 +365,10 @@ def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, t
     ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
     ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as :func:`rescore_volume`).
     ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as
-    :class:`czii_kit.infer.InferenceConfig` (pass the detector's settings so both see the same volume). ``voxel_size``: as :func:`normalised_runs`
-    (pass the detector's, :func:`czii_kit.infer.model_voxel_size`). ``volumes``: normalised
-    volumes already at hand (:func:`run_volumes`), not read again.
+    :class:`czii_kit.infer.InferenceConfig` (pass the detector's settings so both see the same
+    volume). ``voxel_size``: as :func:`normalised_runs` (pass the detector's,
+    :func:`czii_kit.infer.model_voxel_size`). ``volumes``: normalised volumes already at hand
+    (:func:`run_volumes`), not read again.
     """
     config = config or RescoreConfig()
     frames = []

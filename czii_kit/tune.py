@@ -273,6 +273,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     from czii_kit.infer import InferenceConfig
     from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
+    from czii_kit.rescore import file_sha256
     from czii_kit.train import read_train_record
 
     config = config or InferenceConfig()
@@ -304,7 +305,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         "czii_kit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights": weights.name,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": file_sha256(weights),
         "val_runs": [r.name for r in chosen],
         "backend": backend,
         "inference": config.to_dict(),
@@ -390,12 +391,6 @@ def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: s
     better = weighted_final(tune_thresholds(refined, solution, tolerance=tolerance)[1])
     comparison = {"none": plain, "refined": better}
     return (refined, cfg, comparison) if better > plain else (cands, None, comparison)
-
-
-def _sha256(path: Path) -> str:
-    from czii_kit.rescore import file_sha256
-
-    return file_sha256(path)
 
 
 def _table_dict(table: pd.DataFrame) -> dict:
