@@ -118,6 +118,15 @@ def _axis_unit(ms: dict, path: Path) -> float:
     return UNIT_ANGSTROM[str(unit).lower()]
 
 
+def _check_axes(ms: dict, path: Path) -> None:
+    """A :class:`DataError` when the ``multiscales`` axes are named in another order than z, y, x."""
+    axes = ms.get("axes") or []
+    names = [a.get("name") if isinstance(a, dict) else a for a in axes]
+    if names and all(isinstance(n, str) for n in names) and [n.lower() for n in names] != ["z", "y", "x"]:
+        raise DataError(path, f"array axes are ({', '.join(names)}); czii_kit reads tomograms as [z, y, x] "
+                              "(the Kaggle / OME-NGFF order): rewrite the array in that order")
+
+
 def read_multiscales(path: str | Path) -> list[tuple[str, float]]:
     """``[(dataset path, voxel size Å), ...]`` from the OME-NGFF ``multiscales`` metadata, finest first.
 
@@ -144,6 +153,7 @@ def read_multiscales(path: str | Path) -> list[tuple[str, float]]:
         return _levels_without_metadata(path)
     out = []
     try:
+        _check_axes(ms[0], path)
         unit = _axis_unit(ms[0], path)
         for ds in ms[0]["datasets"]:
             scale = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")

@@ -272,6 +272,12 @@ def test_voxel_size_in_other_units_and_without_metadata(tmp_path):
     with pytest.raises(DataError, match="axis unit 'second' is not a length unit") as exc:
         open_tomogram(path)
     assert exc.value.path == path
+    for ax in ms["axes"]:
+        ax["unit"] = "angstrom"
+    ms["axes"] = ms["axes"][::-1]  # an array written [x, y, z]
+    attrs.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"array axes are \(x, y, z\); czii_kit reads tomograms as \[z, y, x\]"):
+        open_tomogram(path)
 
     # no multiscales: the voxel size of the VoxelSpacing folder, with a warning; levels by width
     spacing = tmp_path / "VoxelSpacing10.000"
