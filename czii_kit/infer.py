@@ -34,6 +34,7 @@ from czii_kit.errors import CziiKitError, DataError
 from czii_kit.postprocess import DETECTION_COLUMNS, empty_detections
 from czii_kit.preprocess import (
     FLATTEN_MODES,
+    TILT_AXES,
     PreprocessConfig,
     Window,
     iter_stacks,
@@ -42,6 +43,7 @@ from czii_kit.preprocess import (
     resampled_shape,
     settle_flatten,
     settle_smoothing,
+    settle_tilt_axis,
     slice_indices,
     window_for,
 )
@@ -94,6 +96,11 @@ class InferenceConfig:
         Subtract the slow lateral variation of the background (uneven ice or illumination) before
         everything else: ``"auto"`` only when it is strong (:func:`czii_kit.preprocess.settle_flatten`;
         a warning names the tomogram), ``"on"`` always, ``"off"`` never.
+    tilt_axis : {"auto", "y", "x"}
+        Direction of the tilt axis in the tomogram. The models are trained with it along y, where
+        the missing wedge smears particles along x; with ``"x"`` (or ``"auto"`` when the wedge shows
+        it: :func:`czii_kit.preprocess.settle_tilt_axis`) each slice reaches the detector with x and
+        y exchanged and its boxes are turned back.
     device : str or None
         ultralytics device string (``"cpu"``, ``"0"``); ``None`` lets ultralytics choose.
     """
@@ -109,12 +116,15 @@ class InferenceConfig:
     polarity: str = "auto"
     smooth: str | float = "auto"
     flatten: str = "auto"
+    tilt_axis: str = "auto"
     device: str | None = None
 
     def __post_init__(self):
         self.smooth = parse_smooth(self.smooth)
         if self.flatten not in FLATTEN_MODES:
             raise ValueError(f"flatten must be one of {FLATTEN_MODES}, got {self.flatten!r}")
+        if self.tilt_axis not in TILT_AXES:
+            raise ValueError(f"tilt_axis must be one of {TILT_AXES}, got {self.tilt_axis!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -433,14 +443,17 @@ def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: Inf
 
 
 def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run: str, preprocess: PreprocessConfig,
-                    z_stride: int = 1, progress=None) -> pd.DataFrame:
+                    z_stride: int = 1, progress=None, turn: bool = False) -> pd.DataFrame:
     """Detections of one volume already prepared by :func:`prepare_volume` (columns: module docstring).
 
-    ``progress``: a tqdm bar advanced by the number of slices run.
+    ``progress``: a tqdm bar advanced by the number of slices run. ``turn``: give the detector each
+    slice with x and y exchanged (a tilt axis along x: :func:`czii_kit.preprocess.settle_tilt_axis`);
+    the boxes are returned in the volume's own x and y.
     """
     rows = []
     zs = slice_indices(volume.shape[0], z_stride)
-    for zb, imgs in iter_stacks(volume, window, preprocess, zs, detector.config.batch):
+    seen = volume.transpose(0, 2, 1) if turn else volume
+    for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
         if imgs.dtype != np.uint8:
             imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
         for z, boxes in zip(zb, detector.detect(imgs), strict=True):
@@ -451,6 +464,8 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
     if not rows:
         return empty_detections()
     a = np.concatenate(rows)
+    if turn:  # boxes of the turned slices: x <-> y, w <-> h
+        a[:, [1, 2, 3, 4]] = a[:, [2, 1, 4, 3]]
     df = pd.DataFrame({
         "run": run, "z": a[:, 0].astype(int), "x": a[:, 1] - 0.5, "y": a[:, 2] - 0.5,
         "w": a[:, 3], "h": a[:, 4], "conf": a[:, 5], "class": a[:, 6].astype(int),
@@ -466,7 +481,8 @@ def detect_volume(detector: Detector, volume: np.ndarray, run: str, preprocess: 
     asks, noisy tomograms only by default).
     """
     volume, window, _ = prepare_volume(volume, preprocess, detector.config, source or run)
-    return detect_prepared(detector, volume, window, run, preprocess, z_stride, progress)
+    turn = settle_tilt_axis(volume, detector.config.tilt_axis, source or run)
+    return detect_prepared(detector, volume, window, run, preprocess, z_stride, progress, turn)
 
 
 @dataclass
@@ -527,7 +543,8 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
             if detector is None or detector.imgsz != imgsz:
                 detector = Detector(weights, backend, config, imgsz)
             vol, window, sigma = prepare_volume(vol, prep, config, tomo.path)
-            dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar)
+            turn = settle_tilt_axis(vol, config.tilt_axis, tomo.path)
+            dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar, turn)
             item = DetectedRun(run, voxel_size, dets, vol, window, sigma)
             del vol, dets  # the consumer may drop the volume (see DetectedRun.normalised)
             if stage:

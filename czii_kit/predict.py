@@ -44,7 +44,7 @@ def default_weights() -> Path:
 def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | None = None,
                  tta: bool | None = None, imgsz: int | None = None, polarity: str | None = None,
                  smooth: str | float | None = None, thresholds_file: str | Path | None = None,
-                 flatten: str | None = None) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
+                 flatten: str | None = None, tilt_axis: str | None = None) -> tuple[InferenceConfig, MergeConfig, dict[str, MergeConfig], dict[str, float]]:
     """Inference config, merge config, per-type merge configs and thresholds for ``weights``
     (tuned file, then overrides). ``thresholds_file``: another tuned file than the one beside the weights."""
     doc = read_thresholds(weights, thresholds_file)
@@ -55,7 +55,7 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
     known = {f.name for f in fields(InferenceConfig)}
     inf = {k: v for k, v in (doc.get("inference") or {}).items() if k in known}
     overrides = {"z_stride": z_stride, "batch": batch, "tta": tta, "imgsz": imgsz, "polarity": polarity,
-                 "smooth": smooth, "flatten": flatten}
+                 "smooth": smooth, "flatten": flatten, "tilt_axis": tilt_axis}
     for k, v in overrides.items():
         if v is not None:
             inf[k] = v
@@ -160,7 +160,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
             smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None,
             templates: bool | None = None, thresholds_file: str | Path | None = None,
-            flatten: str | None = None, progress: bool = True) -> pd.DataFrame:
+            flatten: str | None = None, tilt_axis: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
     Parameters
@@ -190,6 +190,9 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     flatten : {"auto", "on", "off"}, optional
         Subtract a strong slow lateral background variation first (default as tuned, else ``"auto"``:
         uneven tomograms only; see :class:`czii_kit.infer.InferenceConfig`).
+    tilt_axis : {"auto", "y", "x"}, optional
+        Direction of the tilt axis (default as tuned, else ``"auto"``: read from the missing wedge;
+        see :class:`czii_kit.infer.InferenceConfig`).
     rescore : bool, optional
         Second-stage 3D rescoring (:mod:`czii_kit.rescore`; see :func:`rescore_settings`): default
         when it was tuned, ``False`` to skip it.
@@ -212,7 +215,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     if tomogram == AUTO_TOMOGRAM:
         _warn_fallback(chosen)
     inf, merge, per_type, thr = settings_for(weights, z_stride, batch, tta, polarity=polarity, smooth=smooth,
-                                             thresholds_file=thresholds_file, flatten=flatten)
+                                             thresholds_file=thresholds_file, flatten=flatten, tilt_axis=tilt_axis)
     plan = rescore_settings(weights, rescore, thresholds_file)
     refine_cfg = refine_settings(weights, refine, thresholds_file)
     if plan is not None:

@@ -320,3 +320,61 @@ def test_flatten_removes_a_lateral_ramp_and_leaves_even_volumes_alone():
     assert InferenceConfig().flatten == "auto"
     with pytest.raises(ValueError, match="flatten must be one of"):
         InferenceConfig(flatten="sometimes")
+
+
+def _wedged(shape, tilt_max=60.0, seed=0):
+    """Noise with the missing wedge of a tilt series about y: |kx| < tan(90 - tilt_max) |kz| removed."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftn(rng.normal(size=shape))
+    kz, ky, kx = np.meshgrid(*[np.fft.fftfreq(n) for n in shape], indexing="ij")
+    f[np.abs(kx) < np.tan(np.radians(90 - tilt_max)) * np.abs(kz)] = 0
+    return np.real(np.fft.ifftn(f)).astype(np.float32)
+
+
+def test_the_missing_wedge_tells_the_tilt_axis():
+    from czii_kit.preprocess import TILT_AXIS_LIMIT, settle_tilt_axis, wedge_ratio
+
+    about_y = _wedged((48, 96, 112))  # unequal sides
+    about_x = np.ascontiguousarray(about_y.transpose(0, 2, 1))
+    full = np.random.default_rng(1).normal(size=(48, 96, 112)).astype(np.float32)
+    assert wedge_ratio(about_y) < 0.2 and wedge_ratio(about_x) > 5 and 0.7 < wedge_ratio(full) < 1.4
+    assert wedge_ratio(about_y * 37.0 + 900.0) == pytest.approx(wedge_ratio(about_y), rel=1e-6)
+    assert settle_tilt_axis(about_y) is False and settle_tilt_axis(full) is False
+    with pytest.warns(UserWarning, match=f"t.zarr: the missing wedge shows a tilt axis along x .* > {TILT_AXIS_LIMIT:g}"):
+        assert settle_tilt_axis(about_x, source="t.zarr") is True
+    assert settle_tilt_axis(about_y, "x") is True and settle_tilt_axis(about_x, "y") is False
+    with pytest.raises(ValueError, match="tilt_axis must be one of"):
+        settle_tilt_axis(about_y, "z")
+
+
+def test_turned_slices_give_boxes_in_the_volume_frame():
+    from czii_kit.infer import InferenceConfig, detect_prepared
+    class DarkestSpot:
+        """A stand-in detector: one box at each image's darkest pixel, 3 wide and 7 high, class 2."""
+
+        config = InferenceConfig(batch=4)
+
+        def __init__(self):
+            self.shapes = []
+
+        def detect(self, images):
+            out = []
+            for img in images:
+                self.shapes.append(img.shape[:2])
+                y, x = np.unravel_index(np.argmin(img[..., 1]), img.shape[:2])
+                out.append(np.array([[x + 0.5, y + 0.5, 3.0, 7.0, 0.9, 2.0]], np.float32))
+            return out
+
+    vol = np.ones((6, 20, 50), np.float32)
+    vol[:, 4, 31] = 0.0  # one dark column at y=4, x=31
+    window = Window(0.0, 1.0, False)
+    prep = PreprocessConfig()
+    det = DarkestSpot()
+    plain = detect_prepared(det, vol, window, "r", prep)
+    assert set(det.shapes) == {(20, 50)}
+    assert (plain["x"] == 31).all() and (plain["y"] == 4).all() and (plain["w"] == 3).all() and (plain["h"] == 7).all()
+    det = DarkestSpot()
+    turned = detect_prepared(det, vol, window, "r", prep, turn=True)
+    assert set(det.shapes) == {(50, 20)}  # the detector saw x and y exchanged
+    assert (turned["x"] == 31).all() and (turned["y"] == 4).all()  # boxes back in the volume's frame
+    assert (turned["w"] == 7).all() and (turned["h"] == 3).all()

@@ -51,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--flatten", choices=["auto", "on", "off"],
                    help="subtract the slow lateral variation of the background (uneven ice or illumination) first: "
                         "'auto' (default) only when it is strong, with a warning")
+    p.add_argument("--tilt-axis", choices=["auto", "y", "x"],
+                   help="direction of the tilt axis in the tomograms: 'auto' (default) reads it from the missing "
+                        "wedge; along x, slices reach the detector (trained with it along y) with x and y exchanged")
     p.add_argument("--no-rescore", action="store_true",
                    help="skip the second-stage 3D rescorer (detector-only thresholds; faster)")
     p.add_argument("--no-refine", action="store_true",
@@ -69,7 +72,8 @@ def run(args) -> int:
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
-        polarity=args.polarity, smooth=args.smooth, flatten=args.flatten, rescore=False if args.no_rescore else None,
+        polarity=args.polarity, smooth=args.smooth, flatten=args.flatten, tilt_axis=args.tilt_axis,
+        rescore=False if args.no_rescore else None,
         refine=False if args.no_refine else None, templates=False if args.no_templates else None,
         thresholds_file=args.thresholds, progress=not args.quiet,
     )
