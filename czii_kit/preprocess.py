@@ -374,7 +374,8 @@ def wedge_ratio(volume: np.ndarray, size: tuple[int, int, int] = (64, 256, 256),
     On the central ``size`` block of ``volume [z, y, x]``, mean power at 0.04-0.2 cycles/voxel within
     ``half_angle`` degrees of the kz axis in the kx-kz plane (with |ky| > |kz|), over the same with
     x and y exchanged. Tilting about y leaves the first empty (ratio well below 1), tilting about x
-    the second (well above 1); a wedge filled in (e.g. by IsoNet) gives about 1.
+    the second (well above 1); a wedge filled in (e.g. by IsoNet) gives about 1, and so does a
+    volume too small to tell (fewer than 200 Fourier samples in either region).
     """
     b = central_block(volume, size).astype(np.float64)
     b -= b.mean()
@@ -385,7 +386,7 @@ def wedge_ratio(volume: np.ndarray, size: tuple[int, int, int] = (64, 256, 256),
     t = np.tan(np.radians(half_angle))
     along_x = power[band & (kx < t * kz) & (ky > kz)]
     along_y = power[band & (ky < t * kz) & (kx > kz)]
-    if not (along_x.size and along_y.size) or not along_y.mean() > 0:
+    if min(along_x.size, along_y.size) < 200 or not along_y.mean() > 0:
         return 1.0
     return float(along_x.mean() / along_y.mean())
 

@@ -86,6 +86,7 @@ def test_info_reports_smoothness(make_dataset, capsys):
     s = json.loads(out)["runs"][0]["smoothness"]["denoised"]
     assert s["neighbour_correlation"] == pytest.approx(neighbour_correlation(vol), abs=1e-4)
     assert s["auto_sigma"] == smoothing_sigma(vol) > 0
+    assert s["tilt_axis"] == "y" and s["wedge_ratio"] == 1.0  # too small a volume to tell
     code, out, _ = run_cli(capsys, "info", root, "--smoothness")
     row = [ln for ln in out.splitlines() if ln.startswith("TS_A") and "denoised" in ln and "x" not in ln.split()[-1]]
     assert "x-corr" in out and row and float(row[-1].split()[-1]) == s["auto_sigma"]

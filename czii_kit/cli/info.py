@@ -30,15 +30,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--user-id", help="only copick-named picks of this user (Kaggle-named files are always read)")
     p.add_argument("--smoothness", action="store_true",
                    help="also read each tomogram's central block and report its x-neighbour correlation and the "
-                        "low-pass sigma `predict --smooth auto` would apply (0: none)")
+                        "low-pass sigma `predict --smooth auto` would apply (0: none), and its missing-wedge ratio "
+                        "and the tilt axis `predict --tilt-axis auto` reads from it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
 
 def smoothness(path) -> dict:
-    """``{"neighbour_correlation", "auto_sigma"}`` of a tomogram's first level (reads its central block only)."""
+    """``{"neighbour_correlation", "auto_sigma", "wedge_ratio", "tilt_axis"}`` of a tomogram's first
+    level (reads its central block only)."""
     from czii_kit.errors import DataError
-    from czii_kit.preprocess import central_block, neighbour_correlation, smoothing_sigma
+    from czii_kit.preprocess import (
+        TILT_AXIS_LIMIT,
+        central_block,
+        neighbour_correlation,
+        smoothing_sigma,
+        wedge_ratio,
+    )
     from czii_kit.tomogram import open_tomogram
 
     arr = open_tomogram(path).array  # [z, y, x]; slicing reads only the chunks of the central block
@@ -47,7 +55,9 @@ def smoothness(path) -> dict:
     except Exception as exc:  # corrupt chunk, missing codec, ...
         raise DataError(path, f"cannot read voxels: {exc}") from exc
     try:
-        return {"neighbour_correlation": round(neighbour_correlation(block), 4), "auto_sigma": smoothing_sigma(block)}
+        ratio = wedge_ratio(block)
+        return {"neighbour_correlation": round(neighbour_correlation(block), 4), "auto_sigma": smoothing_sigma(block),
+                "wedge_ratio": round(ratio, 4), "tilt_axis": "x" if ratio > TILT_AXIS_LIMIT else "y"}
     except ValueError as exc:  # e.g. fewer than 2 voxels along x
         raise DataError(path, str(exc)) from exc
 
@@ -95,10 +105,11 @@ def format_info(info: dict) -> str:
             lines.append(f"{r['name']:<{name_w}}{str(r['split'] or '-'):<{split_w}}{t:<{tw}}{vs:>9.4f}  {lv}")
         smooth_rows = [(r, t, r["smoothness"][t]) for r, t, _ in tomo_rows if t in r.get("smoothness", {})]
         if smooth_rows:
-            lines += ["", f"{'run':<{name_w}}{'tomogram':<{tw}}{'x-corr':>8}{'auto low-pass sigma':>21}"]
+            lines += ["", f"{'run':<{name_w}}{'tomogram':<{tw}}{'x-corr':>8}{'wedge':>8}{'tilt axis':>11}"
+                          f"{'auto low-pass sigma':>21}"]
             for r, t, s in smooth_rows:
                 lines.append(f"{r['name']:<{name_w}}{t:<{tw}}{s['neighbour_correlation']:>8.3f}"
-                             f"{s['auto_sigma']:>21g}")
+                             f"{s['wedge_ratio']:>8.3g}{s['tilt_axis']:>11}{s['auto_sigma']:>21g}")
     else:
         lines.append("no tomograms")
     lines.append("")
@@ -133,7 +144,8 @@ def run(args) -> int:
                       f"{lv['voxel_size']:.4f} Å/voxel")
             if smooth:
                 print(f"  x-neighbour correlation {smooth['neighbour_correlation']:.3f}; "
-                      f"auto low-pass sigma {smooth['auto_sigma']:g} voxels")
+                      f"auto low-pass sigma {smooth['auto_sigma']:g} voxels; missing-wedge ratio "
+                      f"{smooth['wedge_ratio']:.3g}: tilt axis along {smooth['tilt_axis']}")
         return 0
     info = collect(args.path, args.split, args.user_id, args.smoothness)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
