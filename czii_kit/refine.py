@@ -166,18 +166,15 @@ def refine_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: floa
     return out[kept].reset_index(drop=True)
 
 
-def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", preprocess=None,
-                polarity: str = "auto", config: RefineConfig | None = None, progress: bool = True,
-                smooth: str | float = "auto", voxel_size: float | None = None, flatten: str = "auto",
-                volumes=None) -> pd.DataFrame:
+def refine_runs(candidates: pd.DataFrame, runs, reading=None, config: RefineConfig | None = None, progress: bool = True, volumes=None) -> pd.DataFrame:
     """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time.
 
-    ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as
-    :class:`czii_kit.infer.InferenceConfig`; ``voxel_size``:
-    resample to it, as the detector does (:func:`czii_kit.rescore.normalised_runs`); ``volumes``:
-    normalised volumes already at hand (:func:`czii_kit.rescore.run_volumes`), not read again.
+    ``reading``: how to read them, a :class:`czii_kit.rescore.VolumeReading` (default: the
+    ``denoised`` tomogram as stored; pass ``VolumeReading.like_detector(...)`` to see the
+    detector's volume); ``volumes``: normalised volumes already at hand
+    (:func:`czii_kit.rescore.run_volumes`), not read again.
     """
-    from czii_kit.rescore import run_volumes
+    from czii_kit.rescore import VolumeReading, run_volumes
 
     config = config or RefineConfig()
     if candidates.empty or not config.types:
@@ -185,9 +182,7 @@ def refine_runs(candidates: pd.DataFrame, runs, tomogram: str = "denoised", prep
     frames, done = [], set()
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    read = {"tomogram": tomogram, "preprocess": preprocess, "polarity": polarity, "progress": progress,
-            "desc": "refine", "smooth": smooth, "voxel_size": voxel_size, "flatten": flatten}
-    for run, vs, vol in run_volumes(runs, volumes, **read):
+    for run, vs, vol in run_volumes(runs, reading or VolumeReading(), volumes, progress, "refine"):
         frames.append(refine_volume(candidates[names == run.name], vol, vs, config))
         done.add(run.name)
         del vol

@@ -119,35 +119,66 @@ def normalised_volume(volume: np.ndarray, preprocess: PreprocessConfig | None = 
     return window.apply(volume, "float32")
 
 
-def normalised_runs(runs: Iterable, tomogram: str = "denoised", preprocess: PreprocessConfig | None = None,
-                    polarity: str = "auto", progress: bool = True, desc: str = "tomograms",
-                    smooth: str | float = "auto", voxel_size: float | None = None, flatten: str = "auto"):
-    """Yield ``(run, voxel_size, volume)`` for each run (``czii_kit.layout.Run``): its ``tomogram``
-    read and normalised by :func:`normalised_volume`, one at a time (drop ``volume`` before the next).
+@dataclass(frozen=True)
+class VolumeReading:
+    """How the 3D stages (refinement, rescoring) read a run's tomogram: as the detector saw it.
 
-    ``voxel_size``: resample tomograms whose voxel size differs to this one (Å), as the detector
-    does (:func:`czii_kit.infer.load_volume`); the voxel size yielded is then the volume's.
+    Attributes
+    ----------
+    tomogram : str
+        Tomogram name (``"auto"``: :func:`czii_kit.layout.choose_tomogram`).
+    preprocess : PreprocessConfig, optional
+        The model's preprocessing (its intensity window).
+    polarity, smooth, flatten : str
+        As :class:`czii_kit.infer.InferenceConfig`.
+    voxel_size : float, optional
+        Resample tomograms whose voxel size differs to this one (Å), as the detector does
+        (:func:`czii_kit.infer.load_volume`); ``None``: as stored.
     """
+
+    tomogram: str = "denoised"
+    preprocess: PreprocessConfig | None = None
+    polarity: str = "auto"
+    smooth: str | float = "auto"
+    flatten: str = "auto"
+    voxel_size: float | None = None
+
+    @classmethod
+    def like_detector(cls, weights, config=None, tomogram: str = "denoised") -> VolumeReading:
+        """What the detector ``weights`` run with ``config`` (an ``InferenceConfig``) sees."""
+        from czii_kit.infer import InferenceConfig, model_voxel_size, preprocess_config_for
+
+        config = config or InferenceConfig()
+        return cls(tomogram, preprocess_config_for(weights), config.polarity, config.smooth, config.flatten,
+                   model_voxel_size(weights))
+
+
+def normalised_runs(runs: Iterable, reading: VolumeReading = VolumeReading(), progress: bool = True,
+                    desc: str = "tomograms"):
+    """Yield ``(run, voxel_size, volume)`` for each run (``czii_kit.layout.Run``): its tomogram read
+    as ``reading`` says and normalised by :func:`normalised_volume`, one at a time (drop ``volume``
+    before the next). The voxel size is the volume's (after any resampling)."""
     from tqdm.auto import tqdm
 
     from czii_kit.infer import load_volume
     from czii_kit.tomogram import open_tomogram
 
+    r = reading
     for run in tqdm(list(runs), desc=desc, unit="run", disable=not progress):
-        tomo = open_tomogram(run.tomogram_path(tomogram))
-        vol, vs = load_volume(tomo, voxel_size, warn=False)
-        yield run, vs, normalised_volume(vol, preprocess, polarity, tomo.path, smooth, flatten)
+        tomo = open_tomogram(run.tomogram_path(r.tomogram))
+        vol, vs = load_volume(tomo, r.voxel_size, warn=False)
+        yield run, vs, normalised_volume(vol, r.preprocess, r.polarity, tomo.path, r.smooth, r.flatten)
 
 
-def run_volumes(runs: Iterable, cache: Mapping | None = None, **read):
-    """Yield ``(run, voxel_size, volume)`` per run, as :func:`normalised_runs` (``read``: its keyword
-    arguments), taking those in ``cache`` (``{run name: (voxel_size, normalised volume)}``, e.g.
-    kept by ``tune`` from its detection pass) instead of reading them again."""
+def run_volumes(runs: Iterable, reading: VolumeReading = VolumeReading(), cache: Mapping | None = None,
+                progress: bool = True, desc: str = "tomograms"):
+    """:func:`normalised_runs`, taking the runs in ``cache`` (``{run name: (voxel_size, normalised
+    volume)}``, e.g. kept by ``tune`` from its detection pass) instead of reading them again."""
     runs = list(runs)
     cache = cache or {}
-    reading = normalised_runs([r for r in runs if r.name not in cache], **read)
+    read = normalised_runs([r for r in runs if r.name not in cache], reading, progress, desc)
     for run in runs:
-        yield (run, *cache[run.name]) if run.name in cache else next(reading)
+        yield (run, *cache[run.name]) if run.name in cache else next(read)
 
 
 def extract_patches(volume: np.ndarray, centres_zyx, size: int = PATCH_SIZE) -> np.ndarray:
@@ -355,28 +386,22 @@ def combine_scores(rescored: pd.DataFrame, config: RescoreConfig) -> pd.DataFram
     return sort_candidates(out)
 
 
-def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer, tomogram: str = "denoised",
-                 preprocess: PreprocessConfig | None = None, polarity: str = "auto",
-                 config: RescoreConfig | None = None, progress: bool = True, raw: bool = False,
-                 templates=None, smooth: str | float = "auto", voxel_size: float | None = None,
-                 flatten: str = "auto", volumes: Mapping | None = None) -> pd.DataFrame:
+def rescore_runs(candidates: pd.DataFrame, runs: Iterable, rescorer: Rescorer,
+                 reading: VolumeReading = VolumeReading(), config: RescoreConfig | None = None,
+                 progress: bool = True, raw: bool = False, templates=None,
+                 volumes: Mapping | None = None) -> pd.DataFrame:
     """Rescore the candidates of every run (``czii_kit.layout.Run``); tomograms are read one at a time.
 
-    ``raw``: as :func:`rescore_volume` (every proposal, no score combination), for tuning.
-    ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as :func:`rescore_volume`).
-    ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as
-    :class:`czii_kit.infer.InferenceConfig` (pass the detector's settings so both see the same
-    volume). ``voxel_size``: as :func:`normalised_runs` (pass the detector's,
-    :func:`czii_kit.infer.model_voxel_size`). ``volumes``: normalised volumes already at hand
-    (:func:`run_volumes`), not read again.
+    ``reading``: how to read them (pass :meth:`VolumeReading.like_detector` so the rescorer sees
+    the detector's volume). ``raw``: as :func:`rescore_volume` (every proposal, no score
+    combination), for tuning. ``templates``: a :class:`czii_kit.templates.TemplateMatcher` (as
+    :func:`rescore_volume`). ``volumes``: normalised volumes already at hand (:func:`run_volumes`).
     """
     config = config or RescoreConfig()
     frames = []
     names = candidates["experiment"].astype(str)
     runs = [r for r in runs if (names == r.name).any()]
-    read = {"tomogram": tomogram, "preprocess": preprocess, "polarity": polarity, "progress": progress,
-            "desc": "rescore", "smooth": smooth, "voxel_size": voxel_size, "flatten": flatten}
-    for run, vs, vol in run_volumes(runs, volumes, **read):
+    for run, vs, vol in run_volumes(runs, reading, volumes, progress, "rescore"):
         g = candidates[names == run.name]
         frames.append(rescore_volume(g, vol, vs, rescorer, config, raw=True, templates=templates))
         del vol

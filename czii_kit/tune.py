@@ -273,7 +273,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     from czii_kit.infer import InferenceConfig
     from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
-    from czii_kit.rescore import file_sha256
+    from czii_kit.rescore import VolumeReading, file_sha256
     from czii_kit.train import read_train_record
 
     config = config or InferenceConfig()
@@ -294,9 +294,9 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     chosen_types = choose_per_type(comparison) if per_type else {}
     merge_per_type = {t: {"name": n, **configs[n]} for t, n in chosen_types.items()}
     cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
-    cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, tomogram, weights,
-                                                         config.polarity, refine, tolerance, progress,
-                                                         config.smooth, config.flatten, volumes)
+    reading = VolumeReading.like_detector(weights, config, tomogram)
+    cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, reading, refine, tolerance,
+                                                         progress, volumes)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
     from czii_kit.metric import score
 
@@ -326,7 +326,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     }
     rescorer_path = _rescorer_path(weights, rescorer)
     if rescorer_path is not None:
-        doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, tomogram, weights, config,
+        doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, reading, weights,
                                                  rescore_config, tolerance, progress, rescore_mixes,
                                                  templates=_templates_path(weights, templates),
                                                  template_weights=template_weights, volumes=volumes)
@@ -365,26 +365,22 @@ def detect_keeping_volumes(weights: Path, runs, tomogram: str, backend: str, con
     return dets, voxel_sizes, volumes
 
 
-def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, tomogram: str, weights: Path,
-                  polarity: str = "auto", refine=None, tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True,
-                  smooth: str | float = "auto", flatten: str = "auto", volumes=None):
+def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, reading, refine=None,
+                  tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True, volumes=None):
     """Refine the merged validation candidates (:mod:`czii_kit.refine`) if asked, or if it pays.
 
     ``refine=None`` tunes thresholds with and without refinement and keeps the better validation
     F4; ``True`` / a :class:`~czii_kit.refine.RefineConfig` always refines; ``False`` never.
-    ``smooth``, ``flatten``: low-pass and flattening of the tomograms, as the detector's
-    :class:`~czii_kit.infer.InferenceConfig`; ``volumes``: normalised volumes already at hand
-    (:func:`detect_keeping_volumes`).
+    ``reading``: how the tomograms are read, a :class:`~czii_kit.rescore.VolumeReading` (as the
+    detector saw them); ``volumes``: normalised volumes already at hand (:func:`detect_keeping_volumes`).
     Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
     """
-    from czii_kit.infer import model_voxel_size, preprocess_config_for
     from czii_kit.refine import RefineConfig, refine_runs
 
     if refine is False:
         return cands, None, None
     cfg = refine if isinstance(refine, RefineConfig) else RefineConfig()
-    refined = refine_runs(cands, runs, tomogram, preprocess_config_for(weights), polarity, cfg, progress, smooth,
-                          model_voxel_size(weights), flatten, volumes)
+    refined = refine_runs(cands, runs, reading, cfg, progress, volumes)
     if refine is not None:
         return refined, cfg, None
     plain = weighted_final(tune_thresholds(cands, solution, tolerance=tolerance)[1])
@@ -424,8 +420,8 @@ def _templates_path(weights: Path, templates) -> Path | None:
     return _beside(weights, templates, templates_for, TEMPLATES_FILE)
 
 
-def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, tomogram: str,
-                  weights: Path, config, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
+def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, reading,
+                  weights: Path, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
                   progress: bool = True, mixes: Sequence[float] | None = RESCORE_MIXES,
                   cross_types: Sequence[bool] | None = (False, True), templates: Path | None = None,
                   template_weights: Sequence[float] = TEMPLATE_WEIGHTS, volumes=None) -> tuple[dict, pd.DataFrame]:
@@ -438,9 +434,10 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     Returns the ``"rescore"`` section of the thresholds file (rescorer file name and SHA-256, the
     :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table, final F4 and, when the chosen
     template weight is > 0, the template file's name, SHA-256 and :class:`~czii_kit.templates.TemplateConfig`)
-    and the rescored candidates.
+    and the rescored candidates. ``reading``: how the tomograms are read
+    (:class:`~czii_kit.rescore.VolumeReading`, as the detector saw them); ``volumes``: normalised
+    volumes already at hand (:func:`detect_keeping_volumes`).
     """
-    from czii_kit.infer import model_voxel_size, preprocess_config_for
     from czii_kit.metric import score
     from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, rescore_runs
 
@@ -454,10 +451,8 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
         matcher = TemplateMatcher(templates)
     weights_tm = list(template_weights) if matcher is not None else [0.0]
     model = Rescorer(rescorer_path)
-    raw = rescore_runs(cands, runs, model, tomogram, preprocess_config_for(weights), config.polarity,
-                       RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}), progress, raw=True,
-                       templates=matcher, smooth=config.smooth, voxel_size=model_voxel_size(weights),
-                       flatten=config.flatten, volumes=volumes)
+    raw = rescore_runs(cands, runs, model, reading, RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}),
+                       progress, raw=True, templates=matcher, volumes=volumes)
     best, comparison = None, []
     for cross_type in cross:
         for mix in mixes:
