@@ -555,6 +555,25 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
         bar.close()
 
 
+def detect_keeping_volumes(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
+                           config: InferenceConfig | None = None, progress: bool = True, budget: int = 0
+                           ) -> tuple[pd.DataFrame, dict[str, float], dict[str, tuple[float, np.ndarray]]]:
+    """:func:`detect_runs`, plus each run's normalised volume (``{run: (voxel_size, volume)}``,
+    :meth:`DetectedRun.normalised`) kept while they fit in ``budget`` bytes, so that later 3D stages
+    (``tune``'s refinement and rescoring) need not read, resample, flatten and low-pass it again."""
+    frames, voxel_sizes, volumes, used = [], {}, {}, 0
+    for done in iter_detect_runs(weights, runs, tomogram, backend, config, progress):
+        frames.append(done.detections)
+        voxel_sizes[done.run.name] = done.voxel_size
+        if used + done.volume.nbytes <= budget:
+            vol = done.normalised(release=True)
+            volumes[done.run.name] = (done.voxel_size, vol)
+            used += vol.nbytes
+        del done  # its volume, before the next tomogram is read
+    dets = pd.concat(frames, ignore_index=True) if frames else empty_detections()
+    return dets, voxel_sizes, volumes
+
+
 def detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
                 config: InferenceConfig | None = None, progress: bool = True
                 ) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -562,10 +581,5 @@ def detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised",
 
     Tomograms are read one at a time (:func:`iter_detect_runs`).
     """
-    frames, voxel_sizes = [], {}
-    for done in iter_detect_runs(weights, runs, tomogram, backend, config, progress):
-        frames.append(done.detections)
-        voxel_sizes[done.run.name] = done.voxel_size
-        del done  # its volume, before the next tomogram is read
-    dets = pd.concat(frames, ignore_index=True) if frames else empty_detections()
+    dets, voxel_sizes, _ = detect_keeping_volumes(weights, runs, tomogram, backend, config, progress)
     return dets, voxel_sizes

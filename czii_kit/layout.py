@@ -71,10 +71,9 @@ class Run:
         found: dict[str, tuple[float, Path]] = {}
         for d in self.dirs:
             for vs_dir in sorted(d.glob("VoxelSpacing*")):
-                m = _SPACING_RE.match(vs_dir.name)
-                if not m or not vs_dir.is_dir():
+                spacing = folder_spacing(vs_dir.name)
+                if spacing is None or not vs_dir.is_dir():
                     continue
-                spacing = float(m.group(1))
                 for z in sorted(vs_dir.glob("*.zarr")):
                     name = z.name[: -len(".zarr")]
                     if name not in found or spacing < found[name][0]:
@@ -227,6 +226,12 @@ def _split_of(kind_root: Path) -> str | None:
     if kind_root.name in ("static", "overlay"):
         return kind_root.parent.name or None
     return None
+
+
+def folder_spacing(name: str) -> float | None:
+    """The nominal voxel spacing a folder name spells (``"VoxelSpacing10.000" -> 10.0``), else ``None``."""
+    m = _SPACING_RE.match(name)
+    return float(m.group(1)) if m else None
 
 
 def spacing_folder(voxel_spacing: float = 10.0) -> str:

@@ -391,6 +391,11 @@ def wedge_ratio(volume: np.ndarray, size: tuple[int, int, int] = (64, 256, 256),
     return float(along_x.mean() / along_y.mean())
 
 
+def tilt_axis_of(ratio: float) -> str:
+    """``"x"`` when a :func:`wedge_ratio` says the tilt axis lies along x (above :data:`TILT_AXIS_LIMIT`), else ``"y"``."""
+    return "x" if ratio > TILT_AXIS_LIMIT else "y"
+
+
 def settle_tilt_axis(volume: np.ndarray, tilt_axis: str = "auto", source=None, warn: bool = True) -> bool:
     """Whether to turn slices a quarter (x and y exchanged) for a detector trained with the tilt axis along y.
 
@@ -402,7 +407,7 @@ def settle_tilt_axis(volume: np.ndarray, tilt_axis: str = "auto", source=None, w
     if tilt_axis != "auto":
         return tilt_axis == "x"
     ratio = wedge_ratio(volume)
-    turn = ratio > TILT_AXIS_LIMIT
+    turn = tilt_axis_of(ratio) == "x"
     if turn and warn:
         import warnings
 

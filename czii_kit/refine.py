@@ -166,7 +166,8 @@ def refine_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: floa
     return out[kept].reset_index(drop=True)
 
 
-def refine_runs(candidates: pd.DataFrame, runs, reading=None, config: RefineConfig | None = None, progress: bool = True, volumes=None) -> pd.DataFrame:
+def refine_runs(candidates: pd.DataFrame, runs, reading=None, config: RefineConfig | None = None,
+                progress: bool = True, volumes=None) -> pd.DataFrame:
     """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time.
 
     ``reading``: how to read them, a :class:`czii_kit.rescore.VolumeReading` (default: the

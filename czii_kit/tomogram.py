@@ -11,7 +11,6 @@ level-0 voxel at most). Chunks are blosc-lz4 compressed with byte shuffle, keyed
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +103,6 @@ def _read_attrs(path: Path) -> dict:
 UNIT_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "micrometer": 1e4, "millimeter": 1e7, "picometer": 0.01}
 """Å per unit of the OME-NGFF space units a ``multiscales`` scale may be given in (no unit: Å)."""
 
-_SPACING_RE = re.compile(r"^VoxelSpacing(\d+(?:\.\d+)?)$")
-
 
 def _axis_unit(ms: dict, path: Path) -> float:
     """Å per unit of the x axis of a ``multiscales`` entry (OME 0.4+ axes dicts; 0.3 names: Å)."""
@@ -176,11 +173,12 @@ def _levels_without_metadata(path: Path) -> list[tuple[str, float]]:
     """
     import warnings
 
-    m = _SPACING_RE.match(path.parent.name)
-    if not m or not float(m.group(1)) > 0:
+    from czii_kit.layout import folder_spacing
+
+    size = folder_spacing(path.parent.name)
+    if not (size or 0) > 0:
         raise DataError(path, "no OME-NGFF 'multiscales' metadata: cannot tell the voxel size (nor from a "
                               "VoxelSpacing{size} parent folder)")
-    size = float(m.group(1))
     try:
         node = _zarr().open(str(path), mode="r")
     except Exception as exc:

@@ -270,7 +270,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     dict
         The saved document: ``thresholds``, ``merge``, ``inference``, ``comparison``, ``table``, ...
     """
-    from czii_kit.infer import InferenceConfig
+    from czii_kit.infer import InferenceConfig, detect_keeping_volumes
     from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
     from czii_kit.rescore import VolumeReading, file_sha256
@@ -286,7 +286,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     solution = read_picks(root, split=split, runs=[r.name for r in chosen])
     if solution.empty:
         raise DataError(root, "the validation runs have no picks to tune against")
-    dets, voxel_sizes, volumes = detect_keeping_volumes(weights, chosen, tomogram, backend, config, progress)
+    dets, voxel_sizes, volumes = detect_keeping_volumes(weights, chosen, tomogram, backend, config, progress,
+                                                        KEEP_VOLUMES_BYTES)
     comparison = compare_merges(dets, voxel_sizes, solution, merges, config.z_stride, tolerance)
     best = comparison.iloc[0]
     merge_cfg = MergeConfig.from_dict(best["config"])
@@ -342,29 +343,6 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     return doc
 
 
-def detect_keeping_volumes(weights: Path, runs, tomogram: str, backend: str, config, progress: bool = True,
-                           budget: int | None = None) -> tuple[pd.DataFrame, dict[str, float], dict]:
-    """Detections and voxel sizes of ``runs`` (as :func:`czii_kit.infer.detect_runs`), plus the
-    normalised volumes refinement and rescoring read (``{run: (voxel_size, volume)}``), kept while
-    they fit in ``budget`` bytes (default :data:`KEEP_VOLUMES_BYTES`): each tomogram is then read,
-    resampled, flattened and low-passed once."""
-    from czii_kit.infer import iter_detect_runs
-    from czii_kit.postprocess import empty_detections
-
-    budget = KEEP_VOLUMES_BYTES if budget is None else budget
-    frames, voxel_sizes, volumes, used = [], {}, {}, 0
-    for done in iter_detect_runs(weights, runs, tomogram, backend, config, progress):
-        frames.append(done.detections)
-        voxel_sizes[done.run.name] = done.voxel_size
-        if used + done.volume.nbytes <= budget:
-            vol = done.normalised(release=True)
-            volumes[done.run.name] = (done.voxel_size, vol)
-            used += vol.nbytes
-        del done
-    dets = pd.concat(frames, ignore_index=True) if frames else empty_detections()
-    return dets, voxel_sizes, volumes
-
-
 def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, reading, refine=None,
                   tolerance: float = THRESHOLD_TOLERANCE, progress: bool = True, volumes=None):
     """Refine the merged validation candidates (:mod:`czii_kit.refine`) if asked, or if it pays.
@@ -372,7 +350,7 @@ def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, reading, re
     ``refine=None`` tunes thresholds with and without refinement and keeps the better validation
     F4; ``True`` / a :class:`~czii_kit.refine.RefineConfig` always refines; ``False`` never.
     ``reading``: how the tomograms are read, a :class:`~czii_kit.rescore.VolumeReading` (as the
-    detector saw them); ``volumes``: normalised volumes already at hand (:func:`detect_keeping_volumes`).
+    detector saw them); ``volumes``: normalised volumes already at hand (:func:`czii_kit.infer.detect_keeping_volumes`).
     Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
     """
     from czii_kit.refine import RefineConfig, refine_runs
@@ -436,7 +414,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     template weight is > 0, the template file's name, SHA-256 and :class:`~czii_kit.templates.TemplateConfig`)
     and the rescored candidates. ``reading``: how the tomograms are read
     (:class:`~czii_kit.rescore.VolumeReading`, as the detector saw them); ``volumes``: normalised
-    volumes already at hand (:func:`detect_keeping_volumes`).
+    volumes already at hand (:func:`czii_kit.infer.detect_keeping_volumes`).
     """
     from czii_kit.metric import score
     from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, rescore_runs

@@ -41,10 +41,10 @@ def smoothness(path) -> dict:
     level (reads its central block only)."""
     from czii_kit.errors import DataError
     from czii_kit.preprocess import (
-        TILT_AXIS_LIMIT,
         central_block,
         neighbour_correlation,
         smoothing_sigma,
+        tilt_axis_of,
         wedge_ratio,
     )
     from czii_kit.tomogram import open_tomogram
@@ -57,7 +57,7 @@ def smoothness(path) -> dict:
     try:
         ratio = wedge_ratio(block)
         return {"neighbour_correlation": round(neighbour_correlation(block), 4), "auto_sigma": smoothing_sigma(block),
-                "wedge_ratio": round(ratio, 4), "tilt_axis": "x" if ratio > TILT_AXIS_LIMIT else "y"}
+                "wedge_ratio": round(ratio, 4), "tilt_axis": tilt_axis_of(ratio)}
     except ValueError as exc:  # e.g. fewer than 2 voxels along x
         raise DataError(path, str(exc)) from exc
 
