@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -77,7 +78,7 @@ def test_info_on_one_tomogram(make_dataset, capsys):
 def test_info_reports_smoothness(make_dataset, capsys):
     from scipy.ndimage import gaussian_filter
 
-    from czii_kit.preprocess import neighbour_correlation, smoothing_sigma
+    from czii_kit.preprocess import neighbour_correlation, smoothing_sigma, unevenness
 
     root, volumes, _ = make_dataset(runs=("TS_A",))
     vol = volumes["TS_A"]  # white noise: auto would low-pass it
@@ -87,6 +88,8 @@ def test_info_reports_smoothness(make_dataset, capsys):
     assert s["neighbour_correlation"] == pytest.approx(neighbour_correlation(vol), abs=1e-4)
     assert s["auto_sigma"] == smoothing_sigma(vol) > 0
     assert s["tilt_axis"] == "y" and s["wedge_ratio"] == 1.0  # too small a volume to tell
+    assert s["unevenness"] == pytest.approx(unevenness(vol), abs=1e-4) and s["unevenness"] < 0.1
+    assert s["flatten"] is False
     code, out, _ = run_cli(capsys, "info", root, "--smoothness")
     row = [ln for ln in out.splitlines() if ln.startswith("TS_A") and "denoised" in ln and "x" not in ln.split()[-1]]
     assert "x-corr" in out and row and float(row[-1].split()[-1]) == s["auto_sigma"]
@@ -104,6 +107,27 @@ def test_info_reports_smoothness(make_dataset, capsys):
     assert json.loads(out)["smoothness"]["auto_sigma"] == 0
     code, out, _ = run_cli(capsys, "info", tomo, "--smoothness")
     assert f"auto low-pass sigma {s['auto_sigma']:g} voxels" in out
+    assert f"background unevenness {s['unevenness']:.3f}: not flattened by --flatten auto" in out
+
+
+def test_info_reports_uneven_background(make_dataset, capsys):
+    """A tomogram with a strong lateral ramp (brighter towards high x; unequal sides) is reported
+    as one that predict --flatten auto would flatten; the same without the ramp is not."""
+    from czii_kit.tomogram import write_tomogram
+
+    root, volumes, _ = make_dataset(runs=("TS_R",))
+    vol = volumes["TS_R"]  # [z, y, x], unequal sides
+    span = np.percentile(vol, 99.5) - np.percentile(vol, 0.5)
+    ramp = np.linspace(-1.5, 1.5, vol.shape[2], dtype=np.float32)[None, None, :] * span
+    tomo = root / "train" / "static" / "ExperimentRuns" / "TS_R" / "VoxelSpacing10.000" / "denoised.zarr"
+    shutil.rmtree(tomo)
+    write_tomogram(tomo, vol + ramp, 10.012444, chunks=(8, 16, 16))
+    code, out, _ = run_cli(capsys, "info", root, "--smoothness", "--json")
+    s = json.loads(out)["runs"][0]["smoothness"]["denoised"]
+    assert code == 0 and s["unevenness"] > 0.1 and s["flatten"] is True
+    code, out, _ = run_cli(capsys, "info", root, "--smoothness")
+    row = next(ln for ln in out.splitlines() if ln.startswith("TS_R") and "denoised" in ln and "yes" in ln.split())
+    assert f"{s['unevenness']:.3f}" in row.split()
 
 
 def test_info_on_the_real_picks(train_picks_dir, capsys):
