@@ -20,6 +20,7 @@ Layout written::
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,14 @@ from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import find_runs
 from czii_kit.picks import read_picks
-from czii_kit.preprocess import PreprocessConfig, robust_window, slice_indices, stack_slice
+from czii_kit.preprocess import (
+    PreprocessConfig,
+    resample_to,
+    resampled_shape,
+    robust_window,
+    slice_indices,
+    stack_slice,
+)
 from czii_kit.tomogram import open_tomogram
 
 MANIFEST = "czii_kit_dataset.json"
@@ -172,6 +180,7 @@ def build_dataset(
     preprocess: PreprocessConfig | dict | None = None,
     tomogram_weights: Sequence[float] | None = None,
     degrade_config: DegradeConfig | dict | None = None,
+    voxel_size: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -213,6 +222,12 @@ def build_dataset(
         Relative frequency of each of several tomograms (default: equal).
     degrade_config : DegradeConfig or dict, optional
         Blur + noise augmentation of a random fraction of the images (:func:`czii_kit.augment.degrade`).
+    voxel_size : float, optional
+        Å per voxel of the images: a tomogram whose voxel size differs by more than
+        :data:`czii_kit.preprocess.RESAMPLE_TOLERANCE` is resampled to it
+        (:func:`czii_kit.preprocess.resample_to`; a warning names it), so that runs of several voxel
+        sizes train at one scale, the one ``predict`` later resamples to. Default: the voxel size of
+        most runs (:func:`common_voxel_size`; a dataset of one voxel size is used as it is).
     seed : int
         Same seed, same dataset.
     overwrite : bool
@@ -264,7 +279,7 @@ def build_dataset(
     per_tomogram = {n: 0 for n in tomo_names}
     n_degraded = 0
     per_class = {n: 0 for n in class_names().values()}
-    voxel_sizes, shapes = {}, {}
+    voxel_sizes, shapes, resampled = {}, {}, {}
     with atomic_dir(out_dir) as tmp:
         for sub in ("train", "val"):
             (tmp / "images" / sub).mkdir(parents=True)
@@ -275,20 +290,34 @@ def build_dataset(
             for t in tomos[run.name][1:]:
                 if t.shape != first.shape:
                     raise DataError(t.path, f"shape {t.shape} differs from {first.path} {first.shape}")
-        total = sum(len(slice_indices(t[0].shape[0], z_stride)) for t in tomos.values())
+        if voxel_size is None:
+            voxel_size = common_voxel_size([t[0].voxel_size for t in tomos.values()])
+        elif not voxel_size > 0:
+            raise ValueError(f"voxel_size must be > 0 Å, got {voxel_size!r}")
+        new_shape = {n: resampled_shape(t[0].shape, t[0].voxel_size, voxel_size) for n, t in tomos.items()}
+        total = sum(len(slice_indices(shape[0], z_stride)) for shape in new_shape.values())
         bar = tqdm(total=total, desc="build-dataset", unit="slice", disable=not progress)
         for run in all_runs:
             sub = "val" if run.name in val else "train"
             tomo = tomos[run.name][0]
-            vols = [t.read() for t in tomos[run.name]]
-            voxel_sizes[run.name], shapes[run.name] = tomo.voxel_size, tomo.shape
+            vols, run_vs = [], tomo.voxel_size
+            for t in tomos[run.name]:
+                v, run_vs = resample_to(t.read(), t.voxel_size, voxel_size, source=t.path, warn=False)  # [z, y, x]
+                if v.shape != t.shape:
+                    warnings.warn(f"{t.path}: voxel size {t.voxel_size:g} Å, the dataset's is {voxel_size:g} Å: "
+                                  f"resampled {t.shape} -> {v.shape} voxels", stacklevel=2)
+                vols.append(v)
+            shape = vols[0].shape
+            voxel_sizes[run.name], shapes[run.name] = run_vs, shape
+            if run_vs != tomo.voxel_size:
+                resampled[run.name] = {"voxel_size": tomo.voxel_size, "shape_zyx": list(tomo.shape)}
             windows = [robust_window(v, cfg.lo, cfg.hi, cfg.sample_step, cfg.invert, source=t.path)
                        for v, t in zip(vols, tomos[run.name], strict=True)]
-            centres, radii, classes = particle_table(picks[picks["experiment"] == run.name], tomo.voxel_size)
-            ny, nx = tomo.shape[1:]
+            centres, radii, classes = particle_table(picks[picks["experiment"] == run.name], run_vs)
+            ny, nx = shape[1:]
             if crop is not None and (crop > ny or crop > nx):
                 raise DataError(tomo.path, f"crop {crop} is larger than the slice {ny}x{nx}")
-            for z in slice_indices(tomo.shape[0], z_stride):
+            for z in slice_indices(shape[0], z_stride):
                 stacks: dict[int, np.ndarray] = {}  # tomogram index -> 2.5D image of slice z
                 boxes = slice_boxes(centres, radii, classes, int(z), (ny, nx), min_frac)
                 items = []
@@ -351,12 +380,23 @@ def build_dataset(
             "val_is_train": not counts["val"]["images"],
             "voxel_size": voxel_sizes,
             "shape_zyx": {k: list(v) for k, v in shapes.items()},
+            "resampled_from": resampled,
             "counts": counts,
             "boxes_per_class": per_class,
             "names": class_names(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out_dir / "data.yaml"
+
+
+def common_voxel_size(sizes: Sequence[float]) -> float | None:
+    """The voxel size (Å) most of ``sizes`` share (compared rounded to 0.001 Å; a tie goes to the one
+    seen first); ``None`` for no sizes."""
+    rounded = [round(float(v), 3) for v in sizes]
+    if not rounded:
+        return None
+    best = max(dict.fromkeys(rounded), key=rounded.count)  # dict keeps first-seen order for ties
+    return float(next(v for v, r in zip(sizes, rounded, strict=True) if r == best))
 
 
 def read_manifest(data_yaml: str | Path) -> dict:

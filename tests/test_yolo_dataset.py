@@ -240,3 +240,48 @@ def test_cli_build_dataset_mixing_options(tmp_path, capsys):
     assert rc == 2 and "--tomogram-weights needs 2" in capsys.readouterr().err
     rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "e"), "--degrade", "1.5", "--quiet"])
     assert rc == 2 and "--degrade" in capsys.readouterr().err
+
+
+def test_build_dataset_resamples_another_voxel_size(tmp_path, capsys):
+    """A run stored at twice the voxel size (every 2nd voxel of the same specimen) is resampled to
+    the voxel size of most runs: its labels sit at the picks (Å) in the common voxel grid."""
+    import shutil
+
+    import cv2
+
+    from czii_kit.cli import main
+    from czii_kit.tomogram import open_tomogram, write_tomogram
+    from czii_kit.yolo_dataset import common_voxel_size
+
+    shape = (24, 72, 88)
+    picks = make_root(tmp_path / "root", runs=("TS_a", "TS_b", "TS_c"), shape=shape, per_type=1, seed=5)
+    tomo = tmp_path / "root" / "train" / "static" / "ExperimentRuns" / "TS_c" / "VoxelSpacing10.000" / "denoised.zarr"
+    coarse = open_tomogram(tomo).read()[::2, ::2, ::2]  # [z, y, x] (12, 36, 44): voxel j at 2 j VOXEL Å
+    shutil.rmtree(tomo)
+    write_tomogram(tomo, coarse, 2 * VOXEL, n_levels=1)
+    assert common_voxel_size([VOXEL, 2 * VOXEL, VOXEL]) == VOXEL and common_voxel_size([]) is None
+    with pytest.warns(UserWarning, match="TS_c.*resampled"):
+        build_dataset(tmp_path / "root", tmp_path / "ds", val_runs=["TS_c"], progress=False)
+    m = json.loads((tmp_path / "ds" / "czii_kit_dataset.json").read_text())
+    assert m["voxel_size"] == {"TS_a": VOXEL, "TS_b": VOXEL, "TS_c": VOXEL}
+    assert m["shape_zyx"]["TS_c"] == [23, 71, 87] and m["shape_zyx"]["TS_a"] == list(shape)
+    assert m["resampled_from"] == {"TS_c": {"voxel_size": 2 * VOXEL, "shape_zyx": [12, 36, 44]}}
+    val = sorted((tmp_path / "ds" / "images" / "val").glob("*.png"))
+    assert len(val) == 23 and cv2.imread(str(val[0])).shape == (71, 87, 3)
+    labels = _labels(tmp_path / "ds" / "labels" / "val")
+    for _, p in picks[picks["experiment"] == "TS_c"].iterrows():
+        z, y, x = angstrom_to_voxel([[p.x, p.y, p.z]], VOXEL)[0]
+        lab = labels[f"TS_c_z{int(round(z)):03d}"]
+        d = np.hypot(lab[:, 1] - (x + 0.5) / 87, lab[:, 2] - (y + 0.5) / 71)
+        i = int(np.argmin(d))
+        assert d[i] < 1e-3 and int(lab[i, 0]) == get_particle(p.particle_type).class_id
+    # an explicit voxel size: the other two runs are resampled instead
+    with pytest.warns(UserWarning, match="the dataset's is 20.0249 Å"):
+        code = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds2"), "--val-runs", "TS_c",
+                     "--voxel-size", str(2 * VOXEL), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "TS_a (10.0124 Å), TS_b (10.0124 Å)" in out
+    m = json.loads((tmp_path / "ds2" / "czii_kit_dataset.json").read_text())
+    assert m["shape_zyx"] == {"TS_a": [12, 36, 44], "TS_b": [12, 36, 44], "TS_c": [12, 36, 44]}
+    assert set(m["resampled_from"]) == {"TS_a", "TS_b"}
+    assert main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds3"), "--voxel-size", "0"]) == 2

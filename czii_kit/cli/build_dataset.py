@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--degrade", type=float, default=0.0, metavar="P",
                    help="blur and add correlated noise to a fraction P of the images (imaging augmentation; "
                         "default 0)")
+    p.add_argument("--voxel-size", type=float, metavar="A",
+                   help="Å per voxel of the images: tomograms of another voxel size (by more than 5%%) are "
+                        "resampled to it (default: the voxel size of most runs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (crops, val split)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,6 +75,9 @@ def run(args) -> int:
     if not 0 <= args.degrade <= 1:
         print(f"czii-kit build-dataset: error: --degrade must be in [0, 1], got {args.degrade}", file=sys.stderr)
         return 2
+    if args.voxel_size is not None and not args.voxel_size > 0:
+        print(f"czii-kit build-dataset: error: --voxel-size must be > 0 Å, got {args.voxel_size}", file=sys.stderr)
+        return 2
     cfg = PreprocessConfig(offsets=args.offsets, slab=args.slab)
     tomogram = args.tomogram[0] if len(args.tomogram) == 1 else args.tomogram
     data_yaml = build_dataset(
@@ -79,7 +85,7 @@ def run(args) -> int:
         crop=args.crop, crops_per_slice=args.crops_per_slice,
         full_slices=True if args.full_slices else None, z_stride=args.z_stride, min_frac=args.min_frac,
         preprocess=cfg, tomogram_weights=args.tomogram_weights,
-        degrade_config={"prob": args.degrade}, seed=args.seed, overwrite=args.force, progress=not args.quiet,
+        degrade_config={"prob": args.degrade}, voxel_size=args.voxel_size, seed=args.seed, overwrite=args.force, progress=not args.quiet,
     )
     m = json.loads((data_yaml.parent / MANIFEST).read_text())
     c = m["counts"]
@@ -90,5 +96,8 @@ def run(args) -> int:
     if len(m["images_per_tomogram"]) > 1 or m["degraded_images"]:
         print("images per tomogram: " + ", ".join(f"{k} {v}" for k, v in m["images_per_tomogram"].items())
               + f"; degraded: {m['degraded_images']}")
+    if m.get("resampled_from"):
+        print(f"resampled to {m['voxel_size'][next(iter(m['resampled_from']))]:g} Å voxels: "
+              + ", ".join(f"{k} ({v['voxel_size']:g} Å)" for k, v in m["resampled_from"].items()))
     print("boxes per class: " + ", ".join(f"{k} {v}" for k, v in m["boxes_per_class"].items()))
     return 0
