@@ -90,8 +90,10 @@ class InferenceConfig:
         Gaussian low-pass (sigma in voxels) of the whole volume before detection, rescoring and
         refinement: ``"auto"`` low-passes only noisy tomograms (raw WBP reconstructions: x-neighbour
         correlation below :data:`czii_kit.preprocess.SMOOTH_TARGET`) just enough to look as smooth
-        as the denoised tomograms the models are trained on (:func:`czii_kit.preprocess.settle_smoothing`;
-        a warning names the tomogram); ``0`` never.
+        as the denoised tomograms the models are trained on, and sharpens over-smoothed ones
+        (x-neighbour correlation above :data:`czii_kit.preprocess.SHARPEN_LIMIT`, e.g. a stronger
+        denoiser) with an unsharp mask (:func:`czii_kit.preprocess.settle_smoothing`; a warning names
+        the tomogram); ``0`` never does either.
     flatten : {"auto", "on", "off"}
         Subtract the slow lateral variation of the background (uneven ice or illumination) before
         everything else: ``"auto"`` only when it is strong (:func:`czii_kit.preprocess.settle_flatten`;

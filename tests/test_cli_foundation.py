@@ -102,9 +102,11 @@ def test_info_reports_smoothness(make_dataset, capsys):
     from czii_kit.tomogram import write_tomogram
 
     shutil.rmtree(smooth_tomo)
-    write_tomogram(smooth_tomo, gaussian_filter(vol, 3.0), 10.012444, chunks=(8, 16, 16))
+    write_tomogram(smooth_tomo, gaussian_filter(vol, 5.0), 10.012444, chunks=(8, 16, 16))
     code, out, _ = run_cli(capsys, "info", smooth_tomo, "--smoothness", "--json")
-    assert json.loads(out)["smoothness"]["auto_sigma"] == 0
+    smooth_doc = json.loads(out)["smoothness"]
+    assert smooth_doc["auto_sigma"] == 0 and smooth_doc["auto_sharpen"] > 0  # sigma 5: over-smoothed
+    assert s["auto_sharpen"] == 0  # the noisy one is low-passed, not sharpened
     code, out, _ = run_cli(capsys, "info", tomo, "--smoothness")
     assert f"auto low-pass sigma {s['auto_sigma']:g} voxels" in out
     assert f"background unevenness {s['unevenness']:.3f}: not flattened by --flatten auto" in out

@@ -208,7 +208,7 @@ def test_settle_smoothing_low_passes_noisy_volumes_only():
     from czii_kit.preprocess import parse_smooth, settle_smoothing, smoothing_sigma
 
     noise = _volume((24, 40, 56), seed=5)
-    smooth = gaussian_filter(noise, 3.0)
+    smooth = gaussian_filter(noise, 1.5)  # x-neighbour correlation about 0.9, like a denoised tomogram
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same, sigma = settle_smoothing(smooth, "auto", source="denoised.zarr")
@@ -378,3 +378,41 @@ def test_turned_slices_give_boxes_in_the_volume_frame():
     assert set(det.shapes) == {(50, 20)}  # the detector saw x and y exchanged
     assert (turned["x"] == 31).all() and (turned["y"] == 4).all()  # boxes back in the volume's frame
     assert (turned["w"] == 7).all() and (turned["h"] == 3).all()
+
+
+def test_settle_smoothing_sharpens_over_smoothed_volumes_only():
+    """Smoother than SHARPEN_LIMIT (a strong denoiser): unsharp-masked under auto, with a warning;
+    as smooth as the training data: untouched; off or a fixed sigma: never sharpened."""
+    import warnings
+
+    from scipy.ndimage import gaussian_filter
+
+    from czii_kit.preprocess import (
+        SHARPEN_AMOUNT,
+        SHARPEN_LIMIT,
+        neighbour_correlation,
+        settle_smoothing,
+        sharpen,
+        sharpening_amount,
+    )
+
+    noise = _volume((24, 40, 56), seed=6)  # [z, y, x], unequal sides
+    over = gaussian_filter(noise, 4.0)
+    denoised = gaussian_filter(noise, 1.5)
+    assert neighbour_correlation(over) > SHARPEN_LIMIT > neighbour_correlation(denoised)
+    assert sharpening_amount(over) == SHARPEN_AMOUNT > 0 and sharpening_amount(denoised) == 0.0
+    with pytest.warns(UserWarning, match=r"strong\.zarr: over-smoothed tomogram .* sharpened"):
+        out, sigma = settle_smoothing(over, "auto", source="strong.zarr")
+    assert sigma == 0.0 and out.dtype == np.float32
+    expect = over + SHARPEN_AMOUNT * (over - gaussian_filter(over, 2.0))
+    np.testing.assert_allclose(out, expect, atol=1e-5)
+    assert neighbour_correlation(out) < neighbour_correlation(over)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert settle_smoothing(denoised, "auto")[0] is denoised
+        assert settle_smoothing(over, "off")[0] is over
+        np.testing.assert_allclose(settle_smoothing(over, 1.0)[0], gaussian_filter(over, 1.0), atol=1e-5)
+    np.testing.assert_allclose(sharpen(over, 0.0), over)
+    np.testing.assert_allclose(sharpen(over, 0.5, 1.0), over + 0.5 * (over - gaussian_filter(over, 1.0)), atol=1e-5)
+    with pytest.raises(ValueError, match="sharpen"):
+        sharpen(over, -1.0)

@@ -30,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--user-id", help="only copick-named picks of this user (Kaggle-named files are always read)")
     p.add_argument("--smoothness", action="store_true",
                    help="also read each tomogram's central block and report its x-neighbour correlation and the "
-                        "low-pass sigma `predict --smooth auto` would apply (0: none), its missing-wedge ratio "
+                        "low-pass sigma (or, for an over-smoothed one, the sharpening) `predict --smooth auto` would apply "
+                        "(0: none), its missing-wedge ratio "
                         "and the tilt axis `predict --tilt-axis auto` reads from it; then read the whole first "
                         "level for its background unevenness (`predict --flatten auto` flattens above "
                         "0.1; about 2 s a full-size tomogram)")
@@ -39,8 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def smoothness(path) -> dict:
-    """``{"neighbour_correlation", "auto_sigma", "wedge_ratio", "tilt_axis", "unevenness", "flatten"}``
-    of a tomogram's first level: the first four from its central block, the background unevenness
+    """``{"neighbour_correlation", "auto_sigma", "auto_sharpen", "wedge_ratio", "tilt_axis", "unevenness",
+    "flatten"}`` of a tomogram's first level (``auto_sharpen``: the unsharp-mask amount ``--smooth auto``
+    applies to an over-smoothed tomogram, 0 for none): the first five from its central block, the background unevenness
     from the whole level (as ``predict`` measures it; ``flatten``: whether ``--flatten auto`` would
     subtract the background)."""
     from czii_kit.errors import DataError
@@ -48,6 +50,7 @@ def smoothness(path) -> dict:
         UNEVEN_LIMIT,
         central_block,
         neighbour_correlation,
+        sharpening_amount,
         smoothing_sigma,
         tilt_axis_of,
         unevenness,
@@ -61,8 +64,9 @@ def smoothness(path) -> dict:
     except Exception as exc:  # corrupt chunk, missing codec, ...
         raise DataError(path, f"cannot read voxels: {exc}") from exc
     try:
-        ratio = wedge_ratio(block)
-        out = {"neighbour_correlation": round(neighbour_correlation(block), 4), "auto_sigma": smoothing_sigma(block),
+        ratio, sigma = wedge_ratio(block), smoothing_sigma(block)
+        out = {"neighbour_correlation": round(neighbour_correlation(block), 4), "auto_sigma": sigma,
+               "auto_sharpen": sharpening_amount(block) if sigma == 0 else 0.0,
                "wedge_ratio": round(ratio, 4), "tilt_axis": tilt_axis_of(ratio)}
     except ValueError as exc:  # e.g. fewer than 2 voxels along x
         raise DataError(path, str(exc)) from exc
@@ -78,8 +82,8 @@ def collect(path, split: str | None = None, user_id: str | None = None, with_smo
     dict
         ``{"path", "runs": [{"name", "split", "tomograms": {name: [{level, shape, voxel_size, dtype}]},
         "picks": {particle: count}}], "picks_total": {particle: count}}``; with ``with_smoothness``
-        each run also has ``"smoothness": {name: {neighbour_correlation, auto_sigma, wedge_ratio, tilt_axis,
-        unevenness, flatten}}`` (:func:`smoothness`).
+        each run also has ``"smoothness": {name: {neighbour_correlation, auto_sigma, auto_sharpen, wedge_ratio,
+        tilt_axis, unevenness, flatten}}`` (:func:`smoothness`).
     """
     runs = find_runs(path, split)
     picks = read_picks(path, split=split, user_id=user_id)
@@ -115,11 +119,11 @@ def format_info(info: dict) -> str:
         smooth_rows = [(r, t, r["smoothness"][t]) for r, t, _ in tomo_rows if t in r.get("smoothness", {})]
         if smooth_rows:
             lines += ["", f"{'run':<{name_w}}{'tomogram':<{tw}}{'x-corr':>8}{'wedge':>8}{'tilt axis':>11}"
-                          f"{'uneven':>8}{'flatten':>9}{'auto low-pass sigma':>21}"]
+                          f"{'uneven':>8}{'flatten':>9}{'sharpen':>9}{'auto low-pass sigma':>21}"]
             for r, t, s in smooth_rows:
                 lines.append(f"{r['name']:<{name_w}}{t:<{tw}}{s['neighbour_correlation']:>8.3f}"
                              f"{s['wedge_ratio']:>8.3g}{s['tilt_axis']:>11}{s['unevenness']:>8.3f}"
-                             f"{'yes' if s['flatten'] else 'no':>9}{s['auto_sigma']:>21g}")
+                             f"{'yes' if s['flatten'] else 'no':>9}{s['auto_sharpen']:>9g}{s['auto_sigma']:>21g}")
     else:
         lines.append("no tomograms")
     lines.append("")
@@ -154,7 +158,8 @@ def run(args) -> int:
                       f"{lv['voxel_size']:.4f} Å/voxel")
             if smooth:
                 print(f"  x-neighbour correlation {smooth['neighbour_correlation']:.3f}; "
-                      f"auto low-pass sigma {smooth['auto_sigma']:g} voxels; missing-wedge ratio "
+                      f"auto low-pass sigma {smooth['auto_sigma']:g} voxels, sharpening {smooth['auto_sharpen']:g}; "
+                      "missing-wedge ratio "
                       f"{smooth['wedge_ratio']:.3g}: tilt axis along {smooth['tilt_axis']}; background "
                       f"unevenness {smooth['unevenness']:.3f}: "
                       f"{'flattened' if smooth['flatten'] else 'not flattened'} by --flatten auto")

@@ -6,7 +6,8 @@ import argparse
 
 SMOOTH_HELP = ("Gaussian low-pass of each tomogram (sigma in voxels) before detection and rescoring: 'auto' "
                "(default) only for noisy ones such as raw WBP reconstructions, just enough to look like the "
-               "denoised tomograms the model was trained on; 0 or 'off' never")
+               "denoised tomograms the model was trained on, and sharpening (unsharp mask) of over-smoothed "
+               "ones, e.g. from a stronger denoiser; 0 or 'off' never either")
 
 
 def smooth_arg(text: str):
