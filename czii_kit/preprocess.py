@@ -275,6 +275,15 @@ def sharpening_amount(volume: np.ndarray, limit: float = SHARPEN_LIMIT) -> float
     return SHARPEN_AMOUNT if neighbour_correlation(central_block(volume)) > limit else 0.0
 
 
+def auto_smoothing(volume: np.ndarray) -> tuple[float, float]:
+    """``(sigma, amount)`` that ``smooth="auto"`` applies to ``volume [z, y, x]``: the low-pass sigma of
+    a noisy tomogram (:func:`smoothing_sigma`) or the unsharp-mask amount of an over-smoothed one
+    (:func:`sharpening_amount`); at most one is non-zero. Measured on the central block."""
+    block = central_block(volume)
+    sigma = smoothing_sigma(block)
+    return sigma, (sharpening_amount(block) if sigma == 0 else 0.0)
+
+
 def parse_smooth(smooth: str | float) -> str | float:
     """``"auto"`` or a sigma >= 0 in voxels (numbers as text accepted; ``"off"`` = 0); ValueError otherwise."""
     if isinstance(smooth, str):
@@ -306,8 +315,7 @@ def settle_smoothing(volume: np.ndarray, smooth: str | float = "auto", source=No
 
     smooth = parse_smooth(smooth)
     if smooth == "auto":
-        sigma = smoothing_sigma(volume)
-        amount = sharpening_amount(volume) if sigma == 0 else 0.0
+        sigma, amount = auto_smoothing(volume)
         if amount > 0:
             if warn:
                 import warnings

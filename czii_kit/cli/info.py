@@ -48,10 +48,9 @@ def smoothness(path) -> dict:
     from czii_kit.errors import DataError
     from czii_kit.preprocess import (
         UNEVEN_LIMIT,
+        auto_smoothing,
         central_block,
         neighbour_correlation,
-        sharpening_amount,
-        smoothing_sigma,
         tilt_axis_of,
         unevenness,
         wedge_ratio,
@@ -64,10 +63,9 @@ def smoothness(path) -> dict:
     except Exception as exc:  # corrupt chunk, missing codec, ...
         raise DataError(path, f"cannot read voxels: {exc}") from exc
     try:
-        ratio, sigma = wedge_ratio(block), smoothing_sigma(block)
+        ratio, (sigma, amount) = wedge_ratio(block), auto_smoothing(block)
         out = {"neighbour_correlation": round(neighbour_correlation(block), 4), "auto_sigma": sigma,
-               "auto_sharpen": sharpening_amount(block) if sigma == 0 else 0.0,
-               "wedge_ratio": round(ratio, 4), "tilt_axis": tilt_axis_of(ratio)}
+               "auto_sharpen": amount, "wedge_ratio": round(ratio, 4), "tilt_axis": tilt_axis_of(ratio)}
     except ValueError as exc:  # e.g. fewer than 2 voxels along x
         raise DataError(path, str(exc)) from exc
     u = unevenness(tomo.read())  # Tomogram.read raises DataError naming the file
