@@ -72,6 +72,11 @@ class TemplateConfig:
         Spline order of the rotation's interpolation (3: cubic, sharper than linear on the binned grid).
     batch : int
         Candidates per matrix product.
+    wedge : None, "auto" or (lo, hi)
+        The missing wedge given to the rotated templates (:mod:`czii_kit.wedge`): None, none (the
+        templates keep every direction); ``"auto"``, each tomogram's own, estimated from its power
+        spectrum (:func:`czii_kit.wedge.estimate_wedge`; none where it shows none); or the edges of
+        :class:`czii_kit.wedge.Wedge` in degrees.
     """
 
     n_rotations: int = 1500
@@ -82,12 +87,22 @@ class TemplateConfig:
     seed: int = 0
     order: int = 3
     batch: int = 400
+    wedge: str | tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.n_rotations < 1 or self.bin < 1 or self.shift < 0 or self.batch < 1 or not 0 <= self.order <= 5:
             raise ValueError(f"invalid TemplateConfig {self}")
         if self.mask_radius is not None and self.mask_radius <= 0:
             raise ValueError(f"mask_radius must be > 0 Å, got {self.mask_radius}")
+        if self.wedge is not None and self.wedge != "auto":
+            from czii_kit.wedge import Wedge
+
+            try:
+                lo, hi = (float(a) for a in self.wedge)
+                Wedge(lo, hi)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"wedge must be None, 'auto' or two angles in (0, 90), got {self.wedge!r}") from exc
+            object.__setattr__(self, "wedge", (lo, hi))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,9 +228,10 @@ def _normalise_rows(a: np.ndarray) -> np.ndarray:
 
 
 def rotated_templates(template: Template, voxel_size: float, mask: np.ndarray, n_rotations: int,
-                      seed: int = 0, order: int = 3) -> np.ndarray:
+                      seed: int = 0, order: int = 3, wedge=None) -> np.ndarray:
     """``(n_rotations, mask.sum())`` float32: ``template`` rotated (uniform on SO(3)), resampled to
-    ``voxel_size`` Å on the cube of ``mask`` (centre of mass at its centre), masked and normalised."""
+    ``voxel_size`` Å on the cube of ``mask`` (centre of mass at its centre), given the missing ``wedge``
+    (a :class:`czii_kit.wedge.Wedge`, or None: none), masked and normalised."""
     from scipy import ndimage
 
     from czii_kit.synthetic.phantom import random_rotations
@@ -225,12 +241,22 @@ def rotated_templates(template: Template, voxel_size: float, mask: np.ndarray, n
     zoom = voxel_size / template.voxel_size
     dens = ndimage.spline_filter(template.density, order, output=np.float64) if order > 1 else template.density
     rows = np.empty((n_rotations, int(mask.sum())), np.float32)
+    boxes: list[np.ndarray] = []
+    if wedge is not None:
+        from czii_kit.wedge import apply_wedge
     for i, rot in enumerate(random_rotations(np.random.default_rng(seed), n_rotations)):
         mat = rot.T * zoom
         box = ndimage.affine_transform(dens, mat, offset=template.center - mat @ c_out, output_shape=mask.shape,
                                        order=order, mode="constant", cval=0.0, prefilter=False,
                                        output=np.float32)
-        rows[i] = box[mask]
+        if wedge is None:
+            rows[i] = box[mask]
+        else:
+            boxes.append(box)
+            if len(boxes) == 64 or i == n_rotations - 1:
+                filtered = apply_wedge(np.stack(boxes), wedge, pad=side // 2)
+                rows[i - len(boxes) + 1:i + 1] = filtered[:, mask]
+                boxes = []
     return _normalise_rows(rows)
 
 
@@ -251,20 +277,37 @@ class TemplateMatcher:
         else:
             self.templates, self.meta = load_templates(templates)
         self.types = tuple(self.templates)
-        self._cache: dict[float, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        self._cache: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.last_wedge = None  # the wedge of the last tomogram matched
 
-    def _matrices(self, binned_voxel: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å."""
-        key = round(float(binned_voxel), 6)
+    def _matrices(self, binned_voxel: float, wedge=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å with the missing ``wedge`` (or None)."""
+        key = (round(float(binned_voxel), 6), wedge and (wedge.lo, wedge.hi))
         if key not in self._cache:
             cfg = self.config
             out = {}
             for n, t in self.templates.items():
                 radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
                 mask = sphere_mask(radius / binned_voxel)
-                out[n] = (mask, rotated_templates(t, binned_voxel, mask, cfg.n_rotations, cfg.seed, cfg.order))
-            self._cache = {key: out}  # one voxel size at a time (a dataset has one)
+                out[n] = (mask, rotated_templates(t, binned_voxel, mask, cfg.n_rotations, cfg.seed, cfg.order,
+                                                  wedge))
+            if len(self._cache) >= 8:  # a dataset has one voxel size and a few tilt schemes
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = out
         return self._cache[key]
+
+    def wedge_of(self, binned: np.ndarray, binned_voxel: float):
+        """The :class:`czii_kit.wedge.Wedge` the templates get for the binned tomogram ``binned [z, y, x]``
+        (None: none), by :attr:`TemplateConfig.wedge`; estimated ones are rounded to 2°."""
+        from czii_kit.wedge import Wedge, estimate_wedge
+
+        w = self.config.wedge
+        if w is None:
+            return None
+        if w == "auto":
+            est = estimate_wedge(binned, binned_voxel)
+            return est.rounded(2.0) if est is not None else None
+        return Wedge(*w)
 
     def match(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
         """Best NCC ``(N, len(self.types))`` of each template at each point ``(N, 3)`` (x, y, z Å).
@@ -278,7 +321,8 @@ class TemplateMatcher:
         if not len(pts):
             return out
         binned = -block_mean(volume, cfg.bin)  # dense positive, like the templates
-        mats = self._matrices(voxel_size * cfg.bin)
+        self.last_wedge = self.wedge_of(binned, voxel_size * cfg.bin)
+        mats = self._matrices(voxel_size * cfg.bin, self.last_wedge)
         side = max(m.shape[0] for m, _ in mats.values())
         h = side // 2
         centre = np.rint((angstrom_to_voxel(pts, voxel_size) - (cfg.bin - 1) / 2) / cfg.bin).astype(np.int64)

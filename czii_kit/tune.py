@@ -227,7 +227,7 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
          overwrite: bool = True, progress: bool = True, tolerance: float = THRESHOLD_TOLERANCE,
          per_type: bool = False, rescorer: str | Path | bool | None = None, rescore_config=None,
          rescore_mixes: Sequence[float] | None = RESCORE_MIXES, refine=None, templates=None,
-         template_weights: Sequence[float] = TEMPLATE_WEIGHTS) -> dict:
+         template_weights: Sequence[float] = TEMPLATE_WEIGHTS, template_config=None) -> dict:
     """Detect on validation runs, compare merging methods, tune thresholds, save them beside ``weights``.
 
     Parameters
@@ -264,6 +264,9 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         beside the weights if there is one; ``False``: none. Only with a rescorer.
     template_weights : sequence of float
         The weights compared when there is a template file.
+    template_config : TemplateConfig, optional
+        How candidates are matched (default :class:`~czii_kit.templates.TemplateConfig`; e.g. its
+        ``wedge="auto"`` gives the templates each tomogram's missing wedge); saved with the template file.
 
     Returns
     -------
@@ -330,7 +333,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, reading, weights,
                                                  rescore_config, tolerance, progress, rescore_mixes,
                                                  templates=_templates_path(weights, templates),
-                                                 template_weights=template_weights, volumes=volumes)
+                                                 template_weights=template_weights, volumes=volumes,
+                                                 template_config=template_config)
     else:
         rescored = None
     dest = Path(out) if out else weights.parent / THRESHOLDS_FILE
@@ -402,12 +406,13 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
                   weights: Path, rescore_config=None, tolerance: float = THRESHOLD_TOLERANCE,
                   progress: bool = True, mixes: Sequence[float] | None = RESCORE_MIXES,
                   cross_types: Sequence[bool] | None = (False, True), templates: Path | None = None,
-                  template_weights: Sequence[float] = TEMPLATE_WEIGHTS, volumes=None) -> tuple[dict, pd.DataFrame]:
+                  template_weights: Sequence[float] = TEMPLATE_WEIGHTS, volumes=None,
+                  template_config=None) -> tuple[dict, pd.DataFrame]:
     """Rescore the validation candidates and tune thresholds on the rescored score.
 
     Every combination of ``cross_types``, ``mixes`` (``None``: only ``rescore_config``'s) and, with a
     ``templates`` file (:mod:`czii_kit.templates`), ``template_weights`` is tried and the one with the
-    best validation F4 kept (the first on a tie).
+    best validation F4 kept (the first on a tie); ``template_config``: how they are matched.
 
     Returns the ``"rescore"`` section of the thresholds file (rescorer file name and SHA-256, the
     :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table, final F4 and, when the chosen
@@ -426,7 +431,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     if templates is not None:
         from czii_kit.templates import TemplateMatcher
 
-        matcher = TemplateMatcher(templates)
+        matcher = TemplateMatcher(templates, template_config)
     weights_tm = list(template_weights) if matcher is not None else [0.0]
     model = Rescorer(rescorer_path)
     raw = rescore_runs(cands, runs, model, reading, RescoreConfig(**{**rcfg.to_dict(), "cross_type": any(cross)}),

@@ -222,3 +222,34 @@ def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
     d["rescore"].pop("templates")
     (wdir / THRESHOLDS_FILE).write_text(json.dumps(d))
     pd.testing.assert_frame_equal(sort(predict(root, **kw)), sort(without))
+
+
+def test_templates_given_the_missing_wedge():
+    """In a tomogram with a wide missing wedge, templates given the same wedge fit each particle better
+    than plain ones; ``wedge="auto"`` reads the wedge off the tomogram itself."""
+    from czii_kit.wedge import Wedge, apply_wedge
+
+    vol, centres, kinds = _volume(seed=4, noise=0.05)
+    vol = 0.6 + apply_wedge(vol - 0.6, Wedge(35.0, 40.0))  # reconstructed noise has the wedge too
+    pts = voxel_to_angstrom(centres, VS)
+    own = np.array([list(BLOBS).index(k) for k in kinds])
+    cfg = dict(n_rotations=300, mask_radius=110.0)
+    plain = TemplateMatcher(_templates(), TemplateConfig(**cfg)).match(vol, pts, VS)[np.arange(6), own]
+    given = TemplateMatcher(_templates(), TemplateConfig(**cfg, wedge=(35, 40)))
+    fit = given.match(vol, pts, VS)[np.arange(6), own]
+    assert given.last_wedge == Wedge(35.0, 40.0)
+    assert (fit > plain + 0.05).all(), (fit, plain)
+    auto = TemplateMatcher(_templates(), TemplateConfig(**cfg, wedge="auto"))
+    m = auto.margins(vol, pts, VS)
+    assert auto.last_wedge is not None
+    assert abs(auto.last_wedge.lo - 35) <= 6 and abs(auto.last_wedge.hi - 40) <= 6, auto.last_wedge
+    assert (m[np.arange(6), [PARTICLE_NAMES.index(k) for k in kinds]] > 0.03).all()
+    # no wedge in the plain volume: "auto" leaves the templates as they are
+    flat, c2, _ = _volume(seed=4)
+    auto.match(flat, voxel_to_angstrom(c2, VS), VS)
+    assert auto.last_wedge is None
+    with pytest.raises(ValueError, match="wedge"):
+        TemplateConfig(wedge=(0, 50))
+    with pytest.raises(ValueError, match="wedge"):
+        TemplateConfig(wedge="sometimes")
+    assert TemplateConfig.from_dict(TemplateConfig(wedge=(35, 40)).to_dict()).wedge == (35.0, 40.0)

@@ -58,6 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                        "czii_kit_templates.npz beside the weights, when there is one; its weight, "
                                        "0 included, is chosen on the validation runs)")
     t.add_argument("--no-templates", action="store_true", help="rescore without template matching")
+    p.add_argument("--template-wedge", choices=("none", "auto"), default="none",
+                   help="missing wedge given to the rotated templates: none, or each tomogram's own, estimated "
+                        "from its power spectrum (auto); recorded in the thresholds file, which predict follows")
     p.add_argument("--out", help="output JSON (default czii_kit_thresholds.json beside the weights, replaced; "
                                  "`czii-kit predict --thresholds FILE` uses another one)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -79,6 +82,7 @@ def run(args) -> int:
     from czii_kit.errors import FileExistsNoForce
     from czii_kit.infer import InferenceConfig
     from czii_kit.rescore import RescoreConfig
+    from czii_kit.templates import TemplateConfig
     from czii_kit.tune import RESCORE_MIXES, THRESHOLD_TOLERANCE, tune
 
     if args.out and Path(args.out).exists() and not args.force:  # before minutes of detection
@@ -93,7 +97,8 @@ def run(args) -> int:
                per_type=args.per_type_merge, rescorer=False if args.no_rescorer else args.rescorer,
                rescore_config=RescoreConfig(**({} if args.rescore_mix is None else {"mix": args.rescore_mix})),
                rescore_mixes=RESCORE_MIXES if args.rescore_mix is None else None, refine=args.refine,
-               templates=False if args.no_templates else args.templates)
+               templates=False if args.no_templates else args.templates,
+               template_config=TemplateConfig(wedge=None if args.template_wedge == "none" else "auto"))
     print(f"validation runs: {', '.join(doc['val_runs'])}  ({doc['n_detections']} 2D detections)")
     print("merging methods (weighted F4 at tuned thresholds):")
     for row in doc["comparison"]:
