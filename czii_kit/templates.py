@@ -75,8 +75,8 @@ class TemplateConfig:
     wedge : None, "auto" or (lo, hi)
         The missing wedge given to the rotated templates (:mod:`czii_kit.wedge`): None, none (the
         templates keep every direction); ``"auto"``, each tomogram's own, estimated from its power
-        spectrum (:func:`czii_kit.wedge.estimate_wedge`; none where it shows none); or the edges of
-        :class:`czii_kit.wedge.Wedge` in degrees.
+        spectrum (:func:`czii_kit.wedge.estimate_wedge`, tilt axis ``y`` or ``x``; none where it shows
+        none); or the edges ``(lo, hi)`` of a :class:`czii_kit.wedge.Wedge` about ``y``, in degrees.
     """
 
     n_rotations: int = 1500
@@ -253,7 +253,7 @@ def rotated_templates(template: Template, voxel_size: float, mask: np.ndarray, n
             rows[i] = box[mask]
         else:
             boxes.append(box)
-            if len(boxes) == 64 or i == n_rotations - 1:
+            if len(boxes) == 128 or i == n_rotations - 1:
                 filtered = apply_wedge(np.stack(boxes), wedge, pad=side // 2)
                 rows[i - len(boxes) + 1:i + 1] = filtered[:, mask]
                 boxes = []
@@ -282,7 +282,7 @@ class TemplateMatcher:
 
     def _matrices(self, binned_voxel: float, wedge=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å with the missing ``wedge`` (or None)."""
-        key = (round(float(binned_voxel), 6), wedge and (wedge.lo, wedge.hi))
+        key = (round(float(binned_voxel), 6), wedge)
         if key not in self._cache:
             cfg = self.config
             out = {}

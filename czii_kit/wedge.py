@@ -3,24 +3,29 @@
 A tilt series about ``y`` over angles ``tilt_min .. tilt_max`` samples, in the ``(kz, kx)`` plane of
 Fourier space, only the directions within those angles of the ``kx`` axis; the rest (a wedge around
 ``kz``, the same for every ``ky``) is empty, which elongates every particle along ``z`` and streaks it
-in ``x-z``. Template matching compares like with like when the templates are given the same wedge
+in ``x-z``. (About ``x``, the same with ``y`` and ``x`` exchanged; both are tried.) Template matching compares like with like when the templates are given the same wedge
 (:mod:`czii_kit.templates`), so the wedge is measured here from the tomogram's power spectrum:
 
-- :func:`angular_profile`: power of the ``x-z`` slices (every ``y_step``-th one, Hann-windowed),
+- :func:`angular_profile`: power of the ``x-z`` slices (every ``y_step``-th one, Hann-windowed; the
+  ``y-z`` slices for a tilt axis along ``x``),
   whitened per frequency shell, averaged in bins of the angle ``alpha = atan2(kz, kx)`` (degrees,
   ``0 .. 180``) over a band of spatial periods, as a log;
 - :func:`estimate_wedge`: where that profile falls to half the level near ``kx`` (always sampled),
-  on each side, provided the level near ``kz`` (never sampled for tilts below 80°) is clearly lower;
+  on each side, provided the level near ``kz`` (never sampled for tilts below 80°) is clearly lower
+  (for both tilt axes; the one with the clearer wedge is taken);
 - :func:`wedge_mask`: the sampled directions of a 3D Fourier grid (for ``numpy.fft.rfftn``).
 
 Arrays are indexed ``[z, y, x]``. A :class:`Wedge` gives the sampled directions as the two edges
 ``lo`` and ``hi`` (degrees): sampled are ``alpha <= lo`` and ``alpha >= 180 - hi``, so a symmetric
-tilt range ``±t`` gives ``lo = hi = t``.
+tilt range ``±t`` gives ``lo = hi = t`` (our simulator's ``tilt_min .. tilt_max`` gives
+``lo = tilt_max``, ``hi = -tilt_min``, plus about 2°: each projection also fills a thin slab
+around its plane).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -31,24 +36,30 @@ BIN_DEGREES = 2.0
 
 @dataclass(frozen=True)
 class Wedge:
-    """Sampled directions of a tilt series about ``y``: ``alpha <= lo`` and ``alpha >= 180 - hi`` (degrees),
-    ``alpha = atan2(kz, kx)`` in the ``[z, y, x]`` array's Fourier space. ``contrast``: the log-power step."""
+    """Sampled directions of a tilt series about ``axis``: ``alpha <= lo`` and ``alpha >= 180 - hi``
+    (degrees), ``alpha = atan2(kz, kx)`` (``atan2(kz, ky)`` about ``x``) in the ``[z, y, x]`` array's
+    Fourier space. ``contrast``: the log-power step (not compared)."""
 
     lo: float
     hi: float
-    contrast: float = float("nan")
+    contrast: float = field(default=float("nan"), compare=False)
+    axis: str = "y"
 
     def __post_init__(self):
         if not (0 < self.lo < 90 and 0 < self.hi < 90):
             raise ValueError(f"wedge edges must lie in (0, 90) degrees, got {self.lo}, {self.hi}")
+        if self.axis not in ("y", "x"):
+            raise ValueError(f"tilt axis must be 'y' or 'x', got {self.axis!r}")
 
     def rounded(self, step: float = 1.0) -> Wedge:
         """The same wedge with its edges rounded to ``step`` degrees (a cache key)."""
         r = lambda a: float(min(max(step * round(a / step), step), 90 - step))  # noqa: E731
-        return Wedge(r(self.lo), r(self.hi), self.contrast)
+        return Wedge(r(self.lo), r(self.hi), self.contrast, self.axis)
 
     def __str__(self) -> str:
-        return f"sampled {self.lo:.0f}° and {self.hi:.0f}° either side of x (missing wedge {180 - self.lo - self.hi:.0f}°)"
+        other = "x" if self.axis == "y" else "y"
+        return (f"tilt axis {self.axis}: sampled {self.lo:.0f}° and {self.hi:.0f}° either side of {other} "
+                f"(missing wedge {180 - self.lo - self.hi:.0f}°)")
 
 
 def _angles(kz: np.ndarray, kx: np.ndarray) -> np.ndarray:
@@ -56,15 +67,19 @@ def _angles(kz: np.ndarray, kx: np.ndarray) -> np.ndarray:
 
 
 def angular_profile(volume: np.ndarray, voxel_size: float, y_step: int = 4,
-                    band: tuple[float, float] = BAND_ANGSTROM) -> tuple[np.ndarray, np.ndarray]:
+                    band: tuple[float, float] = BAND_ANGSTROM, axis: str = "y") -> tuple[np.ndarray, np.ndarray]:
     """``(alpha, profile)``: bin centres (degrees, ``0 .. 180``) and log of the whitened mean power of ``volume [z, y, x]``.
 
-    ``voxel_size`` in Å; ``band``: the longest and shortest spatial period (Å) used. Bins without a
+    ``voxel_size`` in Å; ``band``: the longest and shortest spatial period (Å) used; ``axis``: the
+    tilt axis (``"x"``: ``y`` and ``x`` exchanged, ``y_step`` then steps along ``x``). Bins without a
     Fourier sample hold NaN.
     """
     from scipy import fft
 
-    v = np.asarray(volume[:, ::max(1, int(y_step)), :], np.float32)
+    if axis not in ("y", "x"):
+        raise ValueError(f"tilt axis must be 'y' or 'x', got {axis!r}")
+    view = volume if axis == "y" else np.swapaxes(volume, 1, 2)
+    v = np.asarray(view[:, ::max(1, int(y_step)), :], np.float32)
     nz, _, nx = v.shape
     if nz < 8 or nx < 8:
         raise ValueError(f"volume {volume.shape} too small to measure a missing wedge")
@@ -105,11 +120,8 @@ def _crossing(alpha: np.ndarray, prof: np.ndarray, mid: float) -> float | None:
     return None
 
 
-def estimate_wedge(volume: np.ndarray, voxel_size: float, y_step: int = 4,
-                   band: tuple[float, float] = BAND_ANGSTROM) -> Wedge | None:
-    """The missing wedge of ``volume [z, y, x]`` (``voxel_size`` Å), or None when its power spectrum
-    shows none (less than :data:`MIN_CONTRAST` between the directions near ``kx`` and near ``kz``)."""
-    alpha, prof = angular_profile(volume, voxel_size, y_step, band)
+def _estimate_about(volume, voxel_size, y_step, band, axis) -> Wedge | None:
+    alpha, prof = angular_profile(volume, voxel_size, y_step, band, axis)
     ok = np.isfinite(prof)
     alpha, prof = alpha[ok], prof[ok]
     near_x = (alpha < 30) | (alpha > 150)
@@ -120,38 +132,60 @@ def estimate_wedge(volume: np.ndarray, voxel_size: float, y_step: int = 4,
     if top - bottom < MIN_CONTRAST:
         return None
     mid = top - np.log(2.0)  # half the sampled directions' power: the edge of a blurred step
-    up = alpha >= 30
-    down = alpha <= 150
-    lo = _crossing(alpha[up & (alpha <= 90)], prof[up & (alpha <= 90)], mid)
-    hi_a = _crossing(alpha[down & (alpha >= 90)][::-1], prof[down & (alpha >= 90)][::-1], mid)
+    up = (alpha >= 30) & (alpha <= 90)
+    down = (alpha <= 150) & (alpha >= 90)
+    lo = _crossing(alpha[up], prof[up], mid)
+    hi_a = _crossing(alpha[down][::-1], prof[down][::-1], mid)
     if lo is None or hi_a is None:
         return None
     lo, hi = min(max(lo, 1.0), 89.0), min(max(180.0 - hi_a, 1.0), 89.0)
-    return Wedge(lo, hi, top - bottom)
+    return Wedge(lo, hi, top - bottom, axis)
+
+
+def estimate_wedge(volume: np.ndarray, voxel_size: float, y_step: int = 4,
+                   band: tuple[float, float] = BAND_ANGSTROM) -> Wedge | None:
+    """The missing wedge of ``volume [z, y, x]`` (``voxel_size`` Å), about ``y`` or ``x`` (the clearer),
+    or None when its power spectrum shows none (less than :data:`MIN_CONTRAST` between the
+    directions near the tilt plane's in-plane axis and near ``kz``)."""
+    found = [w for w in (_estimate_about(volume, voxel_size, y_step, band, a) for a in ("y", "x")) if w is not None]
+    return max(found, key=lambda w: w.contrast) if found else None
 
 
 def wedge_mask(shape: tuple[int, int, int], wedge: Wedge) -> np.ndarray:
     """Boolean ``(nz, ny, nx // 2 + 1)``: the Fourier samples of ``numpy.fft.rfftn`` on a ``[z, y, x]`` grid
-    of ``shape`` that ``wedge`` keeps (its sampled directions, and the ``ky`` axis ``kz = kx = 0``)."""
+    of ``shape`` that ``wedge`` keeps (its sampled directions, and the tilt axis ``kz = kx = 0`` or
+    ``kz = ky = 0``)."""
     nz, ny, nx = shape
-    kz = np.fft.fftfreq(nz)[:, None]
-    kx = np.fft.rfftfreq(nx)[None, :]
-    a = _angles(kz * np.ones_like(kx), kx * np.ones_like(kz))
-    keep = (a <= wedge.lo) | (a >= 180.0 - wedge.hi) | ((kz == 0) & (kx == 0))
-    return np.broadcast_to(keep[:, None, :], (nz, ny, nx // 2 + 1)).copy()
+    kz = np.fft.fftfreq(nz)[:, None, None]
+    kt = np.fft.rfftfreq(nx)[None, None, :] if wedge.axis == "y" else np.fft.fftfreq(ny)[None, :, None]
+    kz, kt = np.broadcast_arrays(kz, kt)
+    a = _angles(kz, kt)
+    keep = (a <= wedge.lo) | (a >= 180.0 - wedge.hi) | ((kz == 0) & (kt == 0))
+    return np.broadcast_to(keep, (nz, ny, nx // 2 + 1)).copy()
+
+
+@lru_cache(maxsize=16)
+def _mask(shape: tuple[int, int, int], wedge: Wedge) -> np.ndarray:
+    return wedge_mask(shape, wedge)
 
 
 def apply_wedge(boxes: np.ndarray, wedge: Wedge, pad: int = 0) -> np.ndarray:
-    """``boxes (..., nz, ny, nx)`` with the directions outside ``wedge`` removed (zero-padded by ``pad``
-    voxels on each side first, so the streaks do not wrap around; the output has the input's shape)."""
+    """``boxes (..., nz, ny, nx)`` with the directions outside ``wedge`` removed (zero-padded by at least
+    ``pad`` voxels on each side first, to a fast FFT length, so the streaks do not wrap around; the
+    output has the input's shape, float32)."""
+    from scipy import fft
+
     b = np.asarray(boxes, np.float32)
+    shape_in = b.shape[-3:]
     if pad:
-        b = np.pad(b, [(0, 0)] * (b.ndim - 3) + [(pad, pad)] * 3)
+        size = [fft.next_fast_len(n + 2 * pad, real=True) for n in shape_in]
+        b = np.pad(b, [(0, 0)] * (b.ndim - 3) + [(pad, s - n - pad) for n, s in zip(shape_in, size, strict=True)])
     shape = b.shape[-3:]
-    m = wedge_mask(shape, wedge)
-    out = np.fft.irfftn(np.fft.rfftn(b, axes=(-3, -2, -1)) * m, s=shape, axes=(-3, -2, -1)).astype(np.float32)
+    m = _mask(tuple(shape), wedge)
+    axes = (-3, -2, -1)
+    out = fft.irfftn(fft.rfftn(b, axes=axes, workers=-1) * m, s=shape, axes=axes, workers=-1).astype(np.float32)
     if pad:
-        out = out[..., pad:-pad, pad:-pad, pad:-pad]
+        out = out[..., pad:pad + shape_in[0], pad:pad + shape_in[1], pad:pad + shape_in[2]]
     return out
 
 

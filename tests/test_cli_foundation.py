@@ -264,3 +264,25 @@ def test_multi_line_library_errors_print_on_one_line(monkeypatch, tmp_path, caps
     monkeypatch.setattr(info_cmd, "collect", broken)
     code, _, err = run_cli(capsys, "info", tmp_path)
     assert_one_line_error(code, err, "codec failed: blosc said something long")
+
+
+def test_info_reports_the_sampled_tilt_range(make_dataset, capsys):
+    """A tomogram reconstructed from tilts over about -55..+40° about y (noise given that missing wedge;
+    unequal sides) reports those edges; plain noise reports none."""
+    from czii_kit.tomogram import write_tomogram
+    from czii_kit.wedge import Wedge, apply_wedge
+
+    root, volumes, _ = make_dataset(runs=("TS_W",), shape=(64, 96, 192))
+    tomo = root / "train" / "static" / "ExperimentRuns" / "TS_W" / "VoxelSpacing10.000" / "denoised.zarr"
+    plain = run_cli(capsys, "info", tomo, "--smoothness", "--json")[1]
+    assert json.loads(plain)["smoothness"]["sampled_wedge"] is None
+    shutil.rmtree(tomo)
+    write_tomogram(tomo, apply_wedge(volumes["TS_W"], Wedge(40.0, 55.0)), 10.012444, chunks=(16, 32, 32))
+    code, out, _ = run_cli(capsys, "info", root, "--smoothness", "--json")
+    w = json.loads(out)["runs"][0]["smoothness"]["denoised"]["sampled_wedge"]
+    assert code == 0 and w["axis"] == "y"
+    assert w["lo"] == pytest.approx(40, abs=3) and w["hi"] == pytest.approx(55, abs=3), w
+    out = run_cli(capsys, "info", root, "--smoothness")[1]
+    assert f"-{w['hi']:.0f}/+{w['lo']:.0f}° y" in out
+    out = run_cli(capsys, "info", tomo, "--smoothness")[1]
+    assert f"sampled directions -{w['hi']:.0f}/+{w['lo']:.0f}° y" in out

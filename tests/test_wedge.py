@@ -15,13 +15,16 @@ def _noise(shape=(96, 40, 160), seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("lo, hi", [(45.0, 45.0), (40.0, 62.0), (60.0, 50.0)])
-def test_estimate_recovers_a_wedge_applied_to_noise(lo, hi):
-    vol = apply_wedge(_noise(), Wedge(lo, hi))
+@pytest.mark.parametrize("lo, hi, axis", [(45.0, 45.0, "y"), (40.0, 62.0, "y"), (60.0, 50.0, "y"), (40.0, 55.0, "x")])
+def test_estimate_recovers_a_wedge_applied_to_noise(lo, hi, axis):
+    shape = (96, 40, 160) if axis == "y" else (96, 160, 40)
+    vol = apply_wedge(_noise(shape), Wedge(lo, hi, axis=axis))
     est = estimate_wedge(vol, VS, y_step=1)
     assert est is not None
+    assert est.axis == axis
     assert abs(est.lo - lo) < 3 and abs(est.hi - hi) < 3, est
     assert est.contrast > 3
+    assert est.rounded(2.0) == Wedge(2 * round(est.lo / 2), 2 * round(est.hi / 2), axis=axis)
 
 
 def test_isotropic_noise_has_no_wedge():
@@ -35,6 +38,8 @@ def test_wedge_is_about_y_and_mask_shape():
     assert m[0, :, 1:].all()
     assert not m[1:, :, 0].any()
     assert m[0, :, 0].all()
+    mx = wedge_mask((8, 6, 10), Wedge(30.0, 30.0, axis="x"))  # about x: the same in (kz, ky), for every kx
+    assert mx[0, 1:, :].all() and not mx[1:, 0, :].any() and mx[0, 0, :].all()
     # a wedge around kz in the [z, y, x] array: the streak of a point runs along z
     g = np.indices((33, 9, 33)) - np.array([16, 4, 16])[:, None, None, None]
     blob = np.exp(-(g ** 2).sum(0) / (2 * 2.0 ** 2)).astype(np.float32)
@@ -53,6 +58,8 @@ def test_profile_bins_and_bad_input():
         angular_profile(np.zeros((4, 4, 4), np.float32), VS)
     with pytest.raises(ValueError):
         Wedge(0.0, 45.0)
+    with pytest.raises(ValueError, match="tilt axis"):
+        Wedge(40.0, 45.0, axis="z")
 
 
 def test_estimate_on_simulated_tomograms():

@@ -34,17 +34,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(0: none), its missing-wedge ratio "
                         "and the tilt axis `predict --tilt-axis auto` reads from it; then read the whole first "
                         "level for its background unevenness (`predict --flatten auto` flattens above "
-                        "0.1; about 2 s a full-size tomogram)")
+                        "0.1) and the tilt range its missing wedge shows (the directions sampled either side of "
+                        "the tilt axis, as `tune --template-wedge auto` reads them); about 4 s a full-size tomogram")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
 
 def smoothness(path) -> dict:
     """``{"neighbour_correlation", "auto_sigma", "auto_sharpen", "wedge_ratio", "tilt_axis", "unevenness",
-    "flatten"}`` of a tomogram's first level (``auto_sharpen``: the unsharp-mask amount ``--smooth auto``
+    "flatten", "sampled_wedge"}`` of a tomogram's first level (``auto_sharpen``: the unsharp-mask amount ``--smooth auto``
     applies to an over-smoothed tomogram, 0 for none): the first five from its central block, the background unevenness
     from the whole level (as ``predict`` measures it; ``flatten``: whether ``--flatten auto`` would
-    subtract the background)."""
+    subtract the background), and the sampled directions of its missing wedge (:func:`czii_kit.wedge.estimate_wedge`
+    on the 2x-binned level: ``{"axis", "lo", "hi"}`` in degrees, about the tilt axis; None when none shows)."""
     from czii_kit.errors import DataError
     from czii_kit.preprocess import (
         UNEVEN_LIMIT,
@@ -55,7 +57,9 @@ def smoothness(path) -> dict:
         unevenness,
         wedge_ratio,
     )
+    from czii_kit.templates import block_mean
     from czii_kit.tomogram import open_tomogram
+    from czii_kit.wedge import estimate_wedge
 
     tomo = open_tomogram(path)
     try:
@@ -68,8 +72,14 @@ def smoothness(path) -> dict:
                "auto_sharpen": amount, "wedge_ratio": round(ratio, 4), "tilt_axis": tilt_axis_of(ratio)}
     except ValueError as exc:  # e.g. fewer than 2 voxels along x
         raise DataError(path, str(exc)) from exc
-    u = unevenness(tomo.read())  # Tomogram.read raises DataError naming the file
-    return {**out, "unevenness": round(u, 4), "flatten": bool(u > UNEVEN_LIMIT)}
+    vol = tomo.read()  # Tomogram.read raises DataError naming the file
+    u = unevenness(vol)
+    try:  # as template matching measures it (TemplateConfig.wedge="auto"): on the 2x-binned volume
+        w = estimate_wedge(block_mean(vol, 2), 2 * tomo.voxel_size)
+    except ValueError:  # too small a volume
+        w = None
+    wedge = None if w is None else {"axis": w.axis, "lo": round(w.lo, 1), "hi": round(w.hi, 1)}
+    return {**out, "unevenness": round(u, 4), "flatten": bool(u > UNEVEN_LIMIT), "sampled_wedge": wedge}
 
 
 def collect(path, split: str | None = None, user_id: str | None = None, with_smoothness: bool = False) -> dict:
@@ -100,6 +110,11 @@ def collect(path, split: str | None = None, user_id: str | None = None, with_smo
     return {"path": str(path), "runs": out_runs, "picks_total": total}
 
 
+def _sampled(w: dict | None) -> str:
+    """``"-58/+58° y"``: a missing wedge's sampled directions about its tilt axis, or ``"-"``."""
+    return "-" if not w else f"-{w['hi']:.0f}/+{w['lo']:.0f}° {w['axis']}"
+
+
 def format_info(info: dict) -> str:
     """Readable tables: one for tomograms, one for pick counts."""
     runs = info["runs"]
@@ -116,12 +131,13 @@ def format_info(info: dict) -> str:
             lines.append(f"{r['name']:<{name_w}}{str(r['split'] or '-'):<{split_w}}{t:<{tw}}{vs:>9.4f}  {lv}")
         smooth_rows = [(r, t, r["smoothness"][t]) for r, t, _ in tomo_rows if t in r.get("smoothness", {})]
         if smooth_rows:
-            lines += ["", f"{'run':<{name_w}}{'tomogram':<{tw}}{'x-corr':>8}{'wedge':>8}{'tilt axis':>11}"
+            lines += ["", f"{'run':<{name_w}}{'tomogram':<{tw}}{'x-corr':>8}{'wedge':>8}{'tilt axis':>11}{'sampled':>13}"
                           f"{'uneven':>8}{'flatten':>9}{'sharpen':>9}{'auto low-pass sigma':>21}"]
             for r, t, s in smooth_rows:
                 lines.append(f"{r['name']:<{name_w}}{t:<{tw}}{s['neighbour_correlation']:>8.3f}"
-                             f"{s['wedge_ratio']:>8.3g}{s['tilt_axis']:>11}{s['unevenness']:>8.3f}"
-                             f"{'yes' if s['flatten'] else 'no':>9}{s['auto_sharpen']:>9g}{s['auto_sigma']:>21g}")
+                             f"{s['wedge_ratio']:>8.3g}{s['tilt_axis']:>11}{_sampled(s.get('sampled_wedge')):>13}"
+                             f"{s['unevenness']:>8.3f}{'yes' if s['flatten'] else 'no':>9}{s['auto_sharpen']:>9g}"
+                             f"{s['auto_sigma']:>21g}")
     else:
         lines.append("no tomograms")
     lines.append("")
@@ -160,7 +176,8 @@ def run(args) -> int:
                       "missing-wedge ratio "
                       f"{smooth['wedge_ratio']:.3g}: tilt axis along {smooth['tilt_axis']}; background "
                       f"unevenness {smooth['unevenness']:.3f}: "
-                      f"{'flattened' if smooth['flatten'] else 'not flattened'} by --flatten auto")
+                      f"{'flattened' if smooth['flatten'] else 'not flattened'} by --flatten auto; sampled "
+                      f"directions {_sampled(smooth['sampled_wedge'])} (tilt range, read off the power spectrum)")
         return 0
     info = collect(args.path, args.split, args.user_id, args.smoothness)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
