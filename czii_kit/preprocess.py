@@ -494,7 +494,8 @@ def resampled_shape(shape: Sequence[int], voxel_size: float, target: float,
 
 
 def resample_to(volume: np.ndarray, voxel_size: float, target: float, tolerance: float = RESAMPLE_TOLERANCE,
-                source=None, warn: bool = True) -> tuple[np.ndarray, float]:
+                source=None, warn: bool = True, target_of: str = "the model's",
+                purpose: str = "before detection") -> tuple[np.ndarray, float]:
     """``volume [z, y, x]`` at ``voxel_size`` Å resampled to ``target`` Å voxels; returns ``(volume, voxel_size)``.
 
     Within ``tolerance`` (relative) the volume is returned as is, with its own voxel size. Otherwise
@@ -502,7 +503,7 @@ def resample_to(volume: np.ndarray, voxel_size: float, target: float, tolerance:
     ``j * target / voxel_size``, so voxel 0 stays at 0 Å and voxel centres stay at ``index * voxel
     size`` (:mod:`czii_kit.coords`); a finer input is Gaussian-blurred first against aliasing. The
     output (float32) has ``floor((n - 1) * voxel_size / target) + 1`` voxels per axis. A warning
-    names ``source``.
+    names ``source``, whose voxel size ``target`` is (``target_of``) and what for (``purpose``).
     """
     from scipy.ndimage import affine_transform, gaussian_filter
 
@@ -515,8 +516,8 @@ def resample_to(volume: np.ndarray, voxel_size: float, target: float, tolerance:
     if warn:
         import warnings
 
-        warnings.warn(f"{source}: voxel size {voxel_size:g} A, the model's is {target:g} A: resampled "
-                      f"{tuple(volume.shape)} -> {shape} voxels before detection", stacklevel=2)
+        warnings.warn(f"{source}: voxel size {voxel_size:g} Å, {target_of} is {target:g} Å: resampled "
+                      f"{tuple(volume.shape)} -> {shape} voxels {purpose}", stacklevel=2)
     vol = np.asarray(volume, dtype=np.float32)
     if step > 1:
         vol = gaussian_filter(vol, 0.5 * np.sqrt(step**2 - 1), output=np.float32)

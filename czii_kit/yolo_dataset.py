@@ -20,7 +20,6 @@ Layout written::
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,10 +301,8 @@ def build_dataset(
             tomo = tomos[run.name][0]
             vols, run_vs = [], tomo.voxel_size
             for t in tomos[run.name]:
-                v, run_vs = resample_to(t.read(), t.voxel_size, voxel_size, source=t.path, warn=False)  # [z, y, x]
-                if v.shape != t.shape:
-                    warnings.warn(f"{t.path}: voxel size {t.voxel_size:g} Å, the dataset's is {voxel_size:g} Å: "
-                                  f"resampled {t.shape} -> {v.shape} voxels", stacklevel=2)
+                v, run_vs = resample_to(t.read(), t.voxel_size, voxel_size, source=t.path,  # [z, y, x]
+                                        target_of="the dataset's", purpose="(labels in that grid)")
                 vols.append(v)
             shape = vols[0].shape
             voxel_sizes[run.name], shapes[run.name] = run_vs, shape
@@ -379,6 +376,7 @@ def build_dataset(
             "val_runs": val,
             "val_is_train": not counts["val"]["images"],
             "voxel_size": voxel_sizes,
+            "grid_voxel_size": float(voxel_size),
             "shape_zyx": {k: list(v) for k, v in shapes.items()},
             "resampled_from": resampled,
             "counts": counts,

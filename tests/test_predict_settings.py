@@ -150,7 +150,7 @@ def test_predict_resamples_tomograms_of_another_voxel_size(tuned_copy, tmp_path)
     vol, vs = resample_to(read_volume(open_tomogram(path)), KAGGLE_VOXEL_SIZE, 15.0, warn=False)
     write_tomogram(path, vol, vs, overwrite=True)
     shutil.rmtree(run.tomogram_path("wbp"))
-    with pytest.warns(UserWarning, match=r"voxel size 15 A, the model's is 10.0124 A: resampled"):
+    with pytest.warns(UserWarning, match=r"voxel size 15 Å, the model.s is 10.0124 Å: resampled"):
         (done,) = list(iter_detect_runs(weights, [run], "denoised", "torch", InferenceConfig(), progress=False))
     assert done.voxel_size == pytest.approx(KAGGLE_VOXEL_SIZE)
     assert done.volume.shape == resampled_shape(vol.shape, 15.0, KAGGLE_VOXEL_SIZE)

@@ -256,7 +256,7 @@ def test_resample_to_keeps_points_where_they_are_in_angstrom(voxel_size):
     shape = tuple(int(n) for n in np.floor(extent / voxel_size) + 1)
     centres = np.array([[120.0, 300.0, 60.0], [400.0, 100.0, 180.0], [260.0, 210.0, 120.0]])  # (x, y, z) Å
     vol = _blobs(shape, voxel_size, centres)
-    with pytest.warns(UserWarning, match=f"voxel size {voxel_size:g} A, the model's is 10 A: resampled"):
+    with pytest.warns(UserWarning, match=f"voxel size {voxel_size:g} Å, the model.s is 10 Å: resampled"):
         out, vs = resample_to(vol, voxel_size, target, source="t.zarr")
     assert vs == target and out.dtype == np.float32
     assert out.shape == resampled_shape(vol.shape, voxel_size, target)

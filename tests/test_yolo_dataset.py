@@ -266,6 +266,7 @@ def test_build_dataset_resamples_another_voxel_size(tmp_path, capsys):
     assert m["voxel_size"] == {"TS_a": VOXEL, "TS_b": VOXEL, "TS_c": VOXEL}
     assert m["shape_zyx"]["TS_c"] == [23, 71, 87] and m["shape_zyx"]["TS_a"] == list(shape)
     assert m["resampled_from"] == {"TS_c": {"voxel_size": 2 * VOXEL, "shape_zyx": [12, 36, 44]}}
+    assert m["grid_voxel_size"] == VOXEL
     val = sorted((tmp_path / "ds" / "images" / "val").glob("*.png"))
     assert len(val) == 23 and cv2.imread(str(val[0])).shape == (71, 87, 3)
     labels = _labels(tmp_path / "ds" / "labels" / "val")
@@ -280,7 +281,7 @@ def test_build_dataset_resamples_another_voxel_size(tmp_path, capsys):
         code = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds2"), "--val-runs", "TS_c",
                      "--voxel-size", str(2 * VOXEL), "--quiet"])
     out = capsys.readouterr().out
-    assert code == 0 and "TS_a (10.0124 Å), TS_b (10.0124 Å)" in out
+    assert code == 0 and "resampled to 20.0249 Å voxels: TS_a (10.0124 Å), TS_b (10.0124 Å)" in out
     m = json.loads((tmp_path / "ds2" / "czii_kit_dataset.json").read_text())
     assert m["shape_zyx"] == {"TS_a": [12, 36, 44], "TS_b": [12, 36, 44], "TS_c": [12, 36, 44]}
     assert set(m["resampled_from"]) == {"TS_a", "TS_b"}

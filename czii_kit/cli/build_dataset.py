@@ -97,7 +97,7 @@ def run(args) -> int:
         print("images per tomogram: " + ", ".join(f"{k} {v}" for k, v in m["images_per_tomogram"].items())
               + f"; degraded: {m['degraded_images']}")
     if m.get("resampled_from"):
-        print(f"resampled to {m['voxel_size'][next(iter(m['resampled_from']))]:g} Å voxels: "
+        print(f"resampled to {m['grid_voxel_size']:g} Å voxels: "
               + ", ".join(f"{k} ({v['voxel_size']:g} Å)" for k, v in m["resampled_from"].items()))
     print("boxes per class: " + ", ".join(f"{k} {v}" for k, v in m["boxes_per_class"].items()))
     return 0
