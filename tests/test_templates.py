@@ -208,6 +208,14 @@ def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
     pd.testing.assert_frame_equal(sort(picks), sort(apply_thresholds(rescored, section["thresholds"])))
     without = predict(root, templates=False, **kw)
     assert not sort(without).equals(sort(picks))
+    # templates given the missing wedge: recorded in the thresholds file, and predict follows it
+    wdoc = tune(weights, root, split="train", runs=[run], backend="torch", config=InferenceConfig(multi_label=True),
+                progress=False, refine=False, rescore_mixes=None, template_weights=(20.0,),
+                template_config=TemplateConfig(wedge=(40.0, 45.0)), out=tmp_path / "wedge.json")
+    assert json.loads((tmp_path / "wedge.json").read_text())["rescore"]["templates"]["config"]["wedge"] == [40.0, 45.0]
+    assert not np.allclose(wdoc["_rescored"]["tm_margin"], rescored["tm_margin"])
+    wpicks = predict(root, thresholds_file=tmp_path / "wedge.json", **kw)
+    pd.testing.assert_frame_equal(sort(wpicks), sort(apply_thresholds(wdoc["_rescored"], wdoc["rescore"]["thresholds"])))
     # a changed template file: a warning and rescoring without it; templates=True refuses
     shutil.copy(wdir / TEMPLATES_FILE, tmp_path / "keep.npz")
     save_templates(_templates(), wdir / TEMPLATES_FILE, overwrite=True)
