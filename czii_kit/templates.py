@@ -298,14 +298,18 @@ class TemplateMatcher:
 
     def wedge_of(self, binned: np.ndarray, binned_voxel: float):
         """The :class:`czii_kit.wedge.Wedge` the templates get for the binned tomogram ``binned [z, y, x]``
-        (None: none), by :attr:`TemplateConfig.wedge`; estimated ones are rounded to 2°."""
+        (None: none), by :attr:`TemplateConfig.wedge`; estimated ones are rounded to 2° (None for a volume
+        too small to read one off)."""
         from czii_kit.wedge import Wedge, estimate_wedge
 
         w = self.config.wedge
         if w is None:
             return None
         if w == "auto":
-            est = estimate_wedge(binned, binned_voxel)
+            try:
+                est = estimate_wedge(binned, binned_voxel)
+            except ValueError:  # too small a volume, or too coarse a voxel, to read a wedge off
+                return None
             return est.rounded(2.0) if est is not None else None
         return Wedge(*w)
 

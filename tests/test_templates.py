@@ -256,6 +256,8 @@ def test_templates_given_the_missing_wedge():
     flat, c2, _ = _volume(seed=4)
     auto.match(flat, voxel_to_angstrom(c2, VS), VS)
     assert auto.last_wedge is None
+    tiny = np.full((12, 20, 24), 0.6, np.float32)  # binned: 6 slices, too few to read a wedge off
+    assert np.isfinite(auto.match(tiny, [[100.0, 100.0, 60.0]], VS)).all() and auto.last_wedge is None
     with pytest.raises(ValueError, match="wedge"):
         TemplateConfig(wedge=(0, 50))
     with pytest.raises(ValueError, match="wedge"):
