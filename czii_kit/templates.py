@@ -102,7 +102,7 @@ class TemplateConfig:
                 Wedge(lo, hi)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"wedge must be None, 'auto' or two angles in (0, 90), got {self.wedge!r}") from exc
-            object.__setattr__(self, "wedge", (lo, hi))
+            self.wedge = (lo, hi)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -306,10 +306,7 @@ class TemplateMatcher:
         if w is None:
             return None
         if w == "auto":
-            try:
-                est = estimate_wedge(binned, binned_voxel)
-            except ValueError:  # too small a volume, or too coarse a voxel, to read a wedge off
-                return None
+            est = estimate_wedge(binned, binned_voxel)
             return est.rounded(2.0) if est is not None else None
         return Wedge(*w)
 

@@ -146,8 +146,13 @@ def estimate_wedge(volume: np.ndarray, voxel_size: float, y_step: int = 4,
                    band: tuple[float, float] = BAND_ANGSTROM) -> Wedge | None:
     """The missing wedge of ``volume [z, y, x]`` (``voxel_size`` Å), about ``y`` or ``x`` (the clearer),
     or None when its power spectrum shows none (less than :data:`MIN_CONTRAST` between the
-    directions near the tilt plane's in-plane axis and near ``kz``)."""
-    found = [w for w in (_estimate_about(volume, voxel_size, y_step, band, a) for a in ("y", "x")) if w is not None]
+    directions near the tilt plane's in-plane axis and near ``kz``) or the volume is too small (or
+    its voxels too coarse) to tell."""
+    try:
+        found = [w for w in (_estimate_about(volume, voxel_size, y_step, band, a) for a in ("y", "x"))
+                 if w is not None]
+    except ValueError:  # too few voxels, or no Fourier sample in the band (see angular_profile)
+        return None
     return max(found, key=lambda w: w.contrast) if found else None
 
 

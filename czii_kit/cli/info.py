@@ -74,10 +74,7 @@ def smoothness(path) -> dict:
         raise DataError(path, str(exc)) from exc
     vol = tomo.read()  # Tomogram.read raises DataError naming the file
     u = unevenness(vol)
-    try:  # as template matching measures it (TemplateConfig.wedge="auto"): on the 2x-binned volume
-        w = estimate_wedge(block_mean(vol, 2), 2 * tomo.voxel_size)
-    except ValueError:  # too small a volume
-        w = None
+    w = estimate_wedge(block_mean(vol, 2), 2 * tomo.voxel_size)  # as TemplateConfig.wedge="auto" measures it
     wedge = None if w is None else {"axis": w.axis, "lo": round(w.lo, 1), "hi": round(w.hi, 1)}
     return {**out, "unevenness": round(u, 4), "flatten": bool(u > UNEVEN_LIMIT), "sampled_wedge": wedge}
 
