@@ -32,9 +32,11 @@ from czii_kit.synthetic import (
     simulate_run,
 )
 from czii_kit.synthetic.imaging import (
+    ctf_1d2d,
     dose_symmetric_order,
     electron_wavelength,
     interaction_constant,
+    phase_flip,
     project,
     project_spheres,
     reconstruction_frame,
@@ -264,6 +266,63 @@ def test_full_size_placement_counts_no_overlap_and_slab():
 
 
 # ------------------------------------------------------------------------------------------ simulation
+def _ctf_image(obj, params, px):
+    """``obj`` (ny, nx) seen through the run's CTF at 0 degrees (plain periodic FFT)."""
+    ky = np.fft.fftfreq(obj.shape[0], d=px)
+    kx = np.fft.fftfreq(obj.shape[1], d=px)
+    ctf = ctf_1d2d(ky, kx, params.defocus * 1e4, params.astigmatism * 1e4, params.astigmatism_angle,
+                   electron_wavelength(params.voltage_kv), params.cs_mm * 1e7, params.amplitude_contrast)
+    f = np.fft.fft2(obj)
+    return np.fft.ifft2(f * ctf).real, np.fft.ifft2(f * -np.abs(ctf)).real
+
+
+def test_phase_flip_gives_every_band_the_sign_of_the_first_lobe():
+    # 6 um underfocus: several CTF zeros below Nyquist (20 A); a few dense points on an unequal-sided image
+    p = dataclasses.replace(sample_params(np.random.default_rng(0), TEST_SHAPE), defocus=6.0, astigmatism=0.0)
+    rng = np.random.default_rng(3)
+    obj = np.zeros((96, 150))
+    pts = rng.integers([30, 40], [66, 110], size=(6, 2))
+    obj[tuple(pts.T)] = 1.0
+    obj = ndimage.gaussian_filter(obj, 0.7)
+    img, want = _ctf_image(obj, p, p.voxel_size)
+    out = phase_flip(img[None].astype(np.float32), [0.0], p)
+    assert out.shape == (1, 96, 150) and out.dtype == np.float32
+    inner = (slice(24, 72), slice(30, 120))  # away from the border, where padding differs from the periodic FFT
+    corr = lambda a, b: float(np.corrcoef(a[inner].ravel(), b[inner].ravel())[0, 1])  # noqa: E731
+    assert corr(out[0], want) > 0.98
+    assert corr(img, want) < 0.9  # the uncorrected image is clearly different
+    # protein stays dark, and darker than before: the bands beyond the zeros now add to the first lobe
+    assert out[0][tuple(pts.T)].mean() < img[tuple(pts.T)].mean() < 0
+    # flipping twice gives the image back
+    back = phase_flip(out, [0.0], p)
+    np.testing.assert_allclose(back[0][inner], img[inner], atol=0.02 * np.abs(img).max())
+    with pytest.raises(ValueError, match="tilt angles"):
+        phase_flip(out, [0.0, 3.0], p)
+
+
+def test_ctf_correction_is_drawn_last_and_recorded():
+    base = sample_params(np.random.default_rng(4), SIZES["full"])
+    flip = sample_params(np.random.default_rng(4), SIZES["full"], ranges=SimRanges(ctf_correction=(1.0, 1.0)))
+    assert base.ctf_correction == "none" and flip.ctf_correction == "phase_flip"
+    assert dataclasses.replace(flip, ctf_correction="none") == base  # nothing else changes
+    drawn = {sample_params(np.random.default_rng(s), SIZES["tiny"], ranges=SimRanges(ctf_correction=(0.5, 0.5)))
+             .ctf_correction for s in range(20)}
+    assert drawn == {"none", "phase_flip"}
+    old = json.loads(base.to_json())
+    del old["ctf_correction"]  # sim_params.json written before the field existed
+    assert RunParams.from_dict(old).ctf_correction == "none"
+    with pytest.raises(SimParamError, match="ctf_correction"):
+        dataclasses.replace(base, ctf_correction="wiener").validate()
+    with pytest.raises(SimParamError, match="ctf_correction"):
+        SimRanges(ctf_correction=(0.0, 2.0))
+    # the same seed: the same specimen and picks, different tomograms
+    a, pa = simulate_run("tiny", seed=5)
+    b, pb = simulate_run("tiny", seed=5, ranges=SimRanges(ctf_correction=(1.0, 1.0)))
+    pd.testing.assert_frame_equal(pa, pb)
+    for name in ("denoised", "wbp"):
+        assert not np.array_equal(a[name], b[name])
+
+
 def test_same_seed_same_arrays_different_seed_differs():
     a, pa = simulate_run("tiny", seed=5)
     b, pb = simulate_run("tiny", seed=5)
@@ -477,6 +536,10 @@ def test_cli_synth_ranges(tmp_path, capsys):
     assert meta["ranges"]["defocus"] == list(SimRanges().defocus)  # the others keep their defaults
     params = json.loads(next(out.rglob("sim_params.json")).read_text())
     assert params["dose"] == 20.0 and 0.95 <= params["residual_noise"] <= 1.0
+    assert params["ctf_correction"] == "none"
+    assert main(["synth", "--out", str(tmp_path / "flipped"), "--runs", "1", "--test-runs", "0", "--size", "tiny",
+                 "--quiet", "--range", "ctf_correction=1"]) == 0
+    assert json.loads(next((tmp_path / "flipped").rglob("sim_params.json")).read_text())["ctf_correction"] == "phase_flip"
     capsys.readouterr()
     for bad, msg in (("nope=1", "unknown simulation ranges"), ("dose=a", "NAME=LO,HI"), ("dose", "NAME=LO,HI"),
                      ("dose=50,20", "lo <= hi")):

@@ -19,7 +19,8 @@ Grant & Grigorieff for the dose received before each tilt (dose-symmetric order)
 box MTF, and a random residual alignment shift. Counts are Poisson-like (Gaussian with variance =
 counts) for ``dose x DQE`` electrons per pixel, attenuated by inelastic scattering in an ice slab of
 varying thickness (``exp(-t / (λ_in cos θ))``); each image is normalised by its mean, as in
-reconstruction software. No CTF correction (no phase flipping) is done.
+reconstruction software. The images keep their CTF; :func:`phase_flip` is the correction that
+reconstruction software may apply before back-projection (``RunParams.ctf_correction``).
 """
 
 from __future__ import annotations
@@ -260,6 +261,86 @@ def ctf_1d2d(
     return -(np.sqrt(1 - amp**2) * np.sin(chi) + amp * np.cos(chi))
 
 
+def _defocus_strips(params: RunParams, angle_deg: float, n_det: int, n_strips: int):
+    """``(defocus Å, weights (n_det,))`` of each strip across the tilt axis of one tilt image.
+
+    The specimen height at detector column ``u`` is ``u * px * sin(angle)``, so the defocus varies
+    across the tilt axis; each strip has its own, blended with linear (hat) weights that sum to one.
+    """
+    a = np.deg2rad(angle_deg)
+    u = np.arange(n_det) - (n_det - 1) / 2.0
+    strips = max(1, n_strips if abs(angle_deg) > 1e-6 else 1)
+    if strips == 1:
+        return [(params.defocus * 1e4, np.ones(n_det))]
+    centres = np.linspace(u[0], u[-1], strips + 2)[1:-1]
+    out = []
+    for s in range(strips):
+        e = np.zeros(strips)
+        e[s] = 1.0
+        out.append((params.defocus * 1e4 + centres[s] * params.voxel_size * np.sin(a), np.interp(u, centres, e)))
+    return out
+
+
+def phase_flip(images: np.ndarray, angles_deg, params: RunParams, n_strips: int = 3, workers: int = 1) -> np.ndarray:
+    """CTF correction by phase flipping, as reconstruction software does before back-projection.
+
+    Each tilt image's spectrum is multiplied by ``-sign(CTF)`` of its defocus strips (the nominal
+    angles, the run's defocus and astigmatism, the same strips as :func:`form_images`), so every
+    frequency band gets the sign of the CTF's first lobe: protein stays dark and the bands beyond
+    the CTF's zeros no longer cancel the first. Amplitudes are not restored (no Wiener filter).
+
+    Parameters
+    ----------
+    images : ndarray ``(n_tilts, ny, n_det)``
+        Mean-normalised image contrast (or its noise part: the operation is linear).
+    angles_deg : sequence of float
+        The tilt of each image (degrees), as the reconstruction knows them.
+    params : RunParams
+        Defocus (µm), astigmatism, Cs, amplitude contrast, voltage, voxel size (Å).
+
+    Returns
+    -------
+    ndarray ``(n_tilts, ny, n_det)`` float32
+    """
+    n_t, ny, n_det = images.shape
+    px = params.voxel_size
+    lam = electron_wavelength(params.voltage_kv)
+    angles = np.asarray(angles_deg, float)
+    if len(angles) != n_t:
+        raise ValueError(f"{n_t} images but {len(angles)} tilt angles")
+    py, pu = 16, 16
+    fy, fu = sfft.next_fast_len(ny + 2 * py), sfft.next_fast_len(n_det + 2 * pu, real=True)
+    ky = sfft.fftfreq(fy, d=px).astype(np.float64)
+    kx = sfft.rfftfreq(fu, d=px).astype(np.float64)
+    out = np.empty((n_t, ny, n_det), np.float32)
+
+    def one(k: int) -> None:
+        buf = np.zeros((fy, fu), np.float32)
+        img = images[k]
+        buf[py : py + ny, pu : pu + n_det] = img
+        spec = sfft.rfft2(buf)
+        acc = np.zeros((ny, n_det), np.float64)
+        for df, w in _defocus_strips(params, angles[k], n_det, n_strips):
+            ctf = ctf_1d2d(ky, kx, df, params.astigmatism * 1e4, params.astigmatism_angle, lam,
+                           params.cs_mm * 1e7, params.amplitude_contrast)
+            flip = -np.sign(ctf)
+            flip[flip == 0] = 1.0
+            acc += sfft.irfft2(spec * flip, s=(fy, fu))[py : py + ny, pu : pu + n_det] * w[None, :]
+        out[k] = acc.astype(np.float32)
+
+    _map_indices(one, n_t, workers)
+    return out
+
+
+def _map_indices(fn, n: int, workers: int) -> None:
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(fn, range(n)))
+    else:
+        for k in range(n):
+            fn(k)
+
+
 def form_images(
     proj: np.ndarray,
     angles_deg,
@@ -333,26 +414,13 @@ def form_images(
         dy, du = shifts[k]
         phase = np.exp(-2j * np.pi * (ky[:, None] * dy * px + kx[None, :] * du * px))
         base = spec * (env * np.exp(-prior[k] / (2 * ne)) * phase)
-        # defocus gradient across the tilt axis: the specimen height at column u is u * px * sin(a)
         u = np.arange(n_det) - (n_det - 1) / 2.0
-        strips = max(1, n_strips if abs(angles[k]) > 1e-6 else 1)
-        centres = np.linspace(u[0], u[-1], strips + 2)[1:-1] if strips > 1 else np.array([0.0])
         img = np.zeros((ny, n_det), np.float64)
-        if strips == 1:
-            wts = [np.ones(n_det)]
-        else:
-            # linear (hat) blending weights between strip centres, summing to one
-            wts = []
-            for s in range(strips):
-                e = np.zeros(strips)
-                e[s] = 1.0
-                wts.append(np.interp(u, centres, e))
-        for s in range(strips):
-            df = params.defocus * 1e4 + centres[s] * px * np.sin(a)
+        for df, w in _defocus_strips(params, angles[k], n_det, n_strips):
             ctf = ctf_1d2d(ky, kx, df, params.astigmatism * 1e4, params.astigmatism_angle, lam,
                            params.cs_mm * 1e7, params.amplitude_contrast)
             im = sfft.irfft2(base * ctf, s=(fy, fu))[py : py + ny, pu : pu + n_det]
-            img += im * wts[s][None, :]
+            img += im * w[None, :]
         # 1 + 2x for weak objects; the exponential keeps strong scatterers (gold) dark instead of clipping
         intensity = np.exp(np.clip(2.0 * img, -6.0, 3.0))
         if absorption is not None:
@@ -370,10 +438,5 @@ def form_images(
         if progress is not None:
             progress.update(1)
 
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as ex:
-            list(ex.map(one, range(n_t)))
-    else:
-        for k in range(n_t):
-            one(k)
+    _map_indices(one, n_t, workers)
     return (out, noise_out) if split_noise else out + noise_out

@@ -105,6 +105,9 @@ class SimRanges:
     residual_noise: tuple[float, float] = (0.3, 0.9)  # noise fraction the denoiser leaves
     log10_scale: tuple[float, float] = (-5.0, 1.0)  # arbitrary units of the written tomograms
     offset: tuple[float, float] = (-1.0, 1.0)  # offset, in units of the tomogram's std
+    # chance that the reconstruction phase-flips the images first (IMOD ctfphaseflip); 0 and 1
+    # draw nothing, so a seed gives the same specimen and noise with and without the correction
+    ctf_correction: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -118,7 +121,7 @@ class SimRanges:
             "tilt_max": (1.0, 89.0), "tilt_step": (0.1, 30.0), "defocus": (0.05, 20.0),
             "amplitude_contrast": (0.0, 0.5), "dose": (1.0, 10000.0), "dqe": (0.01, 1.0),
             "slab_fraction": (0.05, 1.0), "slab_center": (0.0, 1.0), "denoise_sigma": (0.0, 10.0),
-            "residual_noise": (0.0, 1.0),
+            "residual_noise": (0.0, 1.0), "ctf_correction": (0.0, 1.0),
             "bfactor": (0.0, 20000.0), "protein_dv": (0.01, 50.0), "ice_mfp": (100.0, 1e6),
             "crowding": (0.0, 10.0), "background": (0.0, 2.0),
             "cluster_ribosome": (0.0, 1.0), "cluster_apoferritin": (0.0, 1.0), "cluster_other": (0.0, 1.0),
@@ -141,6 +144,10 @@ class SimRanges:
 
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in dataclasses.asdict(self).items()}
+
+
+CTF_CORRECTIONS = ("none", "phase_flip")
+"""CTF corrections the simulated reconstruction can apply to the tilt images before back-projection."""
 
 
 @dataclass
@@ -185,6 +192,7 @@ class RunParams:
     denoised_scale: float
     denoised_offset: float
     counts: dict[str, int] = field(default_factory=dict)
+    ctf_correction: str = "none"  # what the reconstruction did to the images: one of CTF_CORRECTIONS
 
     @property
     def angles(self) -> np.ndarray:
@@ -221,6 +229,8 @@ class RunParams:
             raise SimParamError(f"dose must be > 0 and dqe in (0, 1], got {self.dose}, {self.dqe}")
         if not (4 <= self.slab_thickness <= nz):
             raise SimParamError(f"slab thickness {self.slab_thickness} voxels must be within 4..{nz}")
+        if self.ctf_correction not in CTF_CORRECTIONS:
+            raise SimParamError(f"ctf_correction must be one of {CTF_CORRECTIONS}, got {self.ctf_correction!r}")
         if self.voxel_size <= 0:
             raise SimParamError(f"voxel size must be > 0, got {self.voxel_size}")
         return self
@@ -321,4 +331,9 @@ def sample_params(
         denoised_offset=_u(rng, r.offset),
         counts=counts,
     )
+    # drawn last, and only for a chance strictly between 0 and 1, so that the default ranges (and a
+    # fixed 0 or 1) leave every other draw of the run, and of existing seeds, unchanged
+    chance = _u(rng, r.ctf_correction)
+    if chance >= 1.0 or (chance > 0.0 and rng.random() < chance):
+        p.ctf_correction = "phase_flip"
     return p.validate()

@@ -1,4 +1,4 @@
-"""One simulated run: phantom -> tilt series -> CTF + noise -> WBP -> denoised."""
+"""One simulated run: phantom -> tilt series -> CTF + noise -> (phase flip) -> WBP -> denoised."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from czii_kit.synthetic.denoise import denoised_tomogram
 from czii_kit.synthetic.imaging import (
     GOLD_POTENTIAL,
     form_images,
+    phase_flip,
     project,
     project_spheres,
     reconstruction_frame,
@@ -174,6 +175,10 @@ def simulate_run(
                                absorption=absorption)
     del proj
     t = lap("ctf+noise", t)
+    if params.ctf_correction == "phase_flip":  # linear: the clean and noise parts separately
+        clean = phase_flip(clean, angles, params, workers=workers)
+        noise = phase_flip(noise, angles, params, workers=workers)
+        t = lap("phase flip", t)
 
     filtered = ramp_filter(clean + noise, angles, workers=workers)
     rec = backproject(filtered, angles, params.shape, workers=workers, progress=bar)
