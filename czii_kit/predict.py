@@ -130,12 +130,14 @@ def rescore_settings(weights: str | Path, rescore: bool | None = None,
     return path, section
 
 
-def template_settings(weights: str | Path, section: dict | None, templates: bool | None = None):
+def template_settings(weights: str | Path, section: dict | None, templates: bool | None = None,
+                      wedge: str | None = None):
     """``(TemplateMatcher or None, RescoreConfig)`` for the ``"rescore"`` section tuned for ``weights``.
 
     Template matching runs when the tuned ``template_weight`` is > 0 and the recorded template file
     (same SHA-256) is there; when it is missing or changed this warns (``templates=True``: raises)
-    and rescores without it. ``templates=False`` never matches (``template_weight`` 0).
+    and rescores without it. ``templates=False`` never matches (``template_weight`` 0). ``wedge``
+    (``"auto"`` or ``"none"``) replaces the recorded :attr:`~czii_kit.templates.TemplateConfig.wedge`.
     """
     from czii_kit.rescore import RescoreConfig
 
@@ -151,7 +153,12 @@ def template_settings(weights: str | Path, section: dict | None, templates: bool
             raise DataError(path, f"template file {problem}")
         warnings.warn(f"{path}: template file {problem}; rescoring without template matching", stacklevel=2)
         return None, RescoreConfig(**{**cfg.to_dict(), "template_weight": 0.0})
-    return TemplateMatcher(path, TemplateConfig.from_dict(record.get("config"))), cfg
+    conf = dict(record.get("config") or {})
+    if wedge is not None:
+        if wedge not in ("auto", "none"):
+            raise ValueError(f"template wedge must be 'auto' or 'none', got {wedge!r}")
+        conf["wedge"] = None if wedge == "none" else wedge
+    return TemplateMatcher(path, TemplateConfig.from_dict(conf)), cfg
 
 
 def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
@@ -159,7 +166,8 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
             z_stride: int | None = None, batch: int | None = None, tta: bool | None = None,
             thresholds: dict[str, float] | None = None, polarity: str | None = None,
             smooth: str | float | None = None, rescore: bool | None = None, refine: bool | None = None,
-            templates: bool | None = None, thresholds_file: str | Path | None = None,
+            templates: bool | None = None, template_wedge: str | None = None,
+            thresholds_file: str | Path | None = None,
             flatten: str | None = None, tilt_axis: str | None = None, progress: bool = True) -> pd.DataFrame:
     """Picks ``experiment, particle_type, x, y, z`` (Å) for every run of ``split`` under ``root``.
 
@@ -202,6 +210,9 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     templates : bool, optional
         Template matching in the rescored score (:mod:`czii_kit.templates`; see
         :func:`template_settings`): default when it was tuned, ``False`` to skip it.
+    template_wedge : {"auto", "none"}, optional
+        Whether the templates get each tomogram's missing wedge (:mod:`czii_kit.wedge`); default as
+        tuned (the shipped thresholds: ``"auto"``).
     thresholds_file : path-like, optional
         The tuned settings and thresholds to use (a file written by ``czii-kit tune --out``, e.g.
         thresholds tuned on your own validation runs for the shipped model) instead of
@@ -227,7 +238,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         from czii_kit.rescore import Rescorer, combine_scores, rescore_volume
 
         rescorer = Rescorer(plan[0])
-        matcher, rcfg = template_settings(weights, plan[1], templates)
+        matcher, rcfg = template_settings(weights, plan[1], templates, template_wedge)
     if refine_cfg is not None:
         from czii_kit.refine import refine_volume
     frames = []

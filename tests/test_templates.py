@@ -216,6 +216,11 @@ def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
     assert not np.allclose(wdoc["_rescored"]["tm_margin"], rescored["tm_margin"])
     wpicks = predict(root, thresholds_file=tmp_path / "wedge.json", **kw)
     pd.testing.assert_frame_equal(sort(wpicks), sort(apply_thresholds(wdoc["_rescored"], wdoc["rescore"]["thresholds"])))
+    # predict's override: the same file with the templates left without a wedge scores like the first tuning
+    nowedge = predict(root, thresholds_file=tmp_path / "wedge.json", template_wedge="none", **kw)
+    pd.testing.assert_frame_equal(sort(nowedge), sort(apply_thresholds(rescored, wdoc["rescore"]["thresholds"])))
+    with pytest.raises(ValueError, match="template wedge"):
+        predict(root, template_wedge="sideways", **kw)
     # a changed template file: a warning and rescoring without it; templates=True refuses
     shutil.copy(wdir / TEMPLATES_FILE, tmp_path / "keep.npz")
     save_templates(_templates(), wdir / TEMPLATES_FILE, overwrite=True)

@@ -61,6 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="skip the centre refinement of apo-ferritin tuned beside the weights")
     p.add_argument("--no-templates", action="store_true",
                    help="rescore without the template matching of beta-galactosidase / thyroglobulin")
+    p.add_argument("--template-wedge", choices=("auto", "none"),
+                   help="give the matched templates each tomogram's missing wedge ('auto'), or none; default "
+                        "as tuned beside the weights (the shipped model: auto)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -76,6 +79,7 @@ def run(args) -> int:
         polarity=args.polarity, smooth=args.smooth, flatten=args.flatten, tilt_axis=args.tilt_axis,
         rescore=False if args.no_rescore else None,
         refine=False if args.no_refine else None, templates=False if args.no_templates else None,
+        template_wedge=args.template_wedge,
         thresholds_file=args.thresholds, progress=not args.quiet,
     )
     print(summary(picks).to_string())
