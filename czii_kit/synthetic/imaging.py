@@ -261,8 +261,18 @@ def ctf_1d2d(
     return -(np.sqrt(1 - amp**2) * np.sin(chi) + amp * np.cos(chi))
 
 
-def _defocus_strips(params: RunParams, angle_deg: float, n_det: int, n_strips: int):
-    """``(defocus Å, weights (n_det,))`` of each strip across the tilt axis of one tilt image.
+_PAD = 16
+"""Pixels of zero padding around each tilt image before its FFT (both axes)."""
+
+
+def _padded_grid(ny: int, n_det: int, px: float):
+    """``(fy, fu, ky, kx)``: the padded FFT shape of a ``(ny, n_det)`` image and its frequencies (1/Å)."""
+    fy, fu = sfft.next_fast_len(ny + 2 * _PAD), sfft.next_fast_len(n_det + 2 * _PAD, real=True)
+    return fy, fu, sfft.fftfreq(fy, d=px).astype(np.float64), sfft.rfftfreq(fu, d=px).astype(np.float64)
+
+
+def _strip_ctfs(params: RunParams, angle_deg: float, ky: np.ndarray, kx: np.ndarray, n_det: int, n_strips: int):
+    """``(CTF (len(ky), len(kx)), weights (n_det,))`` of each strip across the tilt axis of one tilt image.
 
     The specimen height at detector column ``u`` is ``u * px * sin(angle)``, so the defocus varies
     across the tilt axis; each strip has its own, blended with linear (hat) weights that sum to one.
@@ -271,14 +281,17 @@ def _defocus_strips(params: RunParams, angle_deg: float, n_det: int, n_strips: i
     u = np.arange(n_det) - (n_det - 1) / 2.0
     strips = max(1, n_strips if abs(angle_deg) > 1e-6 else 1)
     if strips == 1:
-        return [(params.defocus * 1e4, np.ones(n_det))]
-    centres = np.linspace(u[0], u[-1], strips + 2)[1:-1]
-    out = []
-    for s in range(strips):
-        e = np.zeros(strips)
-        e[s] = 1.0
-        out.append((params.defocus * 1e4 + centres[s] * params.voxel_size * np.sin(a), np.interp(u, centres, e)))
-    return out
+        found = [(params.defocus * 1e4, np.ones(n_det))]
+    else:
+        centres = np.linspace(u[0], u[-1], strips + 2)[1:-1]
+        found = []
+        for s in range(strips):
+            e = np.zeros(strips)
+            e[s] = 1.0
+            found.append((params.defocus * 1e4 + centres[s] * params.voxel_size * np.sin(a), np.interp(u, centres, e)))
+    lam = electron_wavelength(params.voltage_kv)
+    return [(ctf_1d2d(ky, kx, df, params.astigmatism * 1e4, params.astigmatism_angle, lam, params.cs_mm * 1e7,
+                      params.amplitude_contrast), w) for df, w in found]
 
 
 def phase_flip(images: np.ndarray, angles_deg, params: RunParams, n_strips: int = 3, workers: int = 1) -> np.ndarray:
@@ -303,29 +316,22 @@ def phase_flip(images: np.ndarray, angles_deg, params: RunParams, n_strips: int 
     ndarray ``(n_tilts, ny, n_det)`` float32
     """
     n_t, ny, n_det = images.shape
-    px = params.voxel_size
-    lam = electron_wavelength(params.voltage_kv)
     angles = np.asarray(angles_deg, float)
     if len(angles) != n_t:
         raise ValueError(f"{n_t} images but {len(angles)} tilt angles")
-    py, pu = 16, 16
-    fy, fu = sfft.next_fast_len(ny + 2 * py), sfft.next_fast_len(n_det + 2 * pu, real=True)
-    ky = sfft.fftfreq(fy, d=px).astype(np.float64)
-    kx = sfft.rfftfreq(fu, d=px).astype(np.float64)
+    fy, fu, ky, kx = _padded_grid(ny, n_det, params.voxel_size)
+    inner = (slice(_PAD, _PAD + ny), slice(_PAD, _PAD + n_det))
     out = np.empty((n_t, ny, n_det), np.float32)
 
     def one(k: int) -> None:
         buf = np.zeros((fy, fu), np.float32)
-        img = images[k]
-        buf[py : py + ny, pu : pu + n_det] = img
+        buf[inner] = images[k]
         spec = sfft.rfft2(buf)
         acc = np.zeros((ny, n_det), np.float64)
-        for df, w in _defocus_strips(params, angles[k], n_det, n_strips):
-            ctf = ctf_1d2d(ky, kx, df, params.astigmatism * 1e4, params.astigmatism_angle, lam,
-                           params.cs_mm * 1e7, params.amplitude_contrast)
+        for ctf, w in _strip_ctfs(params, angles[k], ky, kx, n_det, n_strips):
             flip = -np.sign(ctf)
             flip[flip == 0] = 1.0
-            acc += sfft.irfft2(spec * flip, s=(fy, fu))[py : py + ny, pu : pu + n_det] * w[None, :]
+            acc += sfft.irfft2(spec * flip, s=(fy, fu))[inner] * w[None, :]
         out[k] = acc.astype(np.float32)
 
     _map_indices(one, n_t, workers)
@@ -382,13 +388,10 @@ def form_images(
     """
     n_t, ny, n_det = proj.shape
     px = params.voxel_size
-    lam = electron_wavelength(params.voltage_kv)
     sigma = interaction_constant(params.voltage_kv)
     angles = np.asarray(angles_deg, float)
-    py, pu = 16, 16
-    fy, fu = sfft.next_fast_len(ny + 2 * py), sfft.next_fast_len(n_det + 2 * pu, real=True)
-    ky = sfft.fftfreq(fy, d=px).astype(np.float64)
-    kx = sfft.rfftfreq(fu, d=px).astype(np.float64)
+    fy, fu, ky, kx = _padded_grid(ny, n_det, px)
+    inner = (slice(_PAD, _PAD + ny), slice(_PAD, _PAD + n_det))
     kk = np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
     env = np.exp(-params.bfactor * kk**2 / 4.0) * np.sinc(ky[:, None] * px) * np.sinc(kx[None, :] * px)
     ne = critical_exposure(kk)
@@ -409,18 +412,15 @@ def form_images(
         a = np.deg2rad(angles[k])
         c = np.cos(a)
         buf = np.zeros((fy, fu), np.float32)
-        buf[py : py + ny, pu : pu + n_det] = proj[k] * np.float32(sigma)
+        buf[inner] = proj[k] * np.float32(sigma)
         spec = sfft.rfft2(buf)
         dy, du = shifts[k]
         phase = np.exp(-2j * np.pi * (ky[:, None] * dy * px + kx[None, :] * du * px))
         base = spec * (env * np.exp(-prior[k] / (2 * ne)) * phase)
         u = np.arange(n_det) - (n_det - 1) / 2.0
         img = np.zeros((ny, n_det), np.float64)
-        for df, w in _defocus_strips(params, angles[k], n_det, n_strips):
-            ctf = ctf_1d2d(ky, kx, df, params.astigmatism * 1e4, params.astigmatism_angle, lam,
-                           params.cs_mm * 1e7, params.amplitude_contrast)
-            im = sfft.irfft2(base * ctf, s=(fy, fu))[py : py + ny, pu : pu + n_det]
-            img += im * w[None, :]
+        for ctf, w in _strip_ctfs(params, angles[k], ky, kx, n_det, n_strips):
+            img += sfft.irfft2(base * ctf, s=(fy, fu))[inner] * w[None, :]
         # 1 + 2x for weak objects; the exponential keeps strong scatterers (gold) dark instead of clipping
         intensity = np.exp(np.clip(2.0 * img, -6.0, 3.0))
         if absorption is not None:
