@@ -227,37 +227,46 @@ def _normalise_rows(a: np.ndarray) -> np.ndarray:
     return (a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
+def rotated_boxes(template: Template, voxel_size: float, side: int, n_rotations: int, seed: int = 0,
+                  order: int = 3) -> np.ndarray:
+    """``(n_rotations, side, side, side)`` float32 ``[z, y, x]``: ``template`` rotated (uniform on SO(3)) and
+    resampled to ``voxel_size`` Å on a cube of ``side`` voxels, its centre of mass at the cube's centre."""
+    from scipy import ndimage
+
+    from czii_kit.synthetic.phantom import random_rotations
+
+    c_out = np.full(3, (side - 1) / 2)
+    zoom = voxel_size / template.voxel_size
+    dens = ndimage.spline_filter(template.density, order, output=np.float64) if order > 1 else template.density
+    boxes = np.empty((n_rotations, side, side, side), np.float32)
+    for i, rot in enumerate(random_rotations(np.random.default_rng(seed), n_rotations)):
+        mat = rot.T * zoom
+        ndimage.affine_transform(dens, mat, offset=template.center - mat @ c_out, output_shape=(side,) * 3,
+                                 order=order, mode="constant", cval=0.0, prefilter=False, output=boxes[i])
+    return boxes
+
+
+def template_rows(boxes: np.ndarray, mask: np.ndarray, wedge=None, chunk: int = 128) -> np.ndarray:
+    """``(n, mask.sum())`` float32: rotated ``boxes (n, s, s, s)`` (:func:`rotated_boxes`, ``s`` = the
+    side of ``mask``) given the missing ``wedge`` (a :class:`czii_kit.wedge.Wedge`, or None: none),
+    masked and normalised (zero mean, unit norm)."""
+    if wedge is None:
+        rows = np.ascontiguousarray(boxes[:, mask])
+    else:
+        from czii_kit.wedge import apply_wedge
+
+        rows = np.empty((len(boxes), int(mask.sum())), np.float32)
+        for i in range(0, len(boxes), chunk):
+            rows[i:i + chunk] = apply_wedge(boxes[i:i + chunk], wedge, pad=mask.shape[0] // 2)[:, mask]
+    return _normalise_rows(rows)
+
+
 def rotated_templates(template: Template, voxel_size: float, mask: np.ndarray, n_rotations: int,
                       seed: int = 0, order: int = 3, wedge=None) -> np.ndarray:
     """``(n_rotations, mask.sum())`` float32: ``template`` rotated (uniform on SO(3)), resampled to
     ``voxel_size`` Å on the cube of ``mask`` (centre of mass at its centre), given the missing ``wedge``
     (a :class:`czii_kit.wedge.Wedge`, or None: none), masked and normalised."""
-    from scipy import ndimage
-
-    from czii_kit.synthetic.phantom import random_rotations
-
-    side = mask.shape[0]
-    c_out = np.full(3, (side - 1) / 2)
-    zoom = voxel_size / template.voxel_size
-    dens = ndimage.spline_filter(template.density, order, output=np.float64) if order > 1 else template.density
-    rows = np.empty((n_rotations, int(mask.sum())), np.float32)
-    boxes: list[np.ndarray] = []
-    if wedge is not None:
-        from czii_kit.wedge import apply_wedge
-    for i, rot in enumerate(random_rotations(np.random.default_rng(seed), n_rotations)):
-        mat = rot.T * zoom
-        box = ndimage.affine_transform(dens, mat, offset=template.center - mat @ c_out, output_shape=mask.shape,
-                                       order=order, mode="constant", cval=0.0, prefilter=False,
-                                       output=np.float32)
-        if wedge is None:
-            rows[i] = box[mask]
-        else:
-            boxes.append(box)
-            if len(boxes) == 128 or i == n_rotations - 1:
-                filtered = apply_wedge(np.stack(boxes), wedge, pad=side // 2)
-                rows[i - len(boxes) + 1:i + 1] = filtered[:, mask]
-                boxes = []
-    return _normalise_rows(rows)
+    return template_rows(rotated_boxes(template, voxel_size, mask.shape[0], n_rotations, seed, order), mask, wedge)
 
 
 class TemplateMatcher:
@@ -278,19 +287,28 @@ class TemplateMatcher:
             self.templates, self.meta = load_templates(templates)
         self.types = tuple(self.templates)
         self._cache: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self._boxes: dict[float, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # rotated densities per voxel size
         self.last_wedge = None  # the wedge of the last tomogram matched
 
     def _matrices(self, binned_voxel: float, wedge=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å with the missing ``wedge`` (or None)."""
-        key = (round(float(binned_voxel), 6), wedge)
+        """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å with the missing ``wedge`` (or None).
+
+        The rotated densities are kept per voxel size, so another wedge costs only its Fourier filter."""
+        vkey = round(float(binned_voxel), 6)
+        key = (vkey, wedge)
         if key not in self._cache:
             cfg = self.config
-            out = {}
-            for n, t in self.templates.items():
-                radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
-                mask = sphere_mask(radius / binned_voxel)
-                out[n] = (mask, rotated_templates(t, binned_voxel, mask, cfg.n_rotations, cfg.seed, cfg.order,
-                                                  wedge))
+            if vkey not in self._boxes:
+                boxes = {}
+                for n, t in self.templates.items():
+                    radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
+                    mask = sphere_mask(radius / binned_voxel)
+                    boxes[n] = (mask, rotated_boxes(t, binned_voxel, mask.shape[0], cfg.n_rotations, cfg.seed,
+                                                    cfg.order))
+                if len(self._boxes) >= 2:  # a dataset has one voxel size
+                    self._boxes.pop(next(iter(self._boxes)))
+                self._boxes[vkey] = boxes
+            out = {n: (mask, template_rows(b, mask, wedge)) for n, (mask, b) in self._boxes[vkey].items()}
             if len(self._cache) >= 8:  # a dataset has one voxel size and a few tilt schemes
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = out
@@ -367,4 +385,4 @@ class TemplateMatcher:
 
 __all__ = ["TEMPLATES_FILE", "DEFAULT_TYPES", "TemplateConfig", "Template", "TemplateMatcher", "block_mean",
            "build_templates", "save_templates", "load_templates", "templates_for", "sphere_mask",
-           "rotated_templates"]
+           "rotated_templates", "rotated_boxes", "template_rows"]

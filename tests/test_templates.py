@@ -268,3 +268,25 @@ def test_templates_given_the_missing_wedge():
     with pytest.raises(ValueError, match="wedge"):
         TemplateConfig(wedge="sometimes")
     assert TemplateConfig.from_dict(TemplateConfig(wedge=(35, 40)).to_dict()).wedge == (35.0, 40.0)
+
+
+def test_another_wedge_reuses_the_rotated_templates(monkeypatch):
+    """A matcher rotates each template once per voxel size: a second wedge costs only its filter, and
+    gives the same rows as a matcher built for that wedge alone."""
+    import czii_kit.templates as templates
+    from czii_kit.wedge import Wedge
+
+    calls = []
+    real = templates.rotated_boxes
+    monkeypatch.setattr(templates, "rotated_boxes", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    cfg = TemplateConfig(n_rotations=50, mask_radius=110.0)
+    tm = TemplateMatcher(_templates(), cfg)
+    none, w1, w2 = tm._matrices(20.0), tm._matrices(20.0, Wedge(35.0, 40.0)), tm._matrices(20.0, Wedge(50.0, 50.0))
+    assert calls == [20.0, 20.0]  # the two templates, once
+    fresh = TemplateMatcher(_templates(), cfg)._matrices(20.0, Wedge(50.0, 50.0))
+    for name in BLOBS:
+        np.testing.assert_array_equal(w2[name][1], fresh[name][1])
+        assert w2[name][1].shape == none[name][1].shape == (50, int(none[name][0].sum()))
+        assert not np.allclose(w1[name][1], none[name][1]) and not np.allclose(w1[name][1], w2[name][1])
+    tm._matrices(10.0)  # another voxel size rotates again (the fresh matcher rotated its own)
+    assert calls == [20.0] * 4 + [10.0] * 2
