@@ -3,7 +3,11 @@
 Ultralytics augments geometry and brightness, but not the imaging itself. Tomograms from other
 microscopes, reconstructions or denoisers differ in resolution and in the amount and grain of noise,
 so :func:`degrade` blurs a 2.5D image and adds spatially correlated Gaussian noise, each channel
-(= z-slice) with its own noise. Images are ``(ny, nx, channels)`` uint8 in and out.
+(= z-slice) with its own noise. The percentile window that maps a tomogram to 0..255 depends on the
+shape of its intensity histogram (how much dense matter, junk and vacuum it holds), so another
+simulator or microscope puts the same particles at another contrast and clips their dense cores
+differently: :func:`rewindow` narrows or widens the window of an image already made.
+Images are ``(ny, nx, channels)`` uint8 in and out.
 """
 
 from __future__ import annotations
@@ -88,3 +92,63 @@ def degrade(image: np.ndarray, rng: np.random.Generator, config: DegradeConfig =
         out[..., c] = sig + n
     np.clip(out + 0.5, 0, 255.49, out=out)
     return out.astype(np.uint8).reshape(img.shape)
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Ranges of :func:`rewindow`, each drawn uniformly per image.
+
+    Attributes
+    ----------
+    prob : float
+        Fraction of the images re-windowed (0 = off).
+    dark, light : (float, float)
+        How far the window's dark and light ends move inwards, as a fraction of 0..255: ``0.1``
+        clips the darkest 10 % of the range (a narrower window, as a lighter-tailed histogram gives),
+        ``-0.1`` leaves a margin (a wider window).
+    """
+
+    prob: float = 0.0
+    dark: tuple[float, float] = (-0.1, 0.2)
+    light: tuple[float, float] = (-0.1, 0.2)
+
+    def __post_init__(self):
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"window probability must be in [0, 1], got {self.prob}")
+        for name in ("dark", "light"):
+            lo, hi = getattr(self, name)
+            if not -0.5 < lo <= hi < 0.5:
+                raise ValueError(f"window {name} range must satisfy -0.5 < low <= high < 0.5, got ({lo}, {hi})")
+            object.__setattr__(self, name, (float(lo), float(hi)))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def rewindow(image: np.ndarray, rng: np.random.Generator, config: WindowConfig = WindowConfig(prob=1.0)
+             ) -> np.ndarray:
+    """Map ``image`` through a narrower or wider intensity window (ends drawn from ``config`` with ``rng``).
+
+    The new window runs from ``255 * dark`` to ``255 * (1 - light)`` of the old one and is stretched to
+    0..255 (values beyond it clipped); all channels share it, as they share the tomogram's window.
+
+    Parameters
+    ----------
+    image : ndarray ``(ny, nx, C)`` or ``(ny, nx)`` uint8
+    rng : numpy Generator
+    config : WindowConfig
+        Ranges; ``config.prob`` is not consulted here (the caller decides which images to re-window).
+
+    Returns
+    -------
+    ndarray, same shape, uint8.
+    """
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"rewindow expects a uint8 image, got {img.dtype}")
+    lo = 255.0 * rng.uniform(*config.dark)
+    hi = 255.0 * (1.0 - rng.uniform(*config.light))
+    lut = (np.arange(256, dtype=np.float64) - lo) * (255.0 / (hi - lo))
+    lut = np.clip(np.rint(lut), 0, 255).astype(np.uint8)
+    return lut[img]

@@ -29,7 +29,7 @@ import pandas as pd
 
 from czii_kit import __version__
 from czii_kit.atomic import atomic_dir, read_json
-from czii_kit.augment import DegradeConfig, degrade
+from czii_kit.augment import DegradeConfig, WindowConfig, degrade, rewindow
 from czii_kit.catalog import class_names, get_particle
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError, FileExistsNoForce
@@ -179,6 +179,7 @@ def build_dataset(
     preprocess: PreprocessConfig | dict | None = None,
     tomogram_weights: Sequence[float] | None = None,
     degrade_config: DegradeConfig | dict | None = None,
+    window_config: WindowConfig | dict | None = None,
     voxel_size: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -221,6 +222,9 @@ def build_dataset(
         Relative frequency of each of several tomograms (default: equal).
     degrade_config : DegradeConfig or dict, optional
         Blur + noise augmentation of a random fraction of the images (:func:`czii_kit.augment.degrade`).
+    window_config : WindowConfig or dict, optional
+        Intensity-window augmentation of a random fraction of the images, after any degrading
+        (:func:`czii_kit.augment.rewindow`).
     voxel_size : float, optional
         Å per voxel of the images: a tomogram whose voxel size differs by more than
         :data:`czii_kit.preprocess.RESAMPLE_TOLERANCE` is resampled to it
@@ -273,10 +277,12 @@ def build_dataset(
     picks = read_picks(root, split=split, runs=names)
     rng = np.random.default_rng(seed)
     aug_rng = np.random.default_rng([seed, 1])  # its own stream: degrading leaves the crops unchanged
+    win_rng = np.random.default_rng([seed, 2])  # and re-windowing leaves both unchanged
+    wcfg = window_config if isinstance(window_config, WindowConfig) else WindowConfig(**(window_config or {}))
 
     counts = {"train": {"images": 0, "boxes": 0}, "val": {"images": 0, "boxes": 0}}
     per_tomogram = {n: 0 for n in tomo_names}
-    n_degraded = 0
+    n_degraded = n_rewindowed = 0
     per_class = {n: 0 for n in class_names().values()}
     voxel_sizes, shapes, resampled = {}, {}, {}
     with atomic_dir(out_dir) as tmp:
@@ -334,6 +340,9 @@ def build_dataset(
                     if dcfg.prob > 0 and aug_rng.random() < dcfg.prob:
                         im = degrade(im, aug_rng, dcfg)
                         n_degraded += 1
+                    if wcfg.prob > 0 and win_rng.random() < wcfg.prob:
+                        im = rewindow(im, win_rng, wcfg)
+                        n_rewindowed += 1
                     per_tomogram[tomo_names[i]] += 1
                     _imwrite(tmp / "images" / sub / f"{stem}.png", np.ascontiguousarray(im))
                     lines = bx.yolo_lines(w, h)
@@ -364,6 +373,8 @@ def build_dataset(
             "images_per_tomogram": per_tomogram,
             "degrade": dcfg.to_dict(),
             "degraded_images": n_degraded,
+            "window": wcfg.to_dict(),
+            "rewindowed_images": n_rewindowed,
             "preprocess": cfg.to_dict(),
             "crop": crop,
             "crops_per_slice": crops_per_slice if crop is not None else 0,

@@ -1,11 +1,11 @@
-"""The imaging augmentation (blur + correlated noise) baked into training images."""
+"""The imaging augmentations (blur + correlated noise; intensity window) baked into training images."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from czii_kit.augment import DegradeConfig, degrade
+from czii_kit.augment import DegradeConfig, WindowConfig, degrade, rewindow
 
 
 def _image(shape=(60, 90, 3), seed=0) -> np.ndarray:
@@ -66,3 +66,35 @@ def test_degrade_config_validation():
     with pytest.raises(ValueError, match="uint8"):
         degrade(np.zeros((4, 4, 3), np.float32), np.random.default_rng(0))
     assert DegradeConfig(prob=0.3).to_dict()["blur"] == [0.0, 1.2]
+
+
+def test_rewindow_clips_the_dark_end_like_a_narrower_window():
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (3, 1))[..., None].repeat(2, axis=2)  # (3, 256, 2)
+    cfg = WindowConfig(prob=1.0, dark=(0.1, 0.1), light=(0.0, 0.0))
+    out = rewindow(ramp, np.random.default_rng(0), cfg)
+    assert out.shape == ramp.shape and out.dtype == np.uint8
+    lo = 25.5  # the new window starts at 10 % of the old one and ends where it ended
+    assert (out[0, : int(lo), 0] == 0).all() and out[0, 255, 0] == 255
+    expected = np.clip(np.rint((np.arange(256) - lo) * 255 / (255 - lo)), 0, 255)
+    np.testing.assert_array_equal(out[0, :, 0], expected)
+    np.testing.assert_array_equal(out[..., 0], out[..., 1])  # channels share the window
+    # a negative end widens the window: nothing clips, the contrast drops
+    wide = rewindow(ramp, np.random.default_rng(0), WindowConfig(dark=(-0.1, -0.1), light=(-0.1, -0.1)))
+    assert wide.min() > 0 and wide.max() < 255 and np.all(np.diff(wide[0, :, 0].astype(int)) >= 0)
+
+
+def test_rewindow_is_seeded_and_checks_its_config():
+    img = _image()
+    a = rewindow(img, np.random.default_rng(1))
+    assert np.array_equal(a, rewindow(img, np.random.default_rng(1)))
+    assert not np.array_equal(a, rewindow(img, np.random.default_rng(2)))
+    assert rewindow(img[..., 0], np.random.default_rng(1)).shape == img.shape[:2]
+    with pytest.raises(ValueError, match="probability"):
+        WindowConfig(prob=-0.1)
+    with pytest.raises(ValueError, match="dark"):
+        WindowConfig(dark=(0.3, 0.1))
+    with pytest.raises(ValueError, match="light"):
+        WindowConfig(light=(0.0, 0.6))
+    with pytest.raises(ValueError, match="uint8"):
+        rewindow(np.zeros((4, 4), np.float32), np.random.default_rng(0))
+    assert WindowConfig(prob=0.5).to_dict() == {"prob": 0.5, "dark": [-0.1, 0.2], "light": [-0.1, 0.2]}

@@ -221,6 +221,14 @@ def test_build_dataset_degrade_changes_pixels_not_crops(tmp_path):
         assert (plain / lab).read_text() == (deg / lab).read_text()
         changed += (deg / rel).read_bytes() != f.read_bytes()
     assert changed == m["degraded_images"]
+    # re-windowing on top: its own random stream, so the degraded images it leaves alone stay the same
+    win = build_dataset(tmp_path / "root", tmp_path / "win", degrade_config={"prob": 0.5},
+                        window_config={"prob": 0.5}, **kw).parent
+    mw = json.loads((win / "czii_kit_dataset.json").read_text())
+    assert 0 < mw["rewindowed_images"] < n and mw["window"]["prob"] == 0.5 and m["rewindowed_images"] == 0
+    assert mw["degraded_images"] == m["degraded_images"]
+    differ = sum((win / f.relative_to(deg)).read_bytes() != f.read_bytes() for f in deg.rglob("*.png"))
+    assert 0 < differ <= mw["rewindowed_images"]
 
 
 def test_cli_build_dataset_mixing_options(tmp_path, capsys):
@@ -230,9 +238,9 @@ def test_cli_build_dataset_mixing_options(tmp_path, capsys):
     for run in ("TS_a", "TS_b"):
         _add_tomogram(tmp_path / "root", run, "wbp", lambda v: v + np.float32(3.0))
     rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds"), "--crop", "32",
-               "--tomogram", "denoised", "wbp", "--tomogram-weights", "3,1", "--degrade", "0.5", "--quiet"])
+               "--tomogram", "denoised", "wbp", "--tomogram-weights", "3,1", "--degrade", "0.5", "--window", "0.5", "--quiet"])
     out = capsys.readouterr().out
-    assert rc == 0 and "images per tomogram: denoised" in out and "degraded:" in out
+    assert rc == 0 and "images per tomogram: denoised" in out and "degraded:" in out and "re-windowed:" in out
     m = json.loads((tmp_path / "ds" / "czii_kit_dataset.json").read_text())
     assert m["tomogram_weights"] == [0.75, 0.25]
     rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "e"), "--tomogram", "denoised",
@@ -240,6 +248,8 @@ def test_cli_build_dataset_mixing_options(tmp_path, capsys):
     assert rc == 2 and "--tomogram-weights needs 2" in capsys.readouterr().err
     rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "e"), "--degrade", "1.5", "--quiet"])
     assert rc == 2 and "--degrade" in capsys.readouterr().err
+    rc = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "e"), "--window", "2", "--quiet"])
+    assert rc == 2 and "--window must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_build_dataset_resamples_another_voxel_size(tmp_path, capsys):

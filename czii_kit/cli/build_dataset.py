@@ -52,6 +52,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--degrade", type=float, default=0.0, metavar="P",
                    help="blur and add correlated noise to a fraction P of the images (imaging augmentation; "
                         "default 0)")
+    p.add_argument("--window", type=float, default=0.0, metavar="P",
+                   help="narrow or widen the intensity window of a fraction P of the images (clipping the "
+                        "densest or lightest 0-20%% of the range, or a margin of up to 10%%; augmentation "
+                        "for other intensity histograms; default 0)")
     p.add_argument("--voxel-size", type=float, metavar="A",
                    help="Å per voxel of the images: tomograms of another voxel size (by more than 5%%) are "
                         "resampled to it (default: the voxel size of most runs)")
@@ -75,6 +79,9 @@ def run(args) -> int:
     if not 0 <= args.degrade <= 1:
         print(f"czii-kit build-dataset: error: --degrade must be in [0, 1], got {args.degrade}", file=sys.stderr)
         return 2
+    if not 0 <= args.window <= 1:
+        print(f"czii-kit build-dataset: error: --window must be in [0, 1], got {args.window}", file=sys.stderr)
+        return 2
     if args.voxel_size is not None and not args.voxel_size > 0:
         print(f"czii-kit build-dataset: error: --voxel-size must be > 0 Å, got {args.voxel_size}", file=sys.stderr)
         return 2
@@ -85,7 +92,7 @@ def run(args) -> int:
         crop=args.crop, crops_per_slice=args.crops_per_slice,
         full_slices=True if args.full_slices else None, z_stride=args.z_stride, min_frac=args.min_frac,
         preprocess=cfg, tomogram_weights=args.tomogram_weights,
-        degrade_config={"prob": args.degrade}, voxel_size=args.voxel_size, seed=args.seed, overwrite=args.force, progress=not args.quiet,
+        degrade_config={"prob": args.degrade}, window_config={"prob": args.window}, voxel_size=args.voxel_size, seed=args.seed, overwrite=args.force, progress=not args.quiet,
     )
     m = json.loads((data_yaml.parent / MANIFEST).read_text())
     c = m["counts"]
@@ -93,9 +100,9 @@ def run(args) -> int:
     print(f"train runs: {', '.join(m['train_runs'])}  ({c['train']['images']} images, {c['train']['boxes']} boxes)")
     val = ", ".join(m["val_runs"]) or "(none: validation uses the training images)"
     print(f"val runs:   {val}  ({c['val']['images']} images, {c['val']['boxes']} boxes)")
-    if len(m["images_per_tomogram"]) > 1 or m["degraded_images"]:
+    if len(m["images_per_tomogram"]) > 1 or m["degraded_images"] or m["rewindowed_images"]:
         print("images per tomogram: " + ", ".join(f"{k} {v}" for k, v in m["images_per_tomogram"].items())
-              + f"; degraded: {m['degraded_images']}")
+              + f"; degraded: {m['degraded_images']}; re-windowed: {m['rewindowed_images']}")
     if m.get("resampled_from"):
         print(f"resampled to {m['grid_voxel_size']:g} Å voxels: "
               + ", ".join(f"{k} ({v['voxel_size']:g} Å)" for k, v in m["resampled_from"].items()))
