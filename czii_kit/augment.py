@@ -18,6 +18,23 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 
+def _check_ranges(config, what: str, names: tuple[str, ...], valid, rule: str) -> None:
+    """Check a frozen augmentation config: ``prob`` in [0, 1] and each ``(low, high)`` range of ``names``
+    ``valid``; store the ranges as float pairs. ``what`` and ``rule`` word the errors."""
+    if not 0.0 <= config.prob <= 1.0:
+        raise ValueError(f"{what} probability must be in [0, 1], got {config.prob}")
+    for name in names:
+        lo, hi = getattr(config, name)
+        if not valid(lo, hi):
+            raise ValueError(f"{what} {name} range must satisfy {rule}, got ({lo}, {hi})")
+        object.__setattr__(config, name, (float(lo), float(hi)))
+
+
+def _ranges_dict(config) -> dict:
+    """A config as a JSON-ready dict (ranges as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
 @dataclass(frozen=True)
 class DegradeConfig:
     """Ranges of :func:`degrade`, each drawn uniformly per image.
@@ -40,17 +57,11 @@ class DegradeConfig:
     grain: tuple[float, float] = (0.0, 1.5)
 
     def __post_init__(self):
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"degrade probability must be in [0, 1], got {self.prob}")
-        for name in ("blur", "noise", "grain"):
-            lo, hi = getattr(self, name)
-            if not 0.0 <= lo <= hi:
-                raise ValueError(f"degrade {name} range must satisfy 0 <= low <= high, got ({lo}, {hi})")
-            object.__setattr__(self, name, (float(lo), float(hi)))
+        _check_ranges(self, "degrade", ("blur", "noise", "grain"), lambda lo, hi: 0.0 <= lo <= hi,
+                      "0 <= low <= high")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return _ranges_dict(self)
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator, config: DegradeConfig = DegradeConfig(prob=1.0)
@@ -113,17 +124,11 @@ class WindowConfig:
     light: tuple[float, float] = (-0.1, 0.2)
 
     def __post_init__(self):
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"window probability must be in [0, 1], got {self.prob}")
-        for name in ("dark", "light"):
-            lo, hi = getattr(self, name)
-            if not -0.5 < lo <= hi < 0.5:
-                raise ValueError(f"window {name} range must satisfy -0.5 < low <= high < 0.5, got ({lo}, {hi})")
-            object.__setattr__(self, name, (float(lo), float(hi)))
+        _check_ranges(self, "window", ("dark", "light"), lambda lo, hi: -0.5 < lo <= hi < 0.5,
+                      "-0.5 < low <= high < 0.5")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return _ranges_dict(self)
 
 
 def rewindow(image: np.ndarray, rng: np.random.Generator, config: WindowConfig = WindowConfig(prob=1.0)

@@ -76,12 +76,10 @@ def run(args) -> int:
         print(f"czii-kit build-dataset: error: --tomogram-weights needs {len(args.tomogram)} non-negative "
               f"number(s), not all 0, one per --tomogram; got {','.join(map(str, w))}", file=sys.stderr)
         return 2
-    if not 0 <= args.degrade <= 1:
-        print(f"czii-kit build-dataset: error: --degrade must be in [0, 1], got {args.degrade}", file=sys.stderr)
-        return 2
-    if not 0 <= args.window <= 1:
-        print(f"czii-kit build-dataset: error: --window must be in [0, 1], got {args.window}", file=sys.stderr)
-        return 2
+    for flag, value in (("--degrade", args.degrade), ("--window", args.window)):
+        if not 0 <= value <= 1:
+            print(f"czii-kit build-dataset: error: {flag} must be in [0, 1], got {value}", file=sys.stderr)
+            return 2
     if args.voxel_size is not None and not args.voxel_size > 0:
         print(f"czii-kit build-dataset: error: --voxel-size must be > 0 Å, got {args.voxel_size}", file=sys.stderr)
         return 2
