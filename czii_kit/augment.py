@@ -35,6 +35,14 @@ def _ranges_dict(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
+def _uint8_image(image, what: str) -> np.ndarray:
+    """``image`` as an array, or a :class:`ValueError` naming ``what`` unless it is uint8."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"{what} expects a uint8 image, got {img.dtype}")
+    return img
+
+
 @dataclass(frozen=True)
 class DegradeConfig:
     """Ranges of :func:`degrade`, each drawn uniformly per image.
@@ -80,9 +88,7 @@ def degrade(image: np.ndarray, rng: np.random.Generator, config: DegradeConfig =
     -------
     ndarray, same shape, uint8.
     """
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        raise ValueError(f"degrade expects a uint8 image, got {img.dtype}")
+    img = _uint8_image(image, "degrade")
     f = img.astype(np.float32)
     if f.ndim == 2:
         f = f[..., None]
@@ -149,9 +155,7 @@ def rewindow(image: np.ndarray, rng: np.random.Generator, config: WindowConfig =
     -------
     ndarray, same shape, uint8.
     """
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        raise ValueError(f"rewindow expects a uint8 image, got {img.dtype}")
+    img = _uint8_image(image, "rewindow")
     lo = 255.0 * rng.uniform(*config.dark)
     hi = 255.0 * (1.0 - rng.uniform(*config.light))
     lut = (np.arange(256, dtype=np.float64) - lo) * (255.0 / (hi - lo))
