@@ -117,7 +117,8 @@ def _worker(args) -> dict:
         import pandas as pd
 
         from czii_kit.coords import voxel_to_angstrom
-        from czii_kit.rescore import Rescorer, normalised_volume, rescore_volume
+        from czii_kit.rescore import Rescorer, rescore_volume
+        from czii_kit.volumes import normalised_volume
 
         rng = np.random.default_rng(0)
         zyx = rng.uniform(0, np.array(tomo.shape) - 1, (RESCORE_CANDIDATES, 3))
@@ -246,7 +247,8 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
                      f"peak RSS {naive_r['peak_rss_mb']:.0f} MB")
         rescore_r = None
         if rescore:
-            from czii_kit.rescore import RESCORER_FILE, build_network, save_rescorer
+            from czii_kit.rescore import RESCORER_FILE, build_network
+            from czii_kit.rescore_train import save_rescorer
 
             shipped = Path(__file__).parent / "models" / RESCORER_FILE
             if shipped.is_file():

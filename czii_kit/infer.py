@@ -17,7 +17,6 @@ box centred at pixel coordinate ``c`` gives index ``c - 0.5``); ``w, h`` are the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from czii_kit.checksum import file_sha256
 from czii_kit.coords import KAGGLE_VOXEL_SIZE
 from czii_kit.errors import CziiKitError, DataError
 from czii_kit.postprocess import DETECTION_COLUMNS, empty_detections
@@ -39,7 +39,6 @@ from czii_kit.preprocess import (
     Window,
     iter_stacks,
     parse_smooth,
-    resample_to,
     resampled_shape,
     settle_flatten,
     settle_smoothing,
@@ -48,6 +47,7 @@ from czii_kit.preprocess import (
     window_for,
 )
 from czii_kit.tomogram import open_tomogram
+from czii_kit.volumes import load_volume, read_volume  # noqa: F401 (read_volume: used by the tests through infer)
 
 BACKENDS = ("torch", "onnx", "openvino")
 EXPORT_RECORD = "czii_kit_export.json"
@@ -137,14 +137,6 @@ def native_imgsz(shape_yx: Sequence[int], stride: int = 32) -> int:
     return int(math.ceil(max(shape_yx) / stride) * stride)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_path(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -> Path:
     """Where the cached export of ``weights`` for ``backend`` at ``imgsz`` and ``batch`` lives."""
     w = Path(weights)
@@ -201,7 +193,7 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8)
 
     configure_offline()
     w = Path(weights)
-    digest = _sha256(w)
+    digest = file_sha256(w)
     w = _writable_copy(w, digest)
     dest = export_path(w, backend, imgsz, batch)
     rec_path = dest / EXPORT_RECORD if backend == "openvino" else dest.with_name(f"{dest.name}.{EXPORT_RECORD}")
@@ -381,26 +373,6 @@ class Detector:
         return res
 
 
-def read_volume(tomo) -> np.ndarray:
-    """The whole level of a :class:`~czii_kit.tomogram.Tomogram` as float32 ``(nz, ny, nx)``.
-
-    Reads one chunk column (all z, one y/x chunk) at a time into a preallocated array, so each
-    chunk is decompressed once and the transient memory stays at about one chunk.
-    """
-    arr = tomo.array
-    nz, ny, nx = tomo.shape
-    chunks = getattr(arr, "chunks", None) or (nz, ny, nx)
-    cy, cx = int(chunks[1]), int(chunks[2])
-    out = np.empty((nz, ny, nx), np.float32)
-    try:
-        for y0 in range(0, ny, cy):
-            for x0 in range(0, nx, cx):
-                out[:, y0 : y0 + cy, x0 : x0 + cx] = arr[:, y0 : y0 + cy, x0 : x0 + cx]
-    except Exception as exc:  # corrupt chunk, missing codec, ...
-        raise DataError(tomo.path / tomo.level, f"cannot read voxels: {exc}") from exc
-    return out
-
-
 def model_voxel_size(weights: str | Path) -> float:
     """Å per voxel of the tomograms ``weights`` was trained on (median over the runs recorded in
     ``czii_kit_train.json``), else :data:`czii_kit.coords.KAGGLE_VOXEL_SIZE`."""
@@ -409,16 +381,6 @@ def model_voxel_size(weights: str | Path) -> float:
     sizes = read_train_record(weights).get("dataset", {}).get("voxel_size")
     values = [float(v) for v in sizes.values()] if isinstance(sizes, dict) else []
     return float(np.median(values)) if values else KAGGLE_VOXEL_SIZE
-
-
-def load_volume(tomo, voxel_size: float | None = None, warn: bool = True) -> tuple[np.ndarray, float]:
-    """:func:`read_volume`, resampled to ``voxel_size`` Å when the tomogram's differs by more than
-    :data:`czii_kit.preprocess.RESAMPLE_TOLERANCE` (:func:`czii_kit.preprocess.resample_to`; a warning
-    names it). Returns ``(volume [z, y, x], its voxel size Å)``; ``voxel_size=None`` never resamples."""
-    volume = read_volume(tomo)
-    if voxel_size is None:
-        return volume, float(tomo.voxel_size)
-    return resample_to(volume, tomo.voxel_size, voxel_size, source=tomo.path, warn=warn)
 
 
 def preprocess_config_for(weights: str | Path) -> PreprocessConfig:

@@ -67,7 +67,7 @@ def settings_for(weights: str | Path, z_stride: int | None = None, batch: int | 
 def _check_tuned_for(weights: Path, doc: dict, path: Path) -> None:
     """Warn when the thresholds file records other weights (by SHA-256) than ``weights``: its
     thresholds were tuned on another model's scores."""
-    from czii_kit.rescore import file_sha256
+    from czii_kit.checksum import file_sha256
 
     recorded = doc.get("weights_sha256")
     if recorded and recorded != file_sha256(weights):
@@ -92,7 +92,7 @@ def refine_settings(weights: str | Path, refine: bool | None = None, thresholds_
 def _recorded_file(weights: str | Path, record: dict) -> tuple[Path, str | None]:
     """The file a thresholds-file record names (``file`` relative to the weights' folder, ``sha256``)
     and what is wrong with it (``None``: there, and the very file tuned)."""
-    from czii_kit.rescore import file_sha256
+    from czii_kit.checksum import file_sha256
 
     path = Path(record.get("file", ""))
     path = path if path.is_absolute() else Path(weights).parent / path

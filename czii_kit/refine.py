@@ -8,7 +8,7 @@ correlation of the tomogram with that shell, evaluated in a small cube around ea
 peaks at the particle's centre. Each candidate moves to that peak (with a parabolic sub-voxel
 step), then candidates of the same type that converged are merged by 3D NMS.
 
-Pure numpy / scipy; the volume is the normalised tomogram of :func:`czii_kit.rescore.normalised_volume`
+Pure numpy / scipy; the volume is the normalised tomogram of :func:`czii_kit.volumes.normalised_volume`
 (indexed ``[z, y, x]``, particles dark), points are ``x, y, z`` in Å.
 """
 
@@ -23,6 +23,7 @@ import pandas as pd
 from czii_kit.catalog import get_particle
 from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.postprocess import nms_3d
+from czii_kit.volumes import VolumeReading, extract_patches, run_volumes
 
 SHELLS: dict[str, tuple[float, float]] = {"apo-ferritin": (40.0, 60.0)}
 """Inner and outer radius (Å) of the particles that are spherical shells."""
@@ -89,8 +90,6 @@ def local_correlation(volume: np.ndarray, centres_zyx, template: np.ndarray, win
     ``(N, 2w+1, 2w+1, 2w+1)``: entry ``[n, w+dz, w+dy, w+dx]`` is the correlation (-1..1, dense =
     positive) of the template centred on ``centre + (dz, dy, dx)`` with the volume under it.
     """
-    from czii_kit.rescore import extract_patches
-
     centres = np.asarray(centres_zyx, np.int64).reshape(-1, 3)
     t = template.shape[0]
     side = t + 2 * window
@@ -170,13 +169,11 @@ def refine_runs(candidates: pd.DataFrame, runs, reading=None, config: RefineConf
                 progress: bool = True, volumes=None) -> pd.DataFrame:
     """:func:`refine_volume` for the candidates of every run (``czii_kit.layout.Run``), one tomogram at a time.
 
-    ``reading``: how to read them, a :class:`czii_kit.rescore.VolumeReading` (default: the
+    ``reading``: how to read them, a :class:`czii_kit.volumes.VolumeReading` (default: the
     ``denoised`` tomogram as stored; pass ``VolumeReading.like_detector(...)`` to see the
     detector's volume); ``volumes``: normalised volumes already at hand
-    (:func:`czii_kit.rescore.run_volumes`), not read again.
+    (:func:`czii_kit.volumes.run_volumes`), not read again.
     """
-    from czii_kit.rescore import VolumeReading, run_volumes
-
     config = config or RefineConfig()
     if candidates.empty or not config.types:
         return candidates.copy()

@@ -42,6 +42,8 @@ from czii_kit import __version__
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError
+from czii_kit.maps import load_map_model
+from czii_kit.rotations import random_rotations
 
 TEMPLATES_FILE = "czii_kit_templates.npz"
 DEFAULT_TYPES = ("beta-galactosidase", "thyroglobulin")
@@ -145,8 +147,6 @@ def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
 def build_templates(maps_dir: str | Path, types: Sequence[str] = DEFAULT_TYPES, bin: int = 2) -> dict[str, Template]:
     """Templates of ``types`` from the density maps in ``maps_dir`` (file names from :mod:`czii_kit.catalog`),
     block-averaged ``bin`` x. Raises :class:`~czii_kit.errors.DataError` for a missing or bad map."""
-    from czii_kit.synthetic.phantom import load_map_model
-
     maps_dir = Path(maps_dir)
     if not maps_dir.is_dir():
         raise DataError(maps_dir, "density map folder not found")
@@ -233,8 +233,6 @@ def rotated_boxes(template: Template, voxel_size: float, side: int, n_rotations:
     resampled to ``voxel_size`` Å on a cube of ``side`` voxels, its centre of mass at the cube's centre."""
     from scipy import ndimage
 
-    from czii_kit.synthetic.phantom import random_rotations
-
     c_out = np.full(3, (side - 1) / 2)
     zoom = voxel_size / template.voxel_size
     dens = ndimage.spline_filter(template.density, order, output=np.float64) if order > 1 else template.density
@@ -259,14 +257,6 @@ def template_rows(boxes: np.ndarray, mask: np.ndarray, wedge=None, chunk: int = 
         for i in range(0, len(boxes), chunk):
             rows[i:i + chunk] = apply_wedge(boxes[i:i + chunk], wedge, pad=mask.shape[0] // 2)[:, mask]
     return _normalise_rows(rows)
-
-
-def rotated_templates(template: Template, voxel_size: float, mask: np.ndarray, n_rotations: int,
-                      seed: int = 0, order: int = 3, wedge=None) -> np.ndarray:
-    """``(n_rotations, mask.sum())`` float32: ``template`` rotated (uniform on SO(3)), resampled to
-    ``voxel_size`` Å on the cube of ``mask`` (centre of mass at its centre), given the missing ``wedge``
-    (a :class:`czii_kit.wedge.Wedge`, or None: none), masked and normalised."""
-    return template_rows(rotated_boxes(template, voxel_size, mask.shape[0], n_rotations, seed, order), mask, wedge)
 
 
 class TemplateMatcher:
@@ -331,7 +321,7 @@ class TemplateMatcher:
     def match(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
         """Best NCC ``(N, len(self.types))`` of each template at each point ``(N, 3)`` (x, y, z Å).
 
-        ``volume [z, y, x]`` is the normalised tomogram (:func:`czii_kit.rescore.normalised_volume`,
+        ``volume [z, y, x]`` is the normalised tomogram (:func:`czii_kit.volumes.normalised_volume`,
         particles dark).
         """
         cfg = self.config
@@ -385,4 +375,4 @@ class TemplateMatcher:
 
 __all__ = ["TEMPLATES_FILE", "DEFAULT_TYPES", "TemplateConfig", "Template", "TemplateMatcher", "block_mean",
            "build_templates", "save_templates", "load_templates", "templates_for", "sphere_mask",
-           "rotated_templates", "rotated_boxes", "template_rows"]
+           "rotated_boxes", "template_rows"]

@@ -273,11 +273,12 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     dict
         The saved document: ``thresholds``, ``merge``, ``inference``, ``comparison``, ``table``, ...
     """
+    from czii_kit.checksum import file_sha256
     from czii_kit.infer import InferenceConfig, detect_keeping_volumes
     from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
-    from czii_kit.rescore import VolumeReading, file_sha256
     from czii_kit.train import read_train_record
+    from czii_kit.volumes import VolumeReading
 
     config = config or InferenceConfig()
     weights = Path(weights)
@@ -298,7 +299,10 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     chosen_types = choose_per_type(comparison) if per_type else {}
     merge_per_type = {t: {"name": n, **configs[n]} for t, n in chosen_types.items()}
     cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
-    reading = VolumeReading.like_detector(weights, config, tomogram)
+    from czii_kit.infer import model_voxel_size, preprocess_config_for
+
+    reading = VolumeReading(tomogram, preprocess_config_for(weights), config.polarity, config.smooth, config.flatten,
+                            model_voxel_size(weights))
     cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, reading, refine, tolerance,
                                                          progress, volumes)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
@@ -353,7 +357,7 @@ def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, reading, re
 
     ``refine=None`` tunes thresholds with and without refinement and keeps the better validation
     F4; ``True`` / a :class:`~czii_kit.refine.RefineConfig` always refines; ``False`` never.
-    ``reading``: how the tomograms are read, a :class:`~czii_kit.rescore.VolumeReading` (as the
+    ``reading``: how the tomograms are read, a :class:`~czii_kit.volumes.VolumeReading` (as the
     detector saw them); ``volumes``: normalised volumes already at hand (:func:`czii_kit.infer.detect_keeping_volumes`).
     Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
     """
@@ -391,7 +395,11 @@ def _beside(weights: Path, given, finder, file_name: str) -> Path | None:
 
 
 def _rescorer_path(weights: Path, rescorer) -> Path | None:
-    from czii_kit.rescore import RESCORER_FILE, rescorer_for
+    from czii_kit.rescore import RESCORER_FILE
+
+    def rescorer_for(w: Path) -> Path | None:
+        p = w.parent / RESCORER_FILE
+        return p if p.is_file() else None
 
     return _beside(weights, rescorer, rescorer_for, RESCORER_FILE)
 
@@ -418,7 +426,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     :class:`~czii_kit.rescore.RescoreConfig`, thresholds, table, final F4 and, when the chosen
     template weight is > 0, the template file's name, SHA-256 and :class:`~czii_kit.templates.TemplateConfig`)
     and the rescored candidates. ``reading``: how the tomograms are read
-    (:class:`~czii_kit.rescore.VolumeReading`, as the detector saw them); ``volumes``: normalised
+    (:class:`~czii_kit.volumes.VolumeReading`, as the detector saw them); ``volumes``: normalised
     volumes already at hand (:func:`czii_kit.infer.detect_keeping_volumes`).
     """
     from czii_kit.metric import score
@@ -467,7 +475,7 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
 def _file_record(path: Path, weights: Path) -> dict:
     """``{"file", "sha256"}`` of a companion file as the thresholds file records it: its name when it
     lies beside ``weights``, else its path (read back by ``czii_kit.predict._recorded_file``)."""
-    from czii_kit.rescore import file_sha256
+    from czii_kit.checksum import file_sha256
 
     same_dir = path.resolve().parent == weights.resolve().parent
     return {"file": path.name if same_dir else str(path), "sha256": file_sha256(path)}

@@ -28,7 +28,7 @@ def test_shipped_files_agree_with_the_thresholds_and_go_into_the_wheel(tmp_path)
     import sys
     import zipfile
 
-    from czii_kit.rescore import file_sha256
+    from czii_kit.checksum import file_sha256
 
     w = default_weights()
     doc = json.loads((w.parent / "czii_kit_thresholds.json").read_text())

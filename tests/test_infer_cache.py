@@ -3,6 +3,7 @@
 import os
 
 from czii_kit import infer
+from czii_kit.checksum import file_sha256
 
 
 def test_writable_copy_for_read_only_weights(tmp_path, monkeypatch):
@@ -16,7 +17,7 @@ def test_writable_copy_for_read_only_weights(tmp_path, monkeypatch):
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == os.fspath(ro) else real_access(p, mode))
 
-    digest = infer._sha256(w)
+    digest = file_sha256(w)
     copy = infer._writable_copy(w, digest)
     assert copy.parent.parent == home / "exports" and copy.read_bytes() == b"weights-bytes"
     assert (copy.parent / "czii_kit_thresholds.json").is_file()

@@ -10,24 +10,17 @@ import pytest
 
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.errors import DataError, FileExistsNoForce
-from czii_kit.rescore import (
-    BACKGROUND,
-    CLASSES,
+from czii_kit.rescore import BACKGROUND, CLASSES, RescoreConfig, Rescorer, build_network, rescore_volume
+from czii_kit.rescore_train import (
     STORE_SIZE,
-    RescoreConfig,
-    Rescorer,
     augment,
     background_points,
-    build_network,
-    centre_crop,
-    extract_patches,
     label_points,
-    rescore_volume,
     save_patches,
     save_rescorer,
-    standardise,
     train_rescorer,
 )
+from czii_kit.volumes import centre_crop, extract_patches, standardise
 
 VS = 10.012444
 
@@ -156,7 +149,7 @@ def test_bad_rescorer_file_names_the_file(tmp_path):
         Rescorer(bad)
     with pytest.raises(DataError, match="no such"):
         Rescorer(tmp_path / "missing.pt")
-    from czii_kit.rescore import load_patches
+    from czii_kit.rescore_train import load_patches
 
     bad_patches = tmp_path / "patches.npz"
     bad_patches.write_text("not an archive")
@@ -188,7 +181,7 @@ def _patch_file(path, n, seed):
 def test_training_learns_is_deterministic_and_resumes(tmp_path, monkeypatch):
     import torch
 
-    import czii_kit.rescore as rs
+    import czii_kit.rescore_train as rs
 
     data = _patch_file(tmp_path / "p.npz", 160, 0)
     meta = train_rescorer(data, tmp_path / "learn.pt", val_runs=["TS_val"], progress=False,
@@ -227,7 +220,7 @@ def test_training_learns_is_deterministic_and_resumes(tmp_path, monkeypatch):
 
 
 def test_training_can_start_from_a_rescorer(tmp_path):
-    from czii_kit.rescore import file_sha256
+    from czii_kit.checksum import file_sha256
 
     data = _patch_file(tmp_path / "p.npz", 96, 2)
     kw = {"epochs": 1, "batch": 16, "seed": 3, "threads": 1, "progress": False}
@@ -253,7 +246,7 @@ def test_collect_cli_cuts_references_and_background(tmp_path, capsys):
     from pipeline_fixture import make_root
 
     from czii_kit.cli import main
-    from czii_kit.rescore import load_patches
+    from czii_kit.rescore_train import load_patches
 
     picks = make_root(tmp_path / "root", runs=("TS_a", "TS_b"), shape=(40, 96, 112))
     out = tmp_path / "p.npz"
@@ -286,6 +279,7 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path, mon
 
     import czii_kit.infer
     import czii_kit.tune
+    import czii_kit.volumes
     from czii_kit.infer import InferenceConfig
     from czii_kit.postprocess import apply_thresholds
     from czii_kit.predict import predict
@@ -297,8 +291,8 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path, mon
     torch.manual_seed(0)
     save_rescorer(build_network(), wdir / RESCORER_FILE)
     reads = []
-    real_read = czii_kit.infer.read_volume
-    monkeypatch.setattr(czii_kit.infer, "read_volume", lambda tomo: reads.append(tomo.path) or real_read(tomo))
+    real_read = czii_kit.volumes.read_volume
+    monkeypatch.setattr(czii_kit.volumes, "read_volume", lambda tomo: reads.append(tomo.path) or real_read(tomo))
     kw_tune = {"split": "train", "runs": [run], "backend": "torch", "config": InferenceConfig(multi_label=True),
                "progress": False, "refine": True, "out": tmp_path / "kept.json"}
     doc = tune(weights, root, **kw_tune)  # predict then refines and rescores on one read of each tomogram

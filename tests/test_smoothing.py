@@ -19,7 +19,7 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
 def test_predict_low_passes_noisy_tomograms_once_for_every_stage(tmp_path, monkeypatch):
     from pipeline_fixture import shipped_model_copy
 
-    import czii_kit.infer as infer
+    import czii_kit.volumes as infer
     from czii_kit.layout import get_run
     from czii_kit.predict import MODELS_DIR, predict
     from czii_kit.preprocess import SMOOTH_TARGET, neighbour_correlation, settle_smoothing, smoothing_sigma

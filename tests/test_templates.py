@@ -47,7 +47,7 @@ def _templates(voxel=20.0):
 def _volume(seed=0, noise=0.05, vs=VS):
     """Normalised-looking volume (background 0.6, dense matter dark) with 3 rotated copies of each kind;
     ``vs`` Å per voxel (the particles keep their size in Å)."""
-    from czii_kit.synthetic.phantom import random_rotations
+    from czii_kit.rotations import random_rotations
 
     rng = np.random.default_rng(seed)
     shape = tuple(int(round(n * VS / vs)) for n in SHAPE)
@@ -179,7 +179,8 @@ def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
     from czii_kit.infer import InferenceConfig
     from czii_kit.postprocess import apply_thresholds
     from czii_kit.predict import MODELS_DIR, predict
-    from czii_kit.rescore import RESCORER_FILE, build_network, save_rescorer
+    from czii_kit.rescore import RESCORER_FILE, build_network
+    from czii_kit.rescore_train import save_rescorer
     from czii_kit.templates import TEMPLATES_FILE
     from czii_kit.tune import THRESHOLDS_FILE, tune
 

@@ -66,7 +66,8 @@ def _collect(args) -> int:
     from czii_kit.errors import DataError, FileExistsNoForce
     from czii_kit.layout import select_runs
     from czii_kit.picks import read_picks
-    from czii_kit.rescore import CLASSES, collect_patches, detector_candidates, save_patches
+    from czii_kit.rescore import CLASSES
+    from czii_kit.rescore_train import collect_patches, detector_candidates, save_patches
 
     if Path(args.out).exists() and not args.force:
         raise FileExistsNoForce(f"{args.out}: already exists (use --force to replace it)")
@@ -100,7 +101,7 @@ def _collect(args) -> int:
 
 
 def _train(args) -> int:
-    from czii_kit.rescore import train_rescorer
+    from czii_kit.rescore_train import train_rescorer
 
     meta = train_rescorer(args.patches, args.out, val_runs=args.val_runs, overwrite=args.force,
                           progress=not args.quiet, epochs=args.epochs, batch=args.batch, lr=args.lr,

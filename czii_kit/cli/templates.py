@@ -30,7 +30,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from czii_kit.catalog import get_particle
-    from czii_kit.rescore import file_sha256
+    from czii_kit.checksum import file_sha256
     from czii_kit.templates import DEFAULT_TYPES, build_templates, save_templates
 
     types = tuple(args.types or DEFAULT_TYPES)
