@@ -18,6 +18,10 @@ from tqdm.auto import tqdm
 
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import voxel_to_angstrom
+from czii_kit.layout import find_runs
+from czii_kit.picks import read_picks
+from czii_kit.tomogram import open_tomogram
+from czii_kit.tune import tune_thresholds
 
 CANDIDATE_COLUMNS = ["experiment", "particle_type", "x", "y", "z", "score"]
 
@@ -99,8 +103,6 @@ def log_blobs(
 def predict_baseline(root, split: str = "test", runs: Iterable[str] | None = None, tomogram: str = "denoised",
                      level: int = 1, progress: bool = True, **kwargs) -> pd.DataFrame:
     """LoG candidates for every run of ``split`` under the dataset ``root`` (see :func:`log_blobs`)."""
-    from czii_kit.layout import find_runs
-    from czii_kit.tomogram import open_tomogram
 
     keep = None if runs is None else set(runs)
     frames = []
@@ -117,8 +119,6 @@ def tune_baseline(root, split: str = "train", runs: Iterable[str] | None = None,
 
     Returns ``(thresholds, table)`` from :func:`czii_kit.tune.tune_thresholds`.
     """
-    from czii_kit.picks import read_picks
-    from czii_kit.tune import tune_thresholds
 
     cands = predict_baseline(root, split, runs, progress=progress, **kwargs)
     solution = read_picks(root, split=split, runs=runs)

@@ -50,7 +50,26 @@ from pathlib import Path
 
 import numpy as np
 
-from czii_kit.catalog import PARTICLES
+from czii_kit.bundle import MODELS_DIR
+from czii_kit.catalog import PARTICLES, class_names
+from czii_kit.coords import voxel_to_angstrom
+from czii_kit.infer import Detector, InferenceConfig, detect_volume, ensure_export, native_imgsz
+from czii_kit.offline import configure_offline
+from czii_kit.postprocess import merge_detections
+from czii_kit.preprocess import (
+    PreprocessConfig,
+    robust_window,
+    settle_smoothing,
+    slice_indices,
+    smoothing_sigma,
+    stack_slice,
+)
+from czii_kit.refine import refine_volume
+from czii_kit.rescore import RESCORER_FILE, Rescorer, build_network, rescore_volume
+from czii_kit.rescore_train import save_rescorer
+from czii_kit.templates import TEMPLATES_FILE, TemplateMatcher
+from czii_kit.tomogram import open_tomogram, write_tomogram
+from czii_kit.volumes import normalised_volume, read_volume
 
 FULL_SHAPE = (184, 630, 630)
 RESCORE_CANDIDATES = 1000
@@ -60,7 +79,6 @@ VOXEL_SIZE = 10.012444
 
 def synthetic_tomogram(path: str | Path, shape=FULL_SHAPE, n_per_type: int = 25, seed: int = 0) -> Path:
     """Write a tomogram of dark spheres (catalog radii) in noise, float32, like the Kaggle files."""
-    from czii_kit.tomogram import write_tomogram
 
     rng = np.random.default_rng(seed)
     vol = rng.normal(0.0, 1.0, size=shape).astype(np.float32)
@@ -79,14 +97,12 @@ def synthetic_tomogram(path: str | Path, shape=FULL_SHAPE, n_per_type: int = 25,
 
 def bench_weights(dest: str | Path) -> Path:
     """An untrained YOLO11n with the catalog's 6 classes, saved as ``dest`` (timing is weight-independent)."""
-    from czii_kit.offline import configure_offline
 
     configure_offline()
     import torch
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
 
-    from czii_kit.catalog import class_names
 
     torch.manual_seed(0)
     yolo = YOLO("yolo11n.yaml")
@@ -103,10 +119,6 @@ def _peak_rss_mb() -> float:
 
 def _worker(args) -> dict:
     """One measurement in this (fresh) process; returns the figures as a dict."""
-    from czii_kit.infer import Detector, InferenceConfig, detect_volume, native_imgsz, read_volume
-    from czii_kit.postprocess import merge_detections
-    from czii_kit.preprocess import PreprocessConfig, robust_window, slice_indices, stack_slice
-    from czii_kit.tomogram import open_tomogram
 
     tomo = open_tomogram(args.tomogram)
     imgsz = args.imgsz or native_imgsz(tomo.shape[1:])
@@ -116,9 +128,6 @@ def _worker(args) -> dict:
     if args.mode == "rescore":
         import pandas as pd
 
-        from czii_kit.coords import voxel_to_angstrom
-        from czii_kit.rescore import Rescorer, rescore_volume
-        from czii_kit.volumes import normalised_volume
 
         rng = np.random.default_rng(0)
         zyx = rng.uniform(0, np.array(tomo.shape) - 1, (RESCORE_CANDIDATES, 3))
@@ -127,7 +136,6 @@ def _worker(args) -> dict:
                               "y": xyz[:, 1], "z": xyz[:, 2], "score": 0.5})
         model = Rescorer(args.weights)
         model.predict_proba(np.zeros((8, 32, 32, 32), np.float32))  # first-call overhead excluded
-        from czii_kit.preprocess import settle_smoothing, smoothing_sigma
 
         raw = read_volume(tomo)
         t0 = time.perf_counter()
@@ -140,13 +148,10 @@ def _worker(args) -> dict:
         vol = normalised_volume(read_volume(tomo), prep, "auto")
         rescore_volume(cands, vol, tomo.voxel_size, model)
         out.update(rescore_s=time.perf_counter() - t0, candidates=RESCORE_CANDIDATES)
-        from czii_kit.refine import refine_volume
 
         t0 = time.perf_counter()
         refine_volume(cands.assign(particle_type="apo-ferritin"), vol, tomo.voxel_size)
         out.update(refine_s=time.perf_counter() - t0)
-        from czii_kit.predict import MODELS_DIR
-        from czii_kit.templates import TEMPLATES_FILE, TemplateMatcher
 
         if (MODELS_DIR / TEMPLATES_FILE).is_file():
             t0 = time.perf_counter()
@@ -156,7 +161,6 @@ def _worker(args) -> dict:
             matcher.margins(vol, xyz, tomo.voxel_size)
             out.update(templates_setup_s=t1 - t0, templates_s=time.perf_counter() - t1)
     elif args.mode == "naive":
-        from czii_kit.offline import configure_offline
 
         configure_offline()
         from ultralytics import YOLO
@@ -215,7 +219,6 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
               z_strides=(1, 2), imgsz: int | None = 640, naive: bool = True, workdir: str | Path | None = None,
               progress=print, rescore: bool = True) -> dict:
     """Run the benchmark; return ``{"results": [...], "naive": {...}, "rescore": {...}, "setup": {...}}``."""
-    from czii_kit.infer import ensure_export
 
     tmp = tempfile.TemporaryDirectory(prefix="czii_bench_") if workdir is None else None
     work = Path(workdir or tmp.name)
@@ -247,8 +250,6 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
                      f"peak RSS {naive_r['peak_rss_mb']:.0f} MB")
         rescore_r = None
         if rescore:
-            from czii_kit.rescore import RESCORER_FILE, build_network
-            from czii_kit.rescore_train import save_rescorer
 
             shipped = Path(__file__).parent / "models" / RESCORER_FILE
             if shipped.is_file():

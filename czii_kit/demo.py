@@ -55,17 +55,18 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
     dict
         ``final`` score, per-type ``particles`` figures, ``paths`` of the outputs and ``seconds`` per step.
     """
+    from czii_kit.bundle import ModelBundle
     from czii_kit.infer import missing_backend_modules
     from czii_kit.metric import format_table, score
     from czii_kit.offline import configure_offline
-    from czii_kit.predict import default_weights, predict, summary
+    from czii_kit.predict import predict, summary
     from czii_kit.submission import write_submission
     from czii_kit.synthetic import generate_dataset
 
     configure_offline()
     out = Path(out)
     _prepare(out, force)
-    weights = Path(weights) if weights is not None else default_weights()
+    model = ModelBundle.load(weights)
     if missing_backend_modules(backend):
         echo(f"note: {backend} is not installed ({', '.join(missing_backend_modules(backend))}); using the torch "
              "backend (pip install 'czii_kit[export]' for the faster OpenVINO backend)")
@@ -84,8 +85,8 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
     seconds["simulate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    echo(f"[2/4] picking particles with {weights.name} ({backend})")
-    picks = predict(data, split="test", weights=weights, backend=backend, progress=progress)
+    echo(f"[2/4] picking particles with {model.weights.name} ({backend})")
+    picks = predict(data, split="test", model=model, backend=backend, progress=progress)
     sub_path = write_submission(picks, out / "submission.csv", overwrite=True)
     seconds["predict"] = time.perf_counter() - t
     echo(summary(picks).to_string() if len(picks) else "no particles found")

@@ -44,3 +44,11 @@ class SubmissionError(DataError):
 
 class FileExistsNoForce(CziiKitError, FileExistsError):
     """An output file exists and the caller did not ask to overwrite it."""
+
+
+class SettingsError(DataError):
+    """A settings file (or mapping) with an unknown key, a wrong type or an out-of-range value.
+
+    The message names the file and the key, e.g. ``czii_kit_thresholds.json: rescore.config.mix: must
+    lie in [0, 1], got 2``.
+    """

@@ -18,19 +18,24 @@ box centred at pixel coordinate ``c`` gives index ``c - 0.5``); ``w, h`` are the
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from czii_kit.catalog import class_names
 from czii_kit.checksum import file_sha256
-from czii_kit.coords import KAGGLE_VOXEL_SIZE
+from czii_kit.config import StrictConfig
 from czii_kit.errors import CziiKitError, DataError
+from czii_kit.offline import configure_offline, czii_home
 from czii_kit.postprocess import DETECTION_COLUMNS, empty_detections
 from czii_kit.preprocess import (
     FLATTEN_MODES,
@@ -47,14 +52,14 @@ from czii_kit.preprocess import (
     window_for,
 )
 from czii_kit.tomogram import open_tomogram
-from czii_kit.volumes import load_volume, read_volume  # noqa: F401 (read_volume: used by the tests through infer)
+from czii_kit.volumes import load_volume
 
 BACKENDS = ("torch", "onnx", "openvino")
 EXPORT_RECORD = "czii_kit_export.json"
 
 
 @dataclass
-class InferenceConfig:
+class InferenceConfig(StrictConfig):
     """How slices are run through the model.
 
     Attributes
@@ -127,9 +132,15 @@ class InferenceConfig:
             raise ValueError(f"flatten must be one of {FLATTEN_MODES}, got {self.flatten!r}")
         if self.tilt_axis not in TILT_AXES:
             raise ValueError(f"tilt_axis must be one of {TILT_AXES}, got {self.tilt_axis!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        if self.polarity not in ("auto", "dark", "bright"):
+            raise ValueError(f"polarity must be 'auto', 'dark' or 'bright', got {self.polarity!r}")
+        if self.z_stride < 1 or self.batch < 1 or self.max_det < 1:
+            raise ValueError(f"z_stride, batch and max_det must be >= 1, got {self.z_stride}, {self.batch}, "
+                             f"{self.max_det}")
+        if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
+            raise ValueError(f"imgsz must be a multiple of 32 (or null: native), got {self.imgsz}")
+        if not (0.0 <= self.conf <= 1.0 and 0.0 < self.iou <= 1.0):
+            raise ValueError(f"conf must lie in [0, 1] and iou in (0, 1], got {self.conf}, {self.iou}")
 
 
 def native_imgsz(shape_yx: Sequence[int], stride: int = 32) -> int:
@@ -137,38 +148,41 @@ def native_imgsz(shape_yx: Sequence[int], stride: int = 32) -> int:
     return int(math.ceil(max(shape_yx) / stride) * stride)
 
 
-def export_path(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -> Path:
-    """Where the cached export of ``weights`` for ``backend`` at ``imgsz`` and ``batch`` lives."""
+EXPORTS_ENV = "CZII_KIT_EXPORTS"
+"""Environment variable naming the export cache folder (default ``$CZII_KIT_HOME/exports``)."""
+
+
+def export_cache(export_dir: str | Path | None = None) -> Path:
+    """The folder ONNX / OpenVINO exports are cached in: ``export_dir``, else ``$CZII_KIT_EXPORTS``, else
+    ``exports`` in czii_kit's cache folder (:func:`czii_kit.offline.czii_home`). Never the package folder,
+    so a read-only install works."""
+    if export_dir is not None:
+        return Path(export_dir).expanduser()
+    env = os.environ.get(EXPORTS_ENV)
+    return Path(env).expanduser() if env else czii_home() / "exports"
+
+
+def export_path(weights: str | Path, backend: str, imgsz: int, batch: int = 8, digest: str | None = None,
+                export_dir: str | Path | None = None) -> Path:
+    """Where the cached export of ``weights`` (SHA-256 ``digest``) for ``backend`` at ``imgsz`` and ``batch`` lives:
+    a folder per weights checksum in :func:`export_cache`, so two models (or versions) never mix."""
     w = Path(weights)
+    folder = export_cache(export_dir) / (digest or file_sha256(w))[:16]
     if backend == "onnx":
-        return w.with_name(f"{w.stem}_{imgsz}_b{batch}.onnx")
+        return folder / f"{w.stem}_{imgsz}_b{batch}.onnx"
     if backend == "openvino":
-        return w.with_name(f"{w.stem}_{imgsz}_b{batch}_openvino_model")
+        return folder / f"{w.stem}_{imgsz}_b{batch}_openvino_model"
     raise ValueError(f"backend {backend!r} has no export")
 
 
-def _writable_copy(weights: Path, digest: str) -> Path:
-    """``weights`` itself when its folder is writable, else a copy in ``$CZII_KIT_HOME/exports/``.
-
-    Weights attached read-only (a Kaggle dataset under ``/kaggle/input``, a system-wide install)
-    are exported from that copy, so the export cache lands somewhere writable.
-    """
-    import os
-
-    if os.access(weights.parent, os.W_OK):
-        return weights
-    from czii_kit.offline import czii_home
-
-    folder = czii_home() / "exports" / digest[:16]
+def _cached_copy(weights: Path, folder: Path) -> Path:
+    """A copy of ``weights`` in the export folder ``folder`` (ultralytics writes an export beside its ``.pt``)."""
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / weights.name
     if not copy.is_file():
-        tmp = folder / f".{weights.name}.tmp"
+        tmp = folder / f".{weights.name}.{os.getpid()}.tmp"
         shutil.copyfile(weights, tmp)
-        tmp.rename(copy)
-    for side in weights.parent.glob("czii_kit_*.json"):  # train record and thresholds travel along
-        if not (folder / side.name).exists():
-            shutil.copyfile(side, folder / side.name)
+        tmp.replace(copy)
     return copy
 
 
@@ -183,19 +197,19 @@ def missing_backend_modules(backend: str) -> list[str]:
     return [m for m in BACKEND_MODULES.get(backend, ()) if importlib.util.find_spec(m) is None]
 
 
-def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8) -> Path:
-    """Export ``weights`` to ``backend`` once (cached beside the weights); return the model path.
+def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8,
+                  export_dir: str | Path | None = None) -> Path:
+    """Export ``weights`` to ``backend`` once (cached in :func:`export_cache`, keyed by the weights'
+    SHA-256); return the model path.
 
     Exports are static (``dynamic=False``) with input ``(batch, 3, imgsz, imgsz)``: OpenVINO runs
     static shapes faster and with less memory; ultralytics' AutoBackend pads a short last batch.
     """
-    from czii_kit.offline import configure_offline
-
     configure_offline()
     w = Path(weights)
     digest = file_sha256(w)
-    w = _writable_copy(w, digest)
-    dest = export_path(w, backend, imgsz, batch)
+    dest = export_path(w, backend, imgsz, batch, digest, export_dir)
+    w = _cached_copy(w, dest.parent)
     rec_path = dest / EXPORT_RECORD if backend == "openvino" else dest.with_name(f"{dest.name}.{EXPORT_RECORD}")
     if dest.exists() and rec_path.is_file():
         try:
@@ -204,9 +218,6 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8)
             rec = {}
         if rec.get("weights_sha256") == digest:
             return dest
-    import logging
-    import sys
-
     from ultralytics import YOLO
     from ultralytics.utils import LOGGER
 
@@ -293,9 +304,7 @@ class Detector:
     """
 
     def __init__(self, weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
-                 imgsz: int = 640):
-        from czii_kit.offline import configure_offline
-
+                 imgsz: int = 640, export_dir: str | Path | None = None):
         configure_offline()
         if backend not in BACKENDS:
             raise CziiKitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -312,15 +321,13 @@ class Detector:
         if self.imgsz % 32:
             raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
         path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz,
-                                                                     self.config.batch)
+                                                                     self.config.batch, export_dir)
         from ultralytics.nn.autobackend import AutoBackend
 
         self.device = _device(self.config.device, backend)
         self.model = AutoBackend(str(path), device=self.device, fp16=False, verbose=False)
         self.model.eval()
         self.names = {int(k): str(v) for k, v in dict(self.model.names).items()}
-        from czii_kit.catalog import class_names
-
         if self.names != class_names():
             raise DataError(self.weights, f"the model's classes {self.names} are not czii_kit's catalog classes "
                                           f"{class_names()} (train it on a dataset from `czii-kit build-dataset`)")
@@ -371,23 +378,6 @@ class Detector:
             for r in res:
                 r[:, :4] /= scale
         return res
-
-
-def model_voxel_size(weights: str | Path) -> float:
-    """Å per voxel of the tomograms ``weights`` was trained on (median over the runs recorded in
-    ``czii_kit_train.json``), else :data:`czii_kit.coords.KAGGLE_VOXEL_SIZE`."""
-    from czii_kit.train import read_train_record
-
-    sizes = read_train_record(weights).get("dataset", {}).get("voxel_size")
-    values = [float(v) for v in sizes.values()] if isinstance(sizes, dict) else []
-    return float(np.median(values)) if values else KAGGLE_VOXEL_SIZE
-
-
-def preprocess_config_for(weights: str | Path) -> PreprocessConfig:
-    """The preprocessing recorded beside ``weights`` (``czii_kit_train.json``), else the default."""
-    from czii_kit.train import read_train_record
-
-    return PreprocessConfig.from_dict(read_train_record(weights).get("preprocess"))
 
 
 def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: InferenceConfig | None = None,
@@ -479,7 +469,9 @@ class DetectedRun:
 
 
 def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
-                     config: InferenceConfig | None = None, progress: bool = True, stage: str | None = None):
+                     config: InferenceConfig | None = None, preprocess: PreprocessConfig | None = None,
+                     voxel_size: float | None = None, progress: bool = True, stage: str | None = None,
+                     export_dir: str | Path | None = None):
     """Yield a :class:`DetectedRun` per run (``czii_kit.layout.Run`` objects), one tomogram at a time.
 
     Each tomogram is read and prepared once (:func:`prepare_volume`) and kept in the yielded object,
@@ -492,11 +484,11 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
 
     config = config or InferenceConfig()
     runs = list(runs)
-    prep = preprocess_config_for(weights)
-    target = model_voxel_size(weights)
+    prep = preprocess or PreprocessConfig()
+    target = voxel_size
     detector = None
     tomos = [(r, open_tomogram(r.tomogram_path(tomogram))) for r in runs]
-    total = sum(len(slice_indices(resampled_shape(t.shape, t.voxel_size, target)[0], config.z_stride))
+    total = sum(len(slice_indices(resampled_shape(t.shape, t.voxel_size, target or t.voxel_size)[0], config.z_stride))
                 for _, t in tomos)
     bar = tqdm(total=total, desc="detect", unit="slice", disable=not progress)
     try:
@@ -505,7 +497,7 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
             vol, voxel_size = load_volume(tomo, target)
             imgsz = config.imgsz or native_imgsz(vol.shape[1:])
             if detector is None or detector.imgsz != imgsz:
-                detector = Detector(weights, backend, config, imgsz)
+                detector = Detector(weights, backend, config, imgsz, export_dir)
             vol, window, sigma = prepare_volume(vol, prep, config, tomo.path)
             turn = settle_tilt_axis(vol, config.tilt_axis, tomo.path)
             dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar, turn)
@@ -520,13 +512,14 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
 
 
 def detect_keeping_volumes(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
-                           config: InferenceConfig | None = None, progress: bool = True, budget: int = 0
+                           config: InferenceConfig | None = None, progress: bool = True, budget: int = 0,
+                           preprocess: PreprocessConfig | None = None, voxel_size: float | None = None
                            ) -> tuple[pd.DataFrame, dict[str, float], dict[str, tuple[float, np.ndarray]]]:
     """:func:`detect_runs`, plus each run's normalised volume (``{run: (voxel_size, volume)}``,
     :meth:`DetectedRun.normalised`) kept while they fit in ``budget`` bytes, so that later 3D stages
     (``tune``'s refinement and rescoring) need not read, resample, flatten and low-pass it again."""
     frames, voxel_sizes, volumes, used = [], {}, {}, 0
-    for done in iter_detect_runs(weights, runs, tomogram, backend, config, progress):
+    for done in iter_detect_runs(weights, runs, tomogram, backend, config, preprocess, voxel_size, progress):
         frames.append(done.detections)
         voxel_sizes[done.run.name] = done.voxel_size
         if used + done.volume.nbytes <= budget:
@@ -539,11 +532,13 @@ def detect_keeping_volumes(weights: str | Path, runs: Iterable, tomogram: str = 
 
 
 def detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
-                config: InferenceConfig | None = None, progress: bool = True
+                config: InferenceConfig | None = None, progress: bool = True,
+                preprocess: PreprocessConfig | None = None, voxel_size: float | None = None
                 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Detections of every run (``czii_kit.layout.Run`` objects) and each run's voxel size (Å).
 
     Tomograms are read one at a time (:func:`iter_detect_runs`).
     """
-    dets, voxel_sizes, _ = detect_keeping_volumes(weights, runs, tomogram, backend, config, progress)
+    dets, voxel_sizes, _ = detect_keeping_volumes(weights, runs, tomogram, backend, config, progress, 0, preprocess,
+                                                  voxel_size)
     return dets, voxel_sizes

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from czii_kit.atomic import atomic_write
 from czii_kit.catalog import PARTICLES, get_particle
 from czii_kit.coords import angstrom_to_voxel
 
@@ -197,7 +198,6 @@ def show_matches(ax, volume, index: int, labels: pd.DataFrame, voxel_size: float
 
 def save_figure(fig, path, dpi: int = 110, overwrite: bool = True):
     """Save ``fig`` as PNG atomically and close it; returns the path."""
-    from czii_kit.atomic import atomic_write
 
     def _write(tmp):
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")

@@ -29,7 +29,7 @@ thresholds. Output coordinates are Å ``(x, y, z)`` via :mod:`czii_kit.coords`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
+from czii_kit.config import StrictConfig
 from czii_kit.coords import voxel_to_angstrom
 
 DETECTION_COLUMNS = ["run", "z", "x", "y", "w", "h", "conf", "class"]
@@ -46,7 +47,7 @@ METHODS = ("greedy", "components")
 
 
 @dataclass(frozen=True)
-class MergeConfig:
+class MergeConfig(StrictConfig):
     """Parameters of :func:`merge_detections` (radii as fractions of the particle radius)."""
 
     method: str = "greedy"
@@ -65,13 +66,6 @@ class MergeConfig:
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping | None) -> MergeConfig:
-        d = dict(d or {})
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def empty_detections() -> pd.DataFrame:
@@ -193,7 +187,9 @@ def nms_3d(centres: np.ndarray, score: np.ndarray, radius: float) -> np.ndarray:
 
 
 def _as_config(config: MergeConfig | Mapping | None) -> MergeConfig:
-    return config if isinstance(config, MergeConfig) else MergeConfig.from_dict(config)
+    if isinstance(config, MergeConfig):
+        return config
+    return MergeConfig.from_dict({k: v for k, v in (config or {}).items() if k != "name"})  # name: tune's record
 
 
 def merge_detections(detections: pd.DataFrame, voxel_size: float | Mapping[str, float],

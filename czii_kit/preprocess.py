@@ -12,15 +12,16 @@ tomograms the models are trained on, and over-smoothed ones sharpened (:func:`se
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from czii_kit.config import StrictConfig
 from czii_kit.errors import DataError
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(StrictConfig):
     """How slices become images; recorded in datasets and beside weights so inference matches training.
 
     Attributes
@@ -63,20 +64,6 @@ class PreprocessConfig:
             raise ValueError("sample_step must be >= 1")
         object.__setattr__(self, "offsets", tuple(int(o) for o in self.offsets))
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["offsets"] = list(self.offsets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> PreprocessConfig:
-        """Build from a (possibly partial) dict; unknown keys are ignored."""
-        d = dict(d or {})
-        known = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "offsets" in kw:
-            kw["offsets"] = tuple(kw["offsets"])
-        return cls(**kw)
 
 
 @dataclass

@@ -14,13 +14,14 @@ Pure numpy / scipy; the volume is the normalised tomogram of :func:`czii_kit.vol
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from czii_kit.catalog import get_particle
+from czii_kit.config import StrictConfig
 from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.postprocess import nms_3d
 from czii_kit.volumes import VolumeReading, extract_patches, run_volumes
@@ -30,7 +31,7 @@ SHELLS: dict[str, tuple[float, float]] = {"apo-ferritin": (40.0, 60.0)}
 
 
 @dataclass
-class RefineConfig:
+class RefineConfig(StrictConfig):
     """Which candidates are refined and how.
 
     Attributes
@@ -55,15 +56,6 @@ class RefineConfig:
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["types"] = list(self.types)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping | None) -> RefineConfig:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 def shell_template(inner: float, outer: float, voxel_size: float, soft: float = 0.5) -> np.ndarray:

@@ -27,13 +27,14 @@ Arrays are indexed ``[z, y, x]``; candidate positions are ``(x, y, z)`` in Å an
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
+from czii_kit.config import StrictConfig
 from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import DataError
 from czii_kit.postprocess import nms_3d, sort_candidates
@@ -45,7 +46,7 @@ BACKGROUND = len(PARTICLE_NAMES)
 
 
 @dataclass
-class RescoreConfig:
+class RescoreConfig(StrictConfig):
     """How rescored candidates are scored.
 
     Attributes
@@ -84,13 +85,6 @@ class RescoreConfig:
         if self.template_weight < 0:
             raise ValueError(f"template_weight must be >= 0, got {self.template_weight}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping | None) -> RescoreConfig:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 # --- the network -----------------------------------------------------------------------------

@@ -25,11 +25,14 @@ from tqdm.auto import tqdm
 
 from czii_kit import __version__
 from czii_kit.atomic import atomic_write
+from czii_kit.bundle import ModelBundle
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.checksum import file_sha256
 from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.infer import detect_runs
 from czii_kit.metric import DISTANCE_MULTIPLIER
+from czii_kit.postprocess import merge_detections
 from czii_kit.preprocess import PreprocessConfig
 from czii_kit.rescore import BACKGROUND, CLASSES, Rescorer, build_network
 from czii_kit.tomogram import open_tomogram
@@ -331,18 +334,16 @@ def save_rescorer(net, path: str | Path, meta: Mapping | None = None, overwrite:
     return atomic_write(path, write, overwrite=overwrite)
 
 
-def detector_candidates(weights: str | Path, runs: Sequence, tomogram: str = "denoised", backend: str = "openvino",
+def detector_candidates(weights: ModelBundle | str | Path, runs: Sequence, tomogram: str = "denoised", backend: str = "openvino",
                         floor: float = 0.5, progress: bool = True) -> pd.DataFrame:
     """The detector's merged candidates on ``runs`` whose score is >= ``floor`` x the tuned threshold.
 
     Uses the inference, merging and thresholds tuned beside ``weights`` (as ``predict`` does).
     """
-    from czii_kit.infer import detect_runs
-    from czii_kit.postprocess import merge_detections
-    from czii_kit.predict import settings_for
-
-    inf, merge, per_type, thr = settings_for(weights)
-    dets, voxel_sizes = detect_runs(weights, runs, tomogram, backend, inf, progress)
-    cands = merge_detections(dets, voxel_sizes, merge, per_type)
-    keep = cands["score"] >= cands["particle_type"].map(thr).astype(float) * floor
+    model = ModelBundle.load(weights)
+    s = model.settings()
+    dets, voxel_sizes = detect_runs(model.weights, runs, tomogram, backend, s.inference, progress, model.preprocess,
+                                    model.voxel_size)
+    cands = merge_detections(dets, voxel_sizes, s.merge, s.merge_per_type)
+    keep = cands["score"] >= cands["particle_type"].map(dict(s.thresholds)).astype(float) * floor
     return cands[keep].reset_index(drop=True)

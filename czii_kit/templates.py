@@ -33,24 +33,27 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from czii_kit import __version__
+from czii_kit.atomic import atomic_write
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
+from czii_kit.config import StrictConfig
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError
 from czii_kit.maps import load_map_model
 from czii_kit.rotations import random_rotations
+from czii_kit.wedge import Wedge, apply_wedge, estimate_wedge
 
 TEMPLATES_FILE = "czii_kit_templates.npz"
 DEFAULT_TYPES = ("beta-galactosidase", "thyroglobulin")
 
 
 @dataclass
-class TemplateConfig:
+class TemplateConfig(StrictConfig):
     """How candidates are matched.
 
     Attributes
@@ -97,7 +100,6 @@ class TemplateConfig:
         if self.mask_radius is not None and self.mask_radius <= 0:
             raise ValueError(f"mask_radius must be > 0 Å, got {self.mask_radius}")
         if self.wedge is not None and self.wedge != "auto":
-            from czii_kit.wedge import Wedge
 
             try:
                 lo, hi = (float(a) for a in self.wedge)
@@ -106,13 +108,6 @@ class TemplateConfig:
                 raise ValueError(f"wedge must be None, 'auto' or two angles in (0, 90), got {self.wedge!r}") from exc
             self.wedge = (lo, hi)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping | None) -> TemplateConfig:  # duplicates: dataclass boilerplate
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 @dataclass
@@ -169,7 +164,6 @@ def save_templates(templates: Mapping[str, Template], path: str | Path, meta: Ma
                    overwrite: bool = False) -> Path:
     """Write ``templates`` to an ``.npz`` (atomically; :class:`~czii_kit.errors.FileExistsNoForce` if
     ``path`` exists and not ``overwrite``)."""
-    from czii_kit.atomic import atomic_write
 
     arrays = {}
     for name, t in templates.items():
@@ -251,7 +245,6 @@ def template_rows(boxes: np.ndarray, mask: np.ndarray, wedge=None, chunk: int = 
     if wedge is None:
         rows = np.ascontiguousarray(boxes[:, mask])
     else:
-        from czii_kit.wedge import apply_wedge
 
         rows = np.empty((len(boxes), int(mask.sum())), np.float32)
         for i in range(0, len(boxes), chunk):
@@ -308,7 +301,6 @@ class TemplateMatcher:
         """The :class:`czii_kit.wedge.Wedge` the templates get for the binned tomogram ``binned [z, y, x]``
         (None: none), by :attr:`TemplateConfig.wedge`; estimated ones are rounded to 2° (None for a volume
         too small to read one off)."""
-        from czii_kit.wedge import Wedge, estimate_wedge
 
         w = self.config.wedge
         if w is None:

@@ -20,11 +20,11 @@ import platform
 from pathlib import Path
 
 from czii_kit import __version__
-from czii_kit.atomic import atomic_write_text, read_json
+from czii_kit.atomic import atomic_write_text
+from czii_kit.bundle import TRAIN_RECORD, read_train_record
 from czii_kit.errors import CziiKitError, DataError, FileExistsNoForce
+from czii_kit.offline import configure_offline
 from czii_kit.yolo_dataset import read_manifest
-
-TRAIN_RECORD = "czii_kit_train.json"
 
 DEFAULTS: dict = {
     "epochs": 50,
@@ -76,11 +76,6 @@ def _versions() -> dict:
 
     return {"czii_kit": __version__, "ultralytics": ultralytics.__version__, "torch": torch.__version__,
             "python": platform.python_version()}
-
-
-def read_train_record(weights: str | Path) -> dict:
-    """The ``czii_kit_train.json`` beside ``weights`` (``{}`` when absent)."""
-    return read_json(Path(weights).parent / TRAIN_RECORD)
 
 
 def _resolve_model(model: str | Path) -> str:
@@ -144,7 +139,6 @@ def train(
     out_dir = Path(out_dir).absolute()
     if not resume and not Path(data_yaml).is_file():
         raise DataError(data_yaml, "no such dataset file (build one with `czii-kit build-dataset`)")
-    from czii_kit.offline import configure_offline
 
     configure_offline()
     from ultralytics import YOLO

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,22 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from czii_kit import __version__
-from czii_kit.atomic import atomic_write_text, read_json
+from czii_kit.atomic import atomic_write_text
+from czii_kit.bundle import MANIFEST_FILE, ModelBundle
 from czii_kit.catalog import PARTICLES, get_particle
+from czii_kit.checksum import file_sha256
 from czii_kit.errors import DataError
-from czii_kit.metric import BETA, DISTANCE_MULTIPLIER, f_beta
+from czii_kit.infer import InferenceConfig, detect_keeping_volumes
+from czii_kit.layout import select_runs
+from czii_kit.metric import BETA, DISTANCE_MULTIPLIER, f_beta, score
+from czii_kit.picks import read_picks
 from czii_kit.postprocess import MergeConfig, apply_thresholds, merge_detections
+from czii_kit.refine import RefineConfig, refine_runs
+from czii_kit.rescore import RESCORER_FILE, RescoreConfig, Rescorer, combine_scores, rescore_runs
+from czii_kit.settings import DEFAULT_THRESHOLD, SETTINGS_FILE, PipelineSettings
+from czii_kit.templates import TEMPLATES_FILE, TemplateMatcher
 
-THRESHOLDS_FILE = "czii_kit_thresholds.json"
-DEFAULT_THRESHOLD = 0.5
+THRESHOLDS_FILE = SETTINGS_FILE
 THRESHOLD_TOLERANCE = 0.01
 """F-beta a tuned threshold may give up on the validation runs to sit lower (see the module docstring)."""
 
@@ -165,8 +174,6 @@ def compare_merges(detections: pd.DataFrame, voxel_sizes, solution: pd.DataFrame
     Columns: ``name, final`` (weighted F4 at tuned thresholds) and ``F4`` per particle type, sorted
     best first. ``link_dz`` of connected components is multiplied by ``z_stride``.
     """
-    from dataclasses import replace
-
     merges = merges or CANDIDATE_MERGES
     rows = []
     for name, cfg in merges.items():
@@ -199,28 +206,7 @@ def choose_per_type(comparison: pd.DataFrame, margin: float = PER_TYPE_MARGIN) -
     return out
 
 
-def thresholds_path(weights: str | Path, path: str | Path | None = None) -> Path:
-    """The thresholds file ``predict`` reads: ``path`` when given, else ``czii_kit_thresholds.json`` beside ``weights``."""
-    return Path(path) if path is not None else Path(weights).parent / THRESHOLDS_FILE
-
-
-def read_thresholds(weights: str | Path, path: str | Path | None = None) -> dict:
-    """The ``czii_kit_thresholds.json`` beside ``weights`` (``{}`` when absent), or the file ``path``
-    (one written by ``tune(..., out=path)``; it must exist)."""
-    p = thresholds_path(weights, path)
-    if path is not None and not p.is_file():
-        raise DataError(p, "no such thresholds file (write one with `czii-kit tune ... --out FILE`)")
-    doc = read_json(p)
-    if not doc:
-        if path is not None:
-            raise DataError(p, "empty thresholds file")
-        return {}
-    if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), dict):
-        raise DataError(p, "no 'thresholds' object")
-    return doc
-
-
-def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: str = "train",
+def tune(model: ModelBundle | str | Path, root: str | Path | Sequence[str | Path], split: str = "train",
          runs: Sequence[str] | None = None,
          backend: str = "torch", tomogram: str = "denoised", config=None,
          merges: dict[str, MergeConfig] | None = None, out: str | Path | None = None,
@@ -232,6 +218,8 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
 
     Parameters
     ----------
+    model : ModelBundle or path-like
+        The model bundle (or its weights file) to tune; the settings are written beside its weights.
     root : path-like or sequence of path-like
         Dataset root(s) holding the validation runs and their picks.
     runs : sequence of str, optional
@@ -273,25 +261,17 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     dict
         The saved document: ``thresholds``, ``merge``, ``inference``, ``comparison``, ``table``, ...
     """
-    from czii_kit.checksum import file_sha256
-    from czii_kit.infer import InferenceConfig, detect_keeping_volumes
-    from czii_kit.layout import select_runs
-    from czii_kit.picks import read_picks
-    from czii_kit.train import read_train_record
-    from czii_kit.volumes import VolumeReading
-
     config = config or InferenceConfig()
-    weights = Path(weights)
-    if not weights.is_file():
-        raise DataError(weights, "no such weights file")
+    model = ModelBundle.load(model)
+    weights = model.weights
     if runs is None:
-        runs = read_train_record(weights).get("dataset", {}).get("val_runs") or None
+        runs = model.val_runs or None
     chosen = select_runs(root, split, runs)
     solution = read_picks(root, split=split, runs=[r.name for r in chosen])
     if solution.empty:
         raise DataError(root, "the validation runs have no picks to tune against")
     dets, voxel_sizes, volumes = detect_keeping_volumes(weights, chosen, tomogram, backend, config, progress,
-                                                        KEEP_VOLUMES_BYTES)
+                                                        KEEP_VOLUMES_BYTES, model.preprocess, model.voxel_size)
     comparison = compare_merges(dets, voxel_sizes, solution, merges, config.z_stride, tolerance)
     best = comparison.iloc[0]
     merge_cfg = MergeConfig.from_dict(best["config"])
@@ -299,15 +279,10 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
     chosen_types = choose_per_type(comparison) if per_type else {}
     merge_per_type = {t: {"name": n, **configs[n]} for t, n in chosen_types.items()}
     cands = merge_detections(dets, voxel_sizes, merge_cfg, merge_per_type)
-    from czii_kit.infer import model_voxel_size, preprocess_config_for
-
-    reading = VolumeReading(tomogram, preprocess_config_for(weights), config.polarity, config.smooth, config.flatten,
-                            model_voxel_size(weights))
+    reading = model.reading(config, tomogram)
     cands, refine_cfg, refine_comparison = choose_refine(cands, chosen, solution, reading, refine, tolerance,
                                                          progress, volumes)
     thresholds, table = tune_thresholds(cands, solution, tolerance=tolerance)
-    from czii_kit.metric import score
-
     check = score(solution, apply_thresholds(cands, thresholds))
     doc = {
         "czii_kit_version": __version__,
@@ -332,17 +307,20 @@ def tune(weights: str | Path, root: str | Path | Sequence[str | Path], split: st
         ],
         "n_detections": len(dets),
     }
-    rescorer_path = _rescorer_path(weights, rescorer)
+    rescorer_path = _beside(model, rescorer, RESCORER_FILE)
     if rescorer_path is not None:
         doc["rescore"], rescored = tune_rescored(cands, chosen, solution, rescorer_path, reading, weights,
                                                  rescore_config, tolerance, progress, rescore_mixes,
-                                                 templates=_templates_path(weights, templates),
+                                                 templates=_beside(model, templates, TEMPLATES_FILE),
                                                  template_weights=template_weights, volumes=volumes,
                                                  template_config=template_config)
     else:
         rescored = None
-    dest = Path(out) if out else weights.parent / THRESHOLDS_FILE
+    dest = Path(out) if out else model.settings_path
+    PipelineSettings.from_doc(doc, dest)  # what predict will read back: checked before it is written
     atomic_write_text(dest, json.dumps(doc, indent=1), overwrite=overwrite)
+    if dest.resolve() == model.settings_path.resolve() and (model.folder / MANIFEST_FILE).is_file():
+        model.write_manifest()  # the bundle's manifest follows its new settings
     doc["path"] = str(dest)
     doc["_detections"] = dets
     doc["_candidates"] = cands
@@ -361,8 +339,6 @@ def choose_refine(cands: pd.DataFrame, runs, solution: pd.DataFrame, reading, re
     detector saw them); ``volumes``: normalised volumes already at hand (:func:`czii_kit.infer.detect_keeping_volumes`).
     Returns ``(candidates, RefineConfig or None, {"none": F4, "refined": F4} or None)``.
     """
-    from czii_kit.refine import RefineConfig, refine_runs
-
     if refine is False:
         return cands, None, None
     cfg = refine if isinstance(refine, RefineConfig) else RefineConfig()
@@ -381,33 +357,19 @@ def _table_dict(table: pd.DataFrame) -> dict:
             for k, row in table.iterrows()}
 
 
-def _beside(weights: Path, given, finder, file_name: str) -> Path | None:
-    """A companion file of ``weights``: ``given`` if a path, ``finder(weights)`` (the file beside the
-    weights, or None) if ``None``, the same but required if ``True``, none if ``False``."""
+def _beside(model: ModelBundle, given, file_name: str) -> Path | None:
+    """A bundle file of ``model``: ``given`` if a path, the file ``file_name`` beside the weights (or
+    None) if ``None``, the same but required if ``True``, none if ``False``."""
     if given is False:
         return None
     if given is None or given is True:
-        found = finder(weights)
+        found = model.file(file_name)
         if found is None and given is True:
-            raise DataError(weights.parent, f"no {file_name} beside the weights")
+            raise DataError(model.folder, f"no {file_name} beside the weights")
         return found
     return Path(given)
 
 
-def _rescorer_path(weights: Path, rescorer) -> Path | None:
-    from czii_kit.rescore import RESCORER_FILE
-
-    def rescorer_for(w: Path) -> Path | None:
-        p = w.parent / RESCORER_FILE
-        return p if p.is_file() else None
-
-    return _beside(weights, rescorer, rescorer_for, RESCORER_FILE)
-
-
-def _templates_path(weights: Path, templates) -> Path | None:
-    from czii_kit.templates import TEMPLATES_FILE, templates_for
-
-    return _beside(weights, templates, templates_for, TEMPLATES_FILE)
 
 
 def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_path: Path, reading,
@@ -429,16 +391,11 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
     (:class:`~czii_kit.volumes.VolumeReading`, as the detector saw them); ``volumes``: normalised
     volumes already at hand (:func:`czii_kit.infer.detect_keeping_volumes`).
     """
-    from czii_kit.metric import score
-    from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, rescore_runs
-
     rcfg = rescore_config or RescoreConfig()
     mixes = [rcfg.mix] if mixes is None else list(mixes)
     cross = [rcfg.cross_type] if cross_types is None else list(cross_types)
     matcher = None
     if templates is not None:
-        from czii_kit.templates import TemplateMatcher
-
         matcher = TemplateMatcher(templates, template_config)
     weights_tm = list(template_weights) if matcher is not None else [0.0]
     model = Rescorer(rescorer_path)
@@ -474,8 +431,6 @@ def tune_rescored(cands: pd.DataFrame, runs, solution: pd.DataFrame, rescorer_pa
 
 def _file_record(path: Path, weights: Path) -> dict:
     """``{"file", "sha256"}`` of a companion file as the thresholds file records it: its name when it
-    lies beside ``weights``, else its path (read back by ``czii_kit.predict._recorded_file``)."""
-    from czii_kit.checksum import file_sha256
-
+    lies beside ``weights``, else its path (read back by :meth:`czii_kit.bundle.ModelBundle.companion`)."""
     same_dir = path.resolve().parent == weights.resolve().parent
     return {"file": path.name if same_dir else str(path), "sha256": file_sha256(path)}

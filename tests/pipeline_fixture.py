@@ -115,7 +115,7 @@ def shipped_model_copy(tmp_path: Path, seed: int):
 
     import pytest
 
-    from czii_kit.predict import MODELS_DIR
+    from czii_kit.bundle import MODELS_DIR
     from czii_kit.synthetic import generate_dataset
 
     if not (MODELS_DIR / "default.pt").is_file():

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
+from czii_kit.bundle import MODELS_DIR, default_weights
 from czii_kit.catalog import class_names
-from czii_kit.predict import MODELS_DIR, default_weights
 
 pytestmark = pytest.mark.skipif(not any(MODELS_DIR.glob("*.pt")), reason="no model shipped in czii_kit/models")
 

@@ -26,7 +26,7 @@ def test_shared_maps_dir_follows_env(tmp_path, monkeypatch):
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    from czii_kit.predict import MODELS_DIR
+    from czii_kit.bundle import MODELS_DIR
 
     if not any(MODELS_DIR.glob("*.pt")):
         pytest.skip("no model shipped in czii_kit/models")

@@ -1,37 +1,42 @@
-"""Exports of read-only weights (Kaggle datasets under /kaggle/input) are cached in a writable folder."""
+"""ONNX / OpenVINO exports are cached in a user cache folder keyed by the weights' checksum, never beside them."""
 
-import os
+import pytest
 
 from czii_kit import infer
 from czii_kit.checksum import file_sha256
 
 
-def test_writable_copy_for_read_only_weights(tmp_path, monkeypatch):
+def test_exports_are_cached_outside_the_weights_folder_keyed_by_checksum(tmp_path, monkeypatch):
     ro = tmp_path / "input" / "model"
     ro.mkdir(parents=True)
     w = ro / "best.pt"
     w.write_bytes(b"weights-bytes")
-    (ro / "czii_kit_thresholds.json").write_text("{}")
+    other = tmp_path / "other" / "best.pt"
+    other.parent.mkdir()
+    other.write_bytes(b"other-weights")
     home = tmp_path / "home"
     monkeypatch.setenv("CZII_KIT_HOME", str(home))
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == os.fspath(ro) else real_access(p, mode))
+    monkeypatch.delenv(infer.EXPORTS_ENV, raising=False)
 
     digest = file_sha256(w)
-    copy = infer._writable_copy(w, digest)
-    assert copy.parent.parent == home / "exports" and copy.read_bytes() == b"weights-bytes"
-    assert (copy.parent / "czii_kit_thresholds.json").is_file()
-    assert infer.export_path(copy, "openvino", 640).parent == copy.parent
-    assert infer._writable_copy(w, digest) == copy  # reused
+    dest = infer.export_path(w, "openvino", 640, 8)
+    assert dest == home / "exports" / digest[:16] / "best_640_b8_openvino_model"
+    assert infer.export_path(w, "onnx", 320, 4).name == "best_320_b4.onnx"
+    assert infer.export_path(other, "openvino", 640, 8).parent != dest.parent  # same name, other weights: apart
+    copy = infer._cached_copy(w, dest.parent)
+    assert copy.parent == dest.parent and copy.read_bytes() == b"weights-bytes"
+    assert infer._cached_copy(w, dest.parent) == copy  # reused
+    assert sorted(p.name for p in ro.iterdir()) == ["best.pt"]  # nothing written beside the weights
 
-    monkeypatch.setattr(os, "access", real_access)
-    assert infer._writable_copy(w, digest) == w  # writable folder: export beside the weights
+    monkeypatch.setenv(infer.EXPORTS_ENV, str(tmp_path / "env_cache"))
+    assert infer.export_path(w, "openvino", 640).parent.parent == tmp_path / "env_cache"
+    assert infer.export_path(w, "openvino", 640, export_dir=tmp_path / "opt").parent.parent == tmp_path / "opt"
+    with pytest.raises(ValueError, match="no export"):
+        infer.export_path(w, "torch", 640)
 
 
 def test_missing_backend_gives_a_clear_error(monkeypatch, tmp_path):
     import importlib.util
-
-    import pytest
 
     from czii_kit.errors import CziiKitError
 

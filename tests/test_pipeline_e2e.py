@@ -184,7 +184,7 @@ def test_simulator_tiny_preset_pipeline(tmp_path, no_dns, offline_home):
     best = train(data_yaml, tmp_path / "run", epochs=1, batch=8, workers=0, plots=False)
     assert json.loads((best.parent / "czii_kit_train.json").read_text())["imgsz"] == 64
     with pytest.warns(UserWarning, match="czii_kit_thresholds.json"):
-        path, picks = predict_to_csv(root, tmp_path / "sub.csv", split="test", weights=best, backend="openvino",
+        path, picks = predict_to_csv(root, tmp_path / "sub.csv", split="test", model=best, backend="openvino",
                                      z_stride=2, progress=False)
     sub = read_submission(path)
     assert len(sub) == len(picks)
@@ -193,10 +193,10 @@ def test_simulator_tiny_preset_pipeline(tmp_path, no_dns, offline_home):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    from czii_kit import predict as predict_mod
+    from czii_kit import bundle
     from czii_kit.cli import main
 
-    monkeypatch.setattr(predict_mod, "MODELS_DIR", tmp_path / "no_models")
+    monkeypatch.setattr(bundle, "MODELS_DIR", tmp_path / "no_models")
     make_root(tmp_path / "root", runs=("TS_a",), shape=(8, 48, 56), per_type=1, seed=0, split="test")
     rc = main(["predict", str(tmp_path / "root"), "--out", str(tmp_path / "s.csv")])
     err = capsys.readouterr().err

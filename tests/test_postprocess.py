@@ -221,7 +221,7 @@ def test_choose_per_type_needs_a_clear_gain():
 def test_predict_settings_repeat_the_tuned_per_type_merges(tmp_path):
     import json
 
-    from czii_kit.predict import settings_for
+    from czii_kit.bundle import ModelBundle
 
     weights = tmp_path / "m.pt"
     weights.write_bytes(b"")
@@ -230,11 +230,11 @@ def test_predict_settings_repeat_the_tuned_per_type_merges(tmp_path):
            "merge_per_type": {"apo-ferritin": {"name": "greedy-split", "method": "greedy", "z_frac": 0.8,
                                                "top_k": 1}}}
     (tmp_path / "czii_kit_thresholds.json").write_text(json.dumps(doc))
-    inf, merge, per_type, thr = settings_for(weights, batch=4)
-    assert inf.z_stride == 2 and inf.multi_label and inf.batch == 4
-    assert merge.xy_frac == 1.0 and merge.refine == 0
-    assert per_type == {"apo-ferritin": MergeConfig(method="greedy", z_frac=0.8, top_k=1)}
-    assert thr["ribosome"] == 0.4 and thr["apo-ferritin"] == 0.5
+    s = ModelBundle(weights).settings().overridden(batch=4)
+    assert s.inference.z_stride == 2 and s.inference.multi_label and s.inference.batch == 4
+    assert s.merge.xy_frac == 1.0 and s.merge.refine == 0
+    assert s.merge_per_type == {"apo-ferritin": MergeConfig(method="greedy", z_frac=0.8, top_k=1)}
+    assert s.thresholds["ribosome"] == 0.4 and s.thresholds["apo-ferritin"] == 0.5
 
 
 def test_tuned_threshold_sits_at_the_low_end_of_the_f4_plateau():

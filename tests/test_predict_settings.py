@@ -16,7 +16,7 @@ def tuned_copy(tmp_path_factory):
     """A small dataset and a copy of the shipped model with its thresholds, rescorer and templates."""
     from pipeline_fixture import shipped_model_copy
 
-    from czii_kit.predict import MODELS_DIR
+    from czii_kit.bundle import MODELS_DIR
 
     tmp = tmp_path_factory.mktemp("settings")
     root, run, weights = shipped_model_copy(tmp, seed=4251)
@@ -31,7 +31,7 @@ def test_predict_reads_a_thresholds_file_of_its_own(tuned_copy, tmp_path, capsys
     from czii_kit.tune import THRESHOLDS_FILE
 
     root, weights = tuned_copy
-    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    kw = {"split": "train", "model": weights, "backend": "torch", "progress": False}
     base = predict(root, **kw)
     assert (base["particle_type"] == "ribosome").any() and (base["particle_type"] != "ribosome").any()
     beside = weights.parent / THRESHOLDS_FILE
@@ -44,19 +44,19 @@ def test_predict_reads_a_thresholds_file_of_its_own(tuned_copy, tmp_path, capsys
     moved = tmp_path / "beside.json"
     shutil.move(beside, moved)
     try:
-        pd.testing.assert_frame_equal(predict(root, thresholds_file=own, **kw), base)
+        pd.testing.assert_frame_equal(predict(root, settings=own, **kw), base)
 
         # a file tuned for other weights (by SHA-256) is used, with a warning naming it
         other = tmp_path / "other.json"
         other.write_text(json.dumps({**doc, "weights_sha256": "0" * 64, "weights": "best.pt"}))
         with pytest.warns(UserWarning, match=r"other.json: tuned for other weights \(best.pt"):
-            pd.testing.assert_frame_equal(predict(root, thresholds_file=other, **kw), base)
+            pd.testing.assert_frame_equal(predict(root, settings=other, **kw), base)
 
-        # its thresholds are the ones applied: no ribosome passes 2.0
-        doc["rescore"]["thresholds"]["ribosome"] = 2.0
+        # its thresholds are the ones applied: no ribosome passes 1.0
+        doc["rescore"]["thresholds"]["ribosome"] = 1.0
         strict = tmp_path / "strict.json"
         strict.write_text(json.dumps(doc))
-        picks = predict(root, thresholds_file=strict, **kw)
+        picks = predict(root, settings=strict, **kw)
         want = base[base["particle_type"] != "ribosome"].reset_index(drop=True)
         pd.testing.assert_frame_equal(picks.reset_index(drop=True), want)
 
@@ -68,12 +68,12 @@ def test_predict_reads_a_thresholds_file_of_its_own(tuned_copy, tmp_path, capsys
         capsys.readouterr()
 
         # a missing or malformed file: a one-line error naming it, nothing written
-        with pytest.raises(DataError, match="no such thresholds file"):
-            predict(root, thresholds_file=tmp_path / "none.json", **kw)
+        with pytest.raises(DataError, match="no such settings file"):
+            predict(root, settings=tmp_path / "none.json", **kw)
         bad = tmp_path / "bad.json"
         bad.write_text("[1, 2]")
-        with pytest.raises(DataError, match="no 'thresholds' object"):
-            predict(root, thresholds_file=bad, **kw)
+        with pytest.raises(DataError, match="expected a JSON object of settings"):
+            predict(root, settings=bad, **kw)
         rc = main(["predict", str(root), "--split", "train", "--weights", str(weights), "--thresholds",
                    str(tmp_path / "none.json"), "--out", str(tmp_path / "x.csv"), "--quiet"])
         err = capsys.readouterr().err
@@ -101,7 +101,7 @@ def test_predict_falls_back_to_another_tomogram_when_a_run_has_no_denoised_one(t
     from czii_kit.predict import predict
 
     root, weights = tuned_copy
-    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    kw = {"split": "train", "model": weights, "backend": "torch", "progress": False}
     (run,) = find_runs(root, "train")
     assert set(run.tomograms()) == {"denoised", "wbp"}
     # the default takes the denoised tomogram, silently
@@ -127,18 +127,21 @@ def test_predict_falls_back_to_another_tomogram_when_a_run_has_no_denoised_one(t
 
 
 def test_predict_resamples_tomograms_of_another_voxel_size(tuned_copy, tmp_path):
+    from czii_kit.bundle import ModelBundle
     from czii_kit.coords import KAGGLE_VOXEL_SIZE
-    from czii_kit.infer import InferenceConfig, iter_detect_runs, model_voxel_size, read_volume
+    from czii_kit.infer import InferenceConfig, iter_detect_runs
     from czii_kit.layout import find_runs
     from czii_kit.metric import score
     from czii_kit.picks import read_picks
     from czii_kit.predict import predict
     from czii_kit.preprocess import resample_to, resampled_shape
     from czii_kit.tomogram import open_tomogram, write_tomogram
+    from czii_kit.volumes import read_volume
 
     root, weights = tuned_copy
-    assert model_voxel_size(weights) == pytest.approx(KAGGLE_VOXEL_SIZE)
-    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    model = ModelBundle(weights)
+    assert model.voxel_size == pytest.approx(KAGGLE_VOXEL_SIZE)
+    kw = {"split": "train", "model": weights, "backend": "torch", "progress": False}
     truth = read_picks(root, split="train")
     base = score(truth, predict(root, **kw)).final
 
@@ -151,7 +154,8 @@ def test_predict_resamples_tomograms_of_another_voxel_size(tuned_copy, tmp_path)
     write_tomogram(path, vol, vs, overwrite=True)
     shutil.rmtree(run.tomogram_path("wbp"))
     with pytest.warns(UserWarning, match=r"voxel size 15 Å, the model.s is 10.0124 Å: resampled"):
-        (done,) = list(iter_detect_runs(weights, [run], "denoised", "torch", InferenceConfig(), progress=False))
+        (done,) = list(iter_detect_runs(weights, [run], "denoised", "torch", InferenceConfig(), model.preprocess,
+                                        model.voxel_size, progress=False))
     assert done.voxel_size == pytest.approx(KAGGLE_VOXEL_SIZE)
     assert done.volume.shape == resampled_shape(vol.shape, 15.0, KAGGLE_VOXEL_SIZE)
     with pytest.warns(UserWarning, match="resampled"):

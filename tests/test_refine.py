@@ -87,7 +87,11 @@ def test_refine_config_checks_and_round_trip():
         RefineConfig(window=-1)
     cfg = RefineConfig(window=4)
     assert RefineConfig.from_dict(cfg.to_dict()) == cfg
-    assert RefineConfig.from_dict({"window": 2, "unknown": 1}).window == 2
+    assert RefineConfig.from_dict({"window": 2}).window == 2
+    from czii_kit.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="refine.unknown: unknown setting"):
+        RefineConfig.from_dict({"window": 2, "unknown": 1}, "f.json", "refine")
 
 
 def test_tune_records_refinement_and_predict_repeats_it(tmp_path):
@@ -108,7 +112,7 @@ def test_tune_records_refinement_and_predict_repeats_it(tmp_path):
     cands = doc["_candidates"]
     assert (cands.particle_type == "apo-ferritin").any()
 
-    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    kw = {"split": "train", "model": weights, "backend": "torch", "progress": False}
     cols = ["experiment", "particle_type", "x", "y", "z"]
 
     def same(a, b):

@@ -316,7 +316,7 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path, mon
     np.testing.assert_allclose(rescored["score"], rescored["det_score"] ** (1 - mix) * rescored["p_type"] ** mix)
     assert rescored["proposed"].any() == cross
 
-    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    kw = {"split": "train", "model": weights, "backend": "torch", "progress": False}
     cols = ["experiment", "particle_type", "x", "y", "z"]
     picks = predict(root, **kw)
     want = apply_thresholds(rescored, section["thresholds"])

@@ -20,8 +20,9 @@ def test_predict_low_passes_noisy_tomograms_once_for_every_stage(tmp_path, monke
     from pipeline_fixture import shipped_model_copy
 
     import czii_kit.volumes as infer
+    from czii_kit.bundle import MODELS_DIR
     from czii_kit.layout import get_run
-    from czii_kit.predict import MODELS_DIR, predict
+    from czii_kit.predict import predict
     from czii_kit.preprocess import SMOOTH_TARGET, neighbour_correlation, settle_smoothing, smoothing_sigma
     from czii_kit.tomogram import open_tomogram
 
@@ -35,7 +36,7 @@ def test_predict_low_passes_noisy_tomograms_once_for_every_stage(tmp_path, monke
     assert neighbour_correlation(denoised) >= SMOOTH_TARGET > neighbour_correlation(wbp)
     assert smoothing_sigma(denoised) == 0 and smoothing_sigma(wbp) > 0
 
-    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False, "tomogram": "wbp"}
+    kw = {"split": "train", "model": weights, "backend": "torch", "progress": False, "tomogram": "wbp"}
     # one pass per tomogram: read once and low-passed once for detection, refinement and rescoring
     import scipy.ndimage
 

@@ -10,7 +10,7 @@ import pytest
 
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.coords import voxel_to_angstrom
-from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.errors import DataError, FileExistsNoForce, SettingsError
 from czii_kit.templates import (
     Template,
     TemplateConfig,
@@ -130,13 +130,15 @@ def test_template_file_round_trip_and_errors(tmp_path):
         load_templates(tmp_path / "none.npz")
     with pytest.raises(ValueError):
         TemplateConfig(mask_radius=0)
-    assert TemplateConfig.from_dict({"n_rotations": 7, "unknown": 1}).n_rotations == 7
+    assert TemplateConfig.from_dict({"n_rotations": 7}).n_rotations == 7
+    with pytest.raises(SettingsError, match="unknown: unknown setting"):
+        TemplateConfig.from_dict({"n_rotations": 7, "unknown": 1})
 
 
 def test_shipped_templates_built_from_the_maps(shared_data, tmp_path):
     """The shipped file is what `czii-kit templates` makes of the reference maps."""
+    from czii_kit.bundle import MODELS_DIR
     from czii_kit.cli import main
-    from czii_kit.predict import MODELS_DIR
     from czii_kit.templates import TEMPLATES_FILE
 
     maps = shared_data / "density_maps"
@@ -176,9 +178,10 @@ def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
     import torch
     from pipeline_fixture import shipped_model_copy
 
+    from czii_kit.bundle import MODELS_DIR
     from czii_kit.infer import InferenceConfig
     from czii_kit.postprocess import apply_thresholds
-    from czii_kit.predict import MODELS_DIR, predict
+    from czii_kit.predict import predict
     from czii_kit.rescore import RESCORER_FILE, build_network
     from czii_kit.rescore_train import save_rescorer
     from czii_kit.templates import TEMPLATES_FILE
@@ -199,7 +202,7 @@ def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
     others = ~rescored.particle_type.isin(["beta-galactosidase", "thyroglobulin"])
     assert (rescored.loc[others, "tm_margin"] == 0).all()
 
-    kw = {"split": "train", "weights": weights, "backend": "torch", "progress": False}
+    kw = {"split": "train", "model": weights, "backend": "torch", "progress": False}
     cols = ["experiment", "particle_type", "x", "y", "z"]
 
     def sort(df):
@@ -215,10 +218,10 @@ def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
                 template_config=TemplateConfig(wedge=(40.0, 45.0)), out=tmp_path / "wedge.json")
     assert json.loads((tmp_path / "wedge.json").read_text())["rescore"]["templates"]["config"]["wedge"] == [40.0, 45.0]
     assert not np.allclose(wdoc["_rescored"]["tm_margin"], rescored["tm_margin"])
-    wpicks = predict(root, thresholds_file=tmp_path / "wedge.json", **kw)
+    wpicks = predict(root, settings=tmp_path / "wedge.json", **kw)
     pd.testing.assert_frame_equal(sort(wpicks), sort(apply_thresholds(wdoc["_rescored"], wdoc["rescore"]["thresholds"])))
     # predict's override: the same file with the templates left without a wedge scores like the first tuning
-    nowedge = predict(root, thresholds_file=tmp_path / "wedge.json", template_wedge="none", **kw)
+    nowedge = predict(root, settings=tmp_path / "wedge.json", template_wedge="none", **kw)
     pd.testing.assert_frame_equal(sort(nowedge), sort(apply_thresholds(rescored, wdoc["rescore"]["thresholds"])))
     with pytest.raises(ValueError, match="template wedge"):
         predict(root, template_wedge="sideways", **kw)

@@ -28,6 +28,8 @@ COMMANDS = {
     "bench": "bench",
     "baseline": "baseline",
     "demo": "demo",
+    "settings": "settings",
+    "model": "model",
 }
 
 
@@ -39,12 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"czii-kit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():
-        try:
-            mod = importlib.import_module(f"czii_kit.cli.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"czii_kit.cli.{module}":
-                continue  # command not part of this build
-            raise
+        mod = importlib.import_module(f"czii_kit.cli.{module}")
         p = mod.add_parser(sub)
         p.set_defaults(_run=mod.run)
     return parser

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tuned settings and thresholds to use instead of czii_kit_thresholds.json beside the "
                         "weights (a file from `czii-kit tune ... --out FILE`, e.g. tuned on your own validation runs)")
     p.add_argument("--backend", default="openvino", choices=["openvino", "onnx", "torch"])
+    p.add_argument("--export-dir", metavar="DIR",
+                   help="cache of ONNX/OpenVINO exports (default $CZII_KIT_EXPORTS, else exports/ in czii_kit's "
+                        "cache folder ~/.cache/czii_kit); exports are keyed by the weights' SHA-256")
     p.add_argument("--tomogram", default="auto",
                    help="tomogram to pick in (denoised, wbp, ...); 'auto' (default): the denoised one, else the "
                         "best other reconstruction a run has (isonetcorrected, ctfdeconvolved, wbp), with a warning")
@@ -74,13 +77,13 @@ def run(args) -> int:
 
     split = None if args.split == "all" else args.split
     path, picks = predict_to_csv(
-        args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
+        args.root, args.out, force=args.force, split=split, runs=args.runs, model=args.weights,
+        settings=args.thresholds, export_dir=args.export_dir,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
         polarity=args.polarity, smooth=args.smooth, flatten=args.flatten, tilt_axis=args.tilt_axis,
         rescore=False if args.no_rescore else None,
         refine=False if args.no_refine else None, templates=False if args.no_templates else None,
-        template_wedge=args.template_wedge,
-        thresholds_file=args.thresholds, progress=not args.quiet,
+        template_wedge=args.template_wedge, progress=not args.quiet,
     )
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")

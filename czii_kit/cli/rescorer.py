@@ -80,12 +80,11 @@ def _collect(args) -> int:
 
     cands, prep, voxel_size = None, None, KAGGLE_VOXEL_SIZE
     if (args.weights or "").lower() != "none":
-        from czii_kit.infer import model_voxel_size, preprocess_config_for
-        from czii_kit.predict import default_weights
+        from czii_kit.bundle import ModelBundle
 
-        weights = Path(args.weights) if args.weights else default_weights()
-        prep, voxel_size = preprocess_config_for(weights), model_voxel_size(weights)
-        cands = detector_candidates(weights, runs, args.tomograms[0], args.backend, args.floor,
+        model = ModelBundle.load(args.weights or None)
+        prep, voxel_size = model.preprocess, model.voxel_size
+        cands = detector_candidates(model, runs, args.tomograms[0], args.backend, args.floor,
                                     progress=not args.quiet)
     # patches at the detector's voxel size (tomograms more than 5 % off are resampled, as at inference)
     data = collect_patches(runs, solution, cands, args.tomograms, args.background_ratio, prep, args.seed,
