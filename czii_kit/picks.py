@@ -8,6 +8,7 @@ tomogram frame). File names may be Kaggle's ``{particle}.json`` or copick's
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from czii_kit.catalog import PARTICLE_NAMES, radii
 from czii_kit.coords import voxel_to_angstrom
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import PICKS_DIR, find_runs, picks_location
-from czii_kit.tomogram import open_tomogram, warn_once
+from czii_kit.tomogram import open_tomogram
 
 PICK_COLUMNS = ["experiment", "particle_type", "x", "y", "z"]
 _IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
@@ -192,17 +193,17 @@ def outside_extent(table: pd.DataFrame, extents: dict) -> np.ndarray:
 
 
 def warn_outside(table: pd.DataFrame, extents: dict, source) -> int:
-    """Warn once (naming ``source``) how many rows of ``table`` lie outside their tomogram
+    """Warn, in one warning naming ``source``, how many rows of ``table`` lie outside their tomogram
     (:func:`outside_extent`); return that count. Kaggle accepts such rows (as false positives)."""
     mask = outside_extent(table, extents)
     n = int(mask.sum())
     if n:
         i = int(np.flatnonzero(mask)[0])
         row = table.iloc[i]
-        warn_once(("outside", str(source), n), f"{source}: {n} point(s) lie outside their tomogram by more than "
+        warnings.warn(f"{source}: {n} point(s) lie outside their tomogram by more than "
                   f"a particle radius, e.g. row {i} ({row['experiment']}, {row['particle_type']}, x,y,z "
                   f"{float(row['x']):.4g}, {float(row['y']):.4g}, {float(row['z']):.4g} Å); they can only "
-                  "count as false positives")
+                  "count as false positives", stacklevel=2)
     return n
 
 
