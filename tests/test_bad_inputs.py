@@ -4,7 +4,9 @@ points outside their tomogram, what `score` scores against, and quiet output."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,28 +18,15 @@ import pytest
 import zarr
 from conftest import REPO_ROOT
 from pipeline_fixture import make_root
+from test_cli_foundation import assert_one_line_error, run_cli
 
 from czii_kit.atomic import check_out_path
-from czii_kit.cli import main
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import find_runs
 from czii_kit.picks import run_extents, write_picks
 from czii_kit.submission import read_submission, write_submission
 from czii_kit.tomogram import NONFINITE_LIMIT, check_voxel_dtype, open_tomogram, write_tomogram
 from czii_kit.volumes import read_volume
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *needles):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert str(n) in lines[0], lines[0]
 
 
 def replace_level0(store, data=None, shape=None, dtype=None):
@@ -140,7 +129,7 @@ def test_predict_refuses_complex_and_boolean_tomograms_without_writing(tmp_path,
     replace_level0(store, np.ones((16, 64, 64), dtype))
     out = tmp_path / "sub.csv"
     code, _, err = run_cli(capsys, "predict", root, "--out", out, "--backend", "torch", "--quiet")
-    one_line_error(code, err, store / "0", dtype)
+    assert_one_line_error(code, err, store / "0", dtype)
     assert not out.exists()
 
 
@@ -173,7 +162,7 @@ def test_score_and_read_submission_count_points_outside_once(outside, tmp_path, 
     bad = tmp_path / "inf.csv"
     bad.write_text("id,experiment,particle_type,x,y,z\n0,TS_A,ribosome,1,2,inf\n")
     code, _, err = run_cli(capsys, "score", root, bad)
-    one_line_error(code, err, bad, "NaN or infinite")  # non-finite: still an error
+    assert_one_line_error(code, err, bad, "NaN or infinite")  # non-finite: still an error
 
 
 def test_info_counts_picks_outside(outside, capsys):
@@ -219,16 +208,16 @@ def test_out_existing_folder_is_refused_before_any_work(tmp_path, capsys, monkey
     folder.mkdir()
     t = time.perf_counter()
     code, _, err = run_cli(capsys, "predict", tmp_path, "--out", folder, "--force")
-    one_line_error(code, err, folder, "is a folder")
+    assert_one_line_error(code, err, folder, "is a folder")
     assert time.perf_counter() - t < 5
     code, _, err = run_cli(capsys, "tune", tmp_path, "--weights", tmp_path / "w.pt", "--out", folder, "--force")
-    one_line_error(code, err, folder, "is a folder")
+    assert_one_line_error(code, err, folder, "is a folder")
     code, _, err = run_cli(capsys, "baseline", tmp_path, "--tune-root", tmp_path, "--out", folder)
-    one_line_error(code, err, folder, "is a folder")
+    assert_one_line_error(code, err, folder, "is a folder")
     a_file = tmp_path / "demo.txt"
     a_file.write_text("mine")
     code, _, err = run_cli(capsys, "demo", "--out", a_file, "--force")
-    one_line_error(code, err, a_file, "is a file; --out must name a folder")
+    assert_one_line_error(code, err, a_file, "is a file; --out must name a folder")
     assert a_file.read_text() == "mine"
 
 
@@ -240,8 +229,6 @@ def synthetic_like(make_dataset, tmp_path):
     """Train runs with picks, a test run without, its ground truth in ROOT/solution.csv (as `synth` writes)."""
     root, _, _ = make_dataset(runs=("TS_A",))
     _, _, test_picks = make_dataset(runs=("TS_T",), split="test", root=root, seed=4)
-    import shutil
-
     shutil.rmtree(root / "test" / "overlay")
     test_picks.to_csv(root / "solution.csv", index=False)
     sub = write_submission(test_picks, tmp_path / "submission.csv")
@@ -255,16 +242,10 @@ def test_score_root_uses_its_solution_csv_and_says_so(synthetic_like, capsys):
     assert out.splitlines()[0] == f"scored against {root / 'solution.csv'} (test split)"
     assert out.split("final (weighted F4)")[1].split()[0] == "1.0000"
     code, out, _ = run_cli(capsys, "score", root, sub, "--json")
-    assert json_of(out)["reference"] == f"{root / 'solution.csv'} (test split)"
+    assert json.loads(out)["reference"] == f"{root / 'solution.csv'} (test split)"
     # --split train: the train picks, which the submission does not match: exit 2, naming solution.csv
     code, _, err = run_cli(capsys, "score", root, sub, "--split", "train")
-    one_line_error(code, err, sub, "match none", "solution.csv exists: drop --split train")
-
-
-def json_of(text):
-    import json
-
-    return json.loads(text)
+    assert_one_line_error(code, err, sub, "match none", "solution.csv exists: drop --split train")
 
 
 def test_score_picks_reference_is_named(make_dataset, tmp_path, capsys):
@@ -277,14 +258,14 @@ def test_score_picks_reference_is_named(make_dataset, tmp_path, capsys):
 def test_score_swapped_arguments_and_unmatched_experiments(synthetic_like, tmp_path, capsys):
     root, picks, sub = synthetic_like
     code, _, err = run_cli(capsys, "score", sub, root)
-    one_line_error(code, err, sub, "arguments look swapped", "czii-kit score SOLUTION SUBMISSION")
+    assert_one_line_error(code, err, sub, "arguments look swapped", "czii-kit score SOLUTION SUBMISSION")
     other = write_submission(picks.assign(experiment="TS_X"), tmp_path / "other.csv")
     code, _, err = run_cli(capsys, "score", root, other)
-    one_line_error(code, err, other, "its experiments (TS_X) match none of the reference's")
+    assert_one_line_error(code, err, other, "its experiments (TS_X) match none of the reference's")
     sol = tmp_path / "sol.csv"
     picks.to_csv(sol, index=False)
     code, _, err = run_cli(capsys, "score", sol, other)
-    one_line_error(code, err, "match none")
+    assert_one_line_error(code, err, "match none")
 
 
 def test_score_reports_a_missing_field_as_missing(synthetic_like, tmp_path, capsys):
@@ -292,11 +273,11 @@ def test_score_reports_a_missing_field_as_missing(synthetic_like, tmp_path, caps
     sol = tmp_path / "sol.csv"
     sol.write_text("experiment,particle_type,x,y,z\nTS_T,ribosome,1,,3\n")
     code, _, err = run_cli(capsys, "score", sol, sub)
-    one_line_error(code, err, sol, "row 0 (line 2): field 'y' is missing")
+    assert_one_line_error(code, err, sol, "row 0 (line 2): field 'y' is missing")
     bad = tmp_path / "bad.csv"
     bad.write_text("id,experiment,particle_type,x,y,z\n0,TS_T,ribosome,1,2\n")
     code, _, err = run_cli(capsys, "score", root, bad)
-    one_line_error(code, err, bad, "row 0 (line 2): field 'z' is missing")
+    assert_one_line_error(code, err, bad, "row 0 (line 2): field 'z' is missing")
     assert "NaN" not in err
 
 
