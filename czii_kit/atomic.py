@@ -21,9 +21,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], overwrite: boo
     FileExistsNoForce
         If ``path`` exists and ``overwrite`` is false.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsNoForce(f"{path}: already exists (use --force / overwrite=True to replace it)")
+    path = check_out_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -33,6 +31,35 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], overwrite: boo
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def check_out_path(out: str | Path, force: bool = False, folder: bool = False) -> Path:
+    """Check an output path before any work: ``out`` as a :class:`~pathlib.Path`.
+
+    A file output (``folder=False``) may not be an existing folder, with or without ``force``, nor
+    an existing file unless ``force``; a folder output may not be an existing file. Neither may sit
+    below an existing file.
+
+    Raises
+    ------
+    DataError
+        ``out`` is a folder where a file is wanted (or the reverse), or a parent is a file.
+    FileExistsNoForce
+        ``out`` is an existing file and ``force`` is false.
+    """
+    out = Path(out)
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise DataError(out, "is a file; --out must name a folder (new, or one this command made before)")
+    elif out.is_dir():
+        raise DataError(out, "is a folder; --out must name a file, e.g. "
+                             f"{out / 'submission.csv'} (a folder is never replaced, even with --force)")
+    elif out.exists() and not force:
+        raise FileExistsNoForce(f"{out}: already exists (use --force / overwrite=True to replace it)")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(out, f"cannot be written: {parent} is a file, not a folder")
+    return out
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:

@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from czii_kit.atomic import check_out_path
 from czii_kit.errors import CziiKitError
 
 MARKER = ".czii_kit_demo"
@@ -55,6 +56,7 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
     dict
         ``final`` score, per-type ``particles`` figures, ``paths`` of the outputs and ``seconds`` per step.
     """
+    check_out_path(out, force, folder=True)  # a file there is refused before any work
     from czii_kit.bundle import ModelBundle
     from czii_kit.infer import missing_backend_modules
     from czii_kit.metric import format_table, score

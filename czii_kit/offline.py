@@ -15,6 +15,9 @@ Call :func:`configure_offline` before building, training, exporting or running a
   a HEAD request even when offline). We copy matplotlib's bundled DejaVuSans there, so plots work
   and the check never reaches the download, and we also wrap ``check_font`` so a missing font file
   can never fall through to the network;
+* drops ultralytics' banners from its logger (:func:`silence_banners`): the "Creating new Ultralytics
+  Settings" notice on first use of a settings folder, and the "Loading ... for OpenVINO inference" /
+  "Using OpenVINO LATENCY mode" lines its ``AutoBackend`` logs even with ``verbose=False``;
 * stops OpenVINO's model-conversion telemetry (``openvino_telemetry`` would post usage events to
   Google Analytics during ``export(format="openvino")``) by making OpenVINO use its bundled no-op
   telemetry stub.
@@ -24,6 +27,7 @@ The function is idempotent and cheap after the first call.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -37,7 +41,27 @@ _OV_MODULES = (
     "openvino.tools.ovc.telemetry_utils",
     "openvino.tools.ovc.utils",
 )
+_BANNERS = ("Creating new Ultralytics Settings", "Loading ", "Using OpenVINO ")
+"""Starts of ultralytics log messages that are banners, not results or problems."""
 _state: dict = {}
+
+
+class _NoBanners(logging.Filter):
+    """Drop the ultralytics log records that start with one of :data:`_BANNERS`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BANNERS)
+
+
+def silence_banners() -> None:
+    """Filter ultralytics' banners (:data:`_BANNERS`) out of its logger; idempotent.
+
+    Works before ultralytics is imported (its ``set_logging`` replaces handlers, not filters), so
+    the settings banner it logs at import never shows.
+    """
+    logger = logging.getLogger("ultralytics")
+    if not any(isinstance(f, _NoBanners) for f in logger.filters):
+        logger.addFilter(_NoBanners())
 
 
 def czii_home() -> Path:
@@ -139,6 +163,7 @@ def configure_offline(config_dir: str | Path | None = None) -> Path:
     elif config_dir is None and os.environ.get("YOLO_CONFIG_DIR", "").startswith(str(czii_home())):
         owned = True
     _block_openvino_telemetry()
+    silence_banners()
 
     import ultralytics.utils as uu
 

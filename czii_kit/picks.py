@@ -8,6 +8,7 @@ tomogram frame). File names may be Kaggle's ``{particle}.json`` or copick's
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import numpy as np
 import pandas as pd
 
 from czii_kit.atomic import atomic_write_text
-from czii_kit.catalog import PARTICLE_NAMES
+from czii_kit.catalog import PARTICLE_NAMES, radii
+from czii_kit.coords import voxel_to_angstrom
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import PICKS_DIR, find_runs, picks_location
+from czii_kit.tomogram import open_tomogram
 
 PICK_COLUMNS = ["experiment", "particle_type", "x", "y", "z"]
 _IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
@@ -150,6 +153,58 @@ def read_picks(
         return empty_picks()
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values(["experiment", "particle_type"], kind="stable").reset_index(drop=True)
+
+
+def run_extents(runs) -> dict[str, np.ndarray]:
+    """``{run name: (2, 3) array}``: the lower and upper ``(x, y, z)`` Å corners of each run's tomograms.
+
+    From the metadata of level 0 (nothing read); the outer faces of the edge voxels, widest over a
+    run's tomograms. Runs (``czii_kit.layout.Run``) without a readable tomogram are left out.
+    """
+    out = {}
+    for run in runs:
+        boxes = []
+        for path in run.tomograms().values():
+            try:
+                t = open_tomogram(path, 0)
+            except DataError:
+                continue  # reported where the voxels are read
+            boxes.append(voxel_to_angstrom([[-0.5] * 3, np.asarray(t.shape) - 0.5], t.voxel_size, t.origin))
+        if boxes:
+            out[run.name] = np.stack([np.min([b[0] for b in boxes], 0), np.max([b[1] for b in boxes], 0)])
+    return out
+
+
+def outside_extent(table: pd.DataFrame, extents: dict) -> np.ndarray:
+    """Boolean mask of the rows of ``table`` (``experiment, particle_type, x, y, z`` Å) whose point
+    lies outside its run's extent (:func:`run_extents`) by more than its particle's radius; rows of
+    runs without an extent, or of unknown particle types, are not flagged."""
+    mask = np.zeros(len(table), bool)
+    if not len(table) or not extents:
+        return mask
+    radius = table["particle_type"].astype(str).map(radii()).to_numpy(float)
+    xyz = table[["x", "y", "z"]].to_numpy(float)
+    runs = table["experiment"].astype(str).to_numpy()
+    for name, (lo, hi) in extents.items():
+        rows = (runs == name) & np.isfinite(radius)
+        r = radius[rows, None]
+        mask[rows] = ((xyz[rows] < lo - r) | (xyz[rows] > hi + r)).any(axis=1)
+    return mask
+
+
+def warn_outside(table: pd.DataFrame, extents: dict, source) -> int:
+    """Warn, in one warning naming ``source``, how many rows of ``table`` lie outside their tomogram
+    (:func:`outside_extent`); return that count. Kaggle accepts such rows (as false positives)."""
+    mask = outside_extent(table, extents)
+    n = int(mask.sum())
+    if n:
+        i = int(np.flatnonzero(mask)[0])
+        row = table.iloc[i]
+        warnings.warn(f"{source}: {n} point(s) lie outside their tomogram by more than "
+                  f"a particle radius, e.g. row {i} ({row['experiment']}, {row['particle_type']}, x,y,z "
+                  f"{float(row['x']):.4g}, {float(row['y']):.4g}, {float(row['z']):.4g} Å); they can only "
+                  "count as false positives", stacklevel=2)
+    return n
 
 
 def picks_document(points_xyz, particle: str, run_name: str, user_id: str = "curation",

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from czii_kit.atomic import check_out_path
 from czii_kit.bundle import MODELS_DIR, ModelBundle, default_weights  # noqa: F401 (part of this module's API)
 from czii_kit.catalog import PARTICLE_NAMES
-from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.errors import DataError
 from czii_kit.infer import iter_detect_runs
 from czii_kit.layout import AUTO_TOMOGRAM, TOMOGRAM_PREFERENCE, select_runs
 from czii_kit.postprocess import apply_thresholds, merge_detections, sort_candidates
@@ -229,10 +230,9 @@ def _warn_fallback(runs) -> None:
 
 
 def predict_to_csv(root: str | Path, out: str | Path, force: bool = False, **kwargs) -> tuple[Path, pd.DataFrame]:
-    """Run :func:`predict` and write the submission atomically; refuses an existing ``out`` unless ``force``."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsNoForce(f"{out}: already exists (use --force to replace it)")
+    """Run :func:`predict` and write the submission atomically; before any work, refuses an existing ``out``
+    unless ``force``, and a folder always (:func:`czii_kit.atomic.check_out_path`)."""
+    out = check_out_path(out, force)
     picks = predict(root, **kwargs)
     return write_submission(picks, out, overwrite=force), picks
 

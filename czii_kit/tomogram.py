@@ -11,6 +11,7 @@ level-0 voxel at most). Chunks are blosc-lz4 compressed with byte shuffle, keyed
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,75 @@ from czii_kit.atomic import atomic_dir
 from czii_kit.errors import DataError, FileExistsNoForce
 
 DEFAULT_CHUNKS = (64, 256, 256)
+
+NONFINITE_LIMIT = 1e-3
+"""Largest fraction of NaN / infinite voxels a tomogram level may hold: they are filled with the mean
+of the others (with a warning); more is refused as not a tomogram."""
+
+_REFUSED_KINDS = {"b": "boolean", "c": "complex", "O": "Python objects", "S": "byte strings", "U": "strings",
+                  "T": "strings", "V": "raw / structured records", "M": "dates", "m": "time spans"}
+_told: set = set()
+
+
+def warn_once(key, message: str, stacklevel: int = 3) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process only (one notice per store)."""
+    if key in _told:
+        return
+    _told.add(key)
+    warnings.warn(message, stacklevel=stacklevel)
+
+
+def check_voxel_dtype(dtype, where: Path) -> None:
+    """Refuse a ``dtype`` that cannot hold a tomogram; note once (per ``where``) that another real one is cast.
+
+    Integers and float16/32/64 are read as float32; boolean, complex, object, string, record and
+    date dtypes are refused.
+
+    Raises
+    ------
+    DataError
+        Naming ``where`` (the store level) and its dtype.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise DataError(where, f"voxels of dtype {dtype} are not numbers: not a tomogram") from None
+    if dt.kind in _REFUSED_KINDS:
+        raise DataError(where, f"voxels are {_REFUSED_KINDS[dt.kind]} ({dt}), not real numbers: not a tomogram "
+                               "(czii_kit reads integer or float voxels)")
+    if dt != np.float32:
+        warn_once(("dtype", str(where)), f"{where}: voxels are {dt}; read as float32")
+
+
+class VoxelCheck:
+    """Count NaN / infinite voxels of a level while its chunks are read, then settle them once.
+
+    ``count(block)`` after each block is read as float32; ``settle(volume)`` fills up to
+    :data:`NONFINITE_LIMIT` of them with the mean of the finite voxels (one warning per store) and
+    refuses more (:class:`DataError` naming the store).
+    """
+
+    def __init__(self, where: Path):
+        self.where = Path(where)
+        self.n_bad = 0
+
+    def count(self, block: np.ndarray) -> None:
+        """Add the non-finite voxels of ``block`` (float array, any shape)."""
+        self.n_bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+
+    def settle(self, volume: np.ndarray) -> np.ndarray:
+        """``volume`` (float32 ``[z, y, x]``, all blocks counted), its non-finite voxels filled in place."""
+        if not self.n_bad:
+            return volume
+        frac = self.n_bad / max(volume.size, 1)
+        if frac > NONFINITE_LIMIT:
+            raise DataError(self.where, f"{self.n_bad} of {volume.size} voxels ({frac:.2%}) are NaN or infinite, "
+                                        f"more than {NONFINITE_LIMIT:.1%}: not a usable tomogram")
+        bad = ~np.isfinite(volume)
+        volume[bad] = float(volume[~bad].mean(dtype=np.float64))
+        warn_once(("nonfinite", str(self.where)), f"{self.where}: {self.n_bad} NaN or infinite voxel(s) "
+                                                  f"({frac:.3%}) filled with the mean of the others")
+        return volume
 
 
 def _zarr():
@@ -75,9 +145,12 @@ class Tomogram:
         if not (0 <= z0 <= z1 <= nz):
             raise ValueError(f"{self.path}: z range {z0}:{z1} outside 0:{nz}")
         try:
-            return np.asarray(self.array[z0:z1], dtype=np.float32)
+            block = np.asarray(self.array[z0:z1], dtype=np.float32)
         except Exception as exc:  # corrupt chunk, missing codec, ...
             raise DataError(self.path / self.level, f"cannot read voxels: {exc}") from exc
+        check = VoxelCheck(self.path / self.level)
+        check.count(block)
+        return check.settle(block)
 
     def __getitem__(self, key) -> np.ndarray:
         return np.asarray(self.array[key], dtype=np.float32)
@@ -171,8 +244,6 @@ def _levels_without_metadata(path: Path) -> list[tuple[str, float]]:
     The store itself when it is an array (level ``""``), else its 3D arrays; the widest is level 0
     at the folder's voxel size, the others at that size times the ratio of widths (x).
     """
-    import warnings
-
     from czii_kit.layout import folder_spacing
 
     size = folder_spacing(path.parent.name)
@@ -190,8 +261,8 @@ def _levels_without_metadata(path: Path) -> list[tuple[str, float]]:
     if not widths:
         raise DataError(path, "no OME-NGFF 'multiscales' metadata and no 3D array [z, y, x] in the store")
     widest = max(widths.values())
-    warnings.warn(f"{path}: no OME-NGFF 'multiscales' metadata; voxel size {size:g} A taken from the folder "
-                  f"name {path.parent.name}", stacklevel=3)
+    warn_once(("no-multiscales", str(path)), f"{path}: no OME-NGFF 'multiscales' metadata; voxel size {size:g} A "
+                                             f"taken from the folder name {path.parent.name}", stacklevel=4)
     out = [(k, size * widest / w) for k, w in widths.items()]
     return sorted(out, key=lambda t: (t[1], t[0]))
 
@@ -227,6 +298,9 @@ def open_tomogram(path: str | Path, level: int | str = 0) -> Tomogram:
         raise DataError(path / key, f"cannot open zarr array: {exc}") from exc
     if len(arr.shape) != 3:
         raise DataError(path / key, f"expected a 3D array [z, y, x], got shape {tuple(arr.shape)}")
+    if min(arr.shape) < 1:
+        raise DataError(path / key, f"empty array of shape {tuple(arr.shape)}: no voxels to read")
+    check_voxel_dtype(arr.dtype, path / key)
     finest = min(levels.values())
     return Tomogram(path, key, levels[key], arr, origin=(levels[key] - finest) / 2)
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from czii_kit.errors import DataError
 from czii_kit.preprocess import PreprocessConfig, resample_to, settle_flatten, settle_smoothing, window_for
-from czii_kit.tomogram import open_tomogram
+from czii_kit.tomogram import VoxelCheck, open_tomogram
 
 PATCH_SIZE = 32
 """Side (voxels) of the rescorer's patches: 320 Å, just wider than the largest particle."""
@@ -36,13 +36,15 @@ def read_volume(tomo) -> np.ndarray:
     chunks = getattr(arr, "chunks", None) or (nz, ny, nx)
     cy, cx = int(chunks[1]), int(chunks[2])
     out = np.empty((nz, ny, nx), np.float32)
+    check = VoxelCheck(tomo.path / tomo.level)  # NaN / inf voxels, counted per chunk column
     try:
         for y0 in range(0, ny, cy):
             for x0 in range(0, nx, cx):
                 out[:, y0 : y0 + cy, x0 : x0 + cx] = arr[:, y0 : y0 + cy, x0 : x0 + cx]
+                check.count(out[:, y0 : y0 + cy, x0 : x0 + cx])
     except Exception as exc:  # corrupt chunk, missing codec, ...
         raise DataError(tomo.path / tomo.level, f"cannot read voxels: {exc}") from exc
-    return out
+    return check.settle(out)
 
 
 def load_volume(tomo, voxel_size: float | None = None, warn: bool = True) -> tuple[np.ndarray, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from czii_kit.atomic import check_out_path
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -24,18 +26,14 @@ def add_parser(sub):
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
     from czii_kit.atomic import atomic_write_text
     from czii_kit.baseline import predict_baseline, tune_baseline
-    from czii_kit.errors import FileExistsNoForce
     from czii_kit.postprocess import apply_thresholds
     from czii_kit.predict import summary
     from czii_kit.submission import write_submission
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsNoForce(f"{out}: already exists (use --force to replace it)")
+    out = check_out_path(args.out, args.force)
     common = {"tomogram": args.tomogram, "level": args.level, "progress": not args.quiet}
     thresholds, table = tune_baseline(args.tune_root, args.tune_split, args.tune_runs, **common)
     print("tuned on", args.tune_root)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.layout import find_runs
-from czii_kit.picks import read_picks
+from czii_kit.picks import read_picks, run_extents, warn_outside
 from czii_kit.tomogram import describe_tomogram
 
 
@@ -80,7 +80,7 @@ def smoothness(path) -> dict:
 
 
 def collect(path, split: str | None = None, user_id: str | None = None, with_smoothness: bool = False) -> dict:
-    """Everything ``info`` shows, as plain Python data.
+    """Everything ``info`` shows, as plain Python data (picks outside their tomogram: one warning).
 
     Returns
     -------
@@ -92,6 +92,7 @@ def collect(path, split: str | None = None, user_id: str | None = None, with_smo
     """
     runs = find_runs(path, split)
     picks = read_picks(path, split=split, user_id=user_id)
+    warn_outside(picks, run_extents(runs), path)  # Kaggle accepts them; say how many
     counts = picks.groupby(["experiment", "particle_type"]).size() if len(picks) else pd.Series(dtype=int)
     out_runs = []
     for run in runs:

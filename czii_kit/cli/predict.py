@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from czii_kit.atomic import check_out_path
+
 SMOOTH_HELP = ("Gaussian low-pass of each tomogram (sigma in voxels) before detection and rescoring: 'auto' "
                "(default) only for noisy ones such as raw WBP reconstructions, just enough to look like the "
                "denoised tomograms the model was trained on, and sharpening (unsharp mask) of over-smoothed "
@@ -73,6 +75,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    check_out_path(args.out, args.force)  # before minutes of detection
     from czii_kit.predict import predict_to_csv, summary
 
     split = None if args.split == "all" else args.split

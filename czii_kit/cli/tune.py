@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from czii_kit.atomic import check_out_path
 from czii_kit.cli.predict import SMOOTH_HELP, smooth_arg
 
 
@@ -77,16 +78,14 @@ def run(args) -> int:
     if args.rescore_mix is not None and not 0 <= args.rescore_mix <= 1:
         print(f"czii-kit tune: error: --rescore-mix must lie in [0, 1], got {args.rescore_mix}", file=sys.stderr)
         return 2
-    from pathlib import Path
 
-    from czii_kit.errors import FileExistsNoForce
     from czii_kit.infer import InferenceConfig
     from czii_kit.rescore import RescoreConfig
     from czii_kit.templates import TemplateConfig
     from czii_kit.tune import RESCORE_MIXES, THRESHOLD_TOLERANCE, tune
 
-    if args.out and Path(args.out).exists() and not args.force:  # before minutes of detection
-        raise FileExistsNoForce(f"{args.out}: already exists (use --force to replace it)")
+    if args.out:
+        check_out_path(args.out, args.force)  # before minutes of detection
 
     cfg = InferenceConfig(z_stride=args.z_stride, batch=args.batch, tta=args.tta, multi_label=args.multi_label,
                           smooth=args.smooth)
