@@ -24,7 +24,16 @@ DISTANCE_MULTIPLIER = 0.5
 
 @dataclass
 class ScoreResult:
-    """Per-type table (index: particle type; columns tp, fp, fn, precision, recall, f_beta, weight) and the final score."""
+    """The competition score of a submission: per-type counts and F-beta, and the weighted final score.
+
+    Attributes
+    ----------
+    table : DataFrame
+        One row per catalog particle type (index, 6 rows); columns ``tp, fp, fn`` (int, summed over
+        experiments), ``precision, recall, f_beta`` (float in [0, 1]) and ``weight`` (the metric weight).
+    final : float
+        Σ weight × F-beta / Σ weight, in [0, 1] (Kaggle's leaderboard score).
+    """
 
     table: pd.DataFrame
     final: float
@@ -146,7 +155,19 @@ def score(
 
 
 def format_table(result: ScoreResult) -> str:
-    """A human-readable per-type table with the final score."""
+    """A human-readable per-type table with the final score.
+
+    Parameters
+    ----------
+    result : ScoreResult
+        What :func:`score` returned.
+
+    Returns
+    -------
+    str
+        One line per particle type (weight, TP, FP, FN, precision, recall, F4) and a last line with
+        the final weighted score.
+    """
     lines = [f"{'particle_type':<22}{'weight':>7}{'TP':>7}{'FP':>7}{'FN':>7}{'precision':>11}{'recall':>9}{'F4':>8}"]
     for name, r in result.table.iterrows():
         lines.append(

@@ -227,13 +227,13 @@ def smoothing_sigma(volume: np.ndarray, target: float = SMOOTH_TARGET, sigmas=SM
 SHARPEN_LIMIT = 0.96
 """Neighbour correlation above which ``smooth="auto"`` sharpens a tomogram (:func:`sharpen`): beyond
 every denoised tomogram the shipped model was trained or tuned on (0.86-0.954) and every other
-simulated set of the README (at most 0.956). A stronger denoiser than the simulator's defaults
+simulated set of docs/pipeline.md (at most 0.956). A stronger denoiser than the simulator's defaults
 (Gaussian sigma 2-3 voxels instead of 1.1-1.9) gives 0.963-0.980."""
 
 SHARPEN_AMOUNT = 4.0
 """Unsharp-mask amount :func:`sharpen` uses under ``smooth="auto"``: chosen on 5 over-smoothed
 validation runs (weighted F4 0.867 unsharpened, 0.901 / 0.907 / 0.916 / 0.913 at 1 / 2 / 4 / 8;
-README "Over-smoothed tomograms")."""
+docs/pipeline.md, "Over-smoothed tomograms")."""
 
 SHARPEN_SIGMA = 2.0
 """Gaussian sigma (voxels) of the blurred copy :func:`sharpen` subtracts."""
@@ -338,7 +338,7 @@ UNEVEN_LIMIT = 0.1
 """Lateral background unevenness (:func:`unevenness`) above which ``flatten="auto"`` flattens a
 tomogram. Our simulated tomograms: 0.001-0.054; a lateral ramp of 0.3 x the intensity range across
 x (plus half that across y) gives 0.09 and costs the shipped model 0.005 F4, one of 1 x gives 0.18
-and costs 0.22 (README, "Uneven background")."""
+and costs 0.22 (docs/pipeline.md, "Uneven background")."""
 
 
 def coarse_background(volume: np.ndarray, sigma: float = FLATTEN_SIGMA, binning: int = 4) -> np.ndarray:

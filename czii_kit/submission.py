@@ -122,6 +122,21 @@ def read_submission(path: str | Path, extents: dict | None = None) -> pd.DataFra
 def write_submission(picks: pd.DataFrame, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``picks`` (with or without ``id``) as a submission CSV, atomically.
 
+    Parameters
+    ----------
+    picks : DataFrame
+        ``experiment, particle_type, x, y, z`` (Å), as :func:`czii_kit.predict.predict` returns;
+        ``id`` is added (0, 1, ...) when missing.
+    path : path-like
+        The CSV to write (``id,experiment,particle_type,x,y,z``, coordinates to 3 decimals).
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
     Raises
     ------
     FileExistsNoForce

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing synthetic dataset at --out")
     p.add_argument("--bench", action="store_true", help="time one run stage by stage (nothing is kept)")
     p.add_argument("--figure", type=Path, default=None, metavar="PNG",
-                   help="write the README figure (x-y slice with picks, x-z slice) of one simulated run")
+                   help="write the simulator docs' figure (x-y slice with picks, x-z slice) of one simulated run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -12,7 +12,7 @@ Pipeline per run (see the modules):
 - :mod:`~czii_kit.synthetic.reconstruct`: weighted back-projection (missing wedge, z elongation).
 - :mod:`~czii_kit.synthetic.denoise`: the smooth ``denoised`` tomogram.
 - :mod:`~czii_kit.synthetic.dataset`: :func:`generate_dataset` (Kaggle layout) and :func:`benchmark`.
-- :mod:`~czii_kit.synthetic.figure`: :func:`make_figure`, the README figure.
+- :mod:`~czii_kit.synthetic.figure`: :func:`make_figure`, the figure of docs/simulator.md.
 """
 
 from czii_kit.synthetic.dataset import benchmark, generate_dataset, run_name

@@ -131,7 +131,10 @@ def generate_dataset(
     Returns
     -------
     Path
-        ``out_dir``.
+        ``out_dir``: ``train/`` and ``test/`` in the Kaggle layout (per run ``denoised`` and ``wbp``
+        float32 zarr tomograms, arrays ``[z, y, x]`` of the ``size`` shape, 3 levels; picks of the
+        train runs as copick JSON, points in Å), ``solution.csv`` (``experiment, particle_type, x, y,
+        z`` in Å, the test runs' truth) and ``synthetic.json`` (seed, size, maps, ranges, runs).
     """
     from tqdm.auto import tqdm
 

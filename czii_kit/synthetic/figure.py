@@ -1,4 +1,4 @@
-"""The README figure: one simulated run, an x-y slice with picks circled by type and x-z slices."""
+"""The figure of docs/simulator.md: one simulated run, an x-y slice with picks circled by type and x-z slices."""
 
 from __future__ import annotations
 
