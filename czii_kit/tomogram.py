@@ -19,6 +19,7 @@ import numpy as np
 
 from czii_kit.atomic import atomic_dir
 from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.layout import folder_spacing
 
 DEFAULT_CHUNKS = (64, 256, 256)
 
@@ -244,7 +245,6 @@ def _levels_without_metadata(path: Path) -> list[tuple[str, float]]:
     The store itself when it is an array (level ``""``), else its 3D arrays; the widest is level 0
     at the folder's voxel size, the others at that size times the ratio of widths (x).
     """
-    from czii_kit.layout import folder_spacing
 
     size = folder_spacing(path.parent.name)
     if not (size or 0) > 0:
