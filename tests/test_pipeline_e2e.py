@@ -60,6 +60,7 @@ def test_offline_configuration(no_dns, offline_home):
 
 def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
     from czii_kit.cli import main
+    from czii_kit import infer
     from czii_kit.infer import Detector, InferenceConfig
     from czii_kit.train import train
     from czii_kit.yolo_dataset import build_dataset
@@ -89,15 +90,18 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
         for a, b in zip(boxes["torch"], boxes[be], strict=True):
             if len(a) and len(b):
                 np.testing.assert_allclose(a[0, 4], b[0, 4], atol=0.02)
-    assert (best.parent / "best_96_b8_openvino_model" / "czii_kit_export.json").is_file()
+    exported = infer.export_path(best, "openvino", 96, 8)
+    assert (exported / "czii_kit_export.json").is_file() and exported.parent.parent == infer.export_cache()
+    assert not list(best.parent.glob("*openvino_model")) and not list(best.parent.glob("*.onnx"))  # none beside it
     # a tomogram written with the opposite sign is recognised and inverted back (polarity "auto")
-    from czii_kit.infer import detect_volume, preprocess_config_for
+    from czii_kit.bundle import ModelBundle
+    from czii_kit.infer import detect_volume
     from czii_kit.tomogram import open_tomogram
 
     run_dir = root / "test" / "static" / "ExperimentRuns" / "TS_t" / "VoxelSpacing10.000"
     vol = open_tomogram(run_dir / "denoised.zarr").read()
     det = Detector(best, "torch", InferenceConfig(conf=0.001), imgsz=96)  # a 1-epoch model: low scores
-    prep = preprocess_config_for(best)
+    prep = ModelBundle(best).preprocess
     plain = detect_volume(det, vol, "TS_t", prep)
     with pytest.warns(UserWarning, match="looks bright"):
         flipped = detect_volume(det, np.float32(5000.0) - vol, "TS_t", prep)
