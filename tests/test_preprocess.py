@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from czii_kit.errors import DataError
+from czii_kit.errors import DataError, SettingsError
 from czii_kit.preprocess import (
     PreprocessConfig,
     Window,
@@ -108,7 +108,9 @@ def test_bad_volumes_raise_clear_errors():
 def test_config_validation_and_round_trip():
     cfg = PreprocessConfig(offsets=(-1, 0, 1), slab=3, lo=1, hi=99)
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
-    assert PreprocessConfig.from_dict({"offsets": [-4, 0, 4], "unknown": 1}).offsets == (-4, 0, 4)
+    assert PreprocessConfig.from_dict({"offsets": [-4, 0, 4]}).offsets == (-4, 0, 4)
+    with pytest.raises(SettingsError, match="unknown: unknown setting"):
+        PreprocessConfig.from_dict({"offsets": [-4, 0, 4], "unknown": 1})
     with pytest.raises(ValueError):
         PreprocessConfig(slab=2)
     with pytest.raises(ValueError):

@@ -286,11 +286,12 @@ def test_build_dataset_resamples_another_voxel_size(tmp_path, capsys):
         d = np.hypot(lab[:, 1] - (x + 0.5) / 87, lab[:, 2] - (y + 0.5) / 71)
         i = int(np.argmin(d))
         assert d[i] < 1e-3 and int(lab[i, 0]) == get_particle(p.particle_type).class_id
-    # an explicit voxel size: the other two runs are resampled instead
-    with pytest.warns(UserWarning, match="the dataset's is 20.0249 Å"):
-        code = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds2"), "--val-runs", "TS_c",
-                     "--voxel-size", str(2 * VOXEL), "--quiet"])
-    out = capsys.readouterr().out
+    # an explicit voxel size: the other two runs are resampled instead (the CLI prints the warning on one line)
+    code = main(["build-dataset", str(tmp_path / "root"), "--out", str(tmp_path / "ds2"), "--val-runs", "TS_c",
+                 "--voxel-size", str(2 * VOXEL)])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "warning: " in captured.err and "the dataset's is 20.0249 Å" in captured.err
     assert code == 0 and "resampled to 20.0249 Å voxels: TS_a (10.0124 Å), TS_b (10.0124 Å)" in out
     m = json.loads((tmp_path / "ds2" / "czii_kit_dataset.json").read_text())
     assert m["shape_zyx"] == {"TS_a": [12, 36, 44], "TS_b": [12, 36, 44], "TS_c": [12, 36, 44]}
