@@ -28,6 +28,8 @@ COMMANDS = {
     "bench": "bench",
     "baseline": "baseline",
     "demo": "demo",
+    "maps": "maps",
+    "copick-config": "copick_config",
 }
 
 

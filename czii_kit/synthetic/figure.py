@@ -21,7 +21,7 @@ def _best_slice(idx: np.ndarray, radii: np.ndarray, n: int, axis: int) -> int:
 
 def make_figure(
     out_png: str | Path,
-    maps_dir: str | Path | None = None,
+    maps_dir: str | Path | None = "shipped",
     size: str = "full",
     seed: int = 0,
     overwrite: bool = False,
@@ -34,8 +34,8 @@ def make_figure(
     ----------
     out_png : path-like
         PNG to write (atomically; an existing file needs ``overwrite``).
-    maps_dir : path-like, optional
-        Density maps (procedural models when ``None``).
+    maps_dir : path-like, "shipped" or "procedural"
+        Density maps (see :func:`czii_kit.maps.maps_option`; default the shipped ones).
     size : str
         Size preset of the simulated run.
     """
