@@ -152,6 +152,22 @@ def read_picks(
     return df.sort_values(["experiment", "particle_type"], kind="stable").reset_index(drop=True)
 
 
+def check_naming(naming: str, user_id: str = "curation", session_id: str = "0") -> None:
+    """Check a picks file naming: ``"kaggle"``, or ``"copick"`` with a user and a session id.
+
+    Raises
+    ------
+    DataError
+        Another naming, or copick names with an empty id or one holding ``_`` (copick splits the
+        file name ``{user}_{session}_{particle}`` at every ``_``).
+    """
+    if naming not in ("kaggle", "copick"):
+        raise DataError(None, f"picks naming must be 'kaggle' or 'copick', got {naming!r}")
+    if naming == "copick" and (not user_id or not str(session_id) or "_" in str(user_id) + str(session_id)):
+        raise DataError(None, f"copick picks names need a user id and a session id without '_' "
+                              f"(got user {user_id!r}, session {session_id!r})")
+
+
 def picks_document(points_xyz, particle: str, run_name: str, user_id: str = "curation",
                    session_id: str = "0") -> dict:
     """The copick JSON document for ``points_xyz`` ``(N, 3)`` in Å."""
@@ -212,12 +228,10 @@ def write_picks(
     Raises
     ------
     DataError
-        Missing columns, unknown particle types, or NaN/infinite coordinates.
+        Missing columns, unknown particle types, NaN/infinite coordinates, or a bad naming
+        (:func:`check_naming`).
     """
-    if naming not in ("kaggle", "copick"):
-        raise ValueError(f"naming must be 'kaggle' or 'copick', got {naming!r}")
-    if naming == "copick" and ("_" in str(session_id) or not user_id):
-        raise ValueError("copick names need a non-empty user_id and a session_id without '_'")
+    check_naming(naming, user_id, session_id)
     missing = [c for c in PICK_COLUMNS if c not in picks.columns]
     if missing:
         raise DataError(None, f"picks table lacks columns {missing}")

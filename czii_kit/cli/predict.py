@@ -80,10 +80,10 @@ def run(args) -> int:
     from czii_kit.predict import predict_to_csv, summary
 
     split = None if args.split == "all" else args.split
-    if args.picks_out and ("_" in args.session_id or not args.user_id):
-        from czii_kit.errors import CziiKitError
+    if args.picks_out:
+        from czii_kit.picks import check_naming
 
-        raise CziiKitError(f"--picks-out needs a user id and a session id without '_' (got {args.session_id!r})")
+        check_naming(args.naming, args.user_id, args.session_id)  # before the long prediction
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,

@@ -31,7 +31,7 @@ from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import RUNS_DIR, spacing_folder
 from czii_kit.maps import SHIPPED, describe_maps
-from czii_kit.picks import read_picks, write_picks
+from czii_kit.picks import check_naming, read_picks, write_picks
 from czii_kit.synthetic.params import VOXEL_SIZE, SimParamError, SimRanges, shape_for_size
 from czii_kit.synthetic.simulate import TOMOGRAM_NAMES, get_models, simulate_run
 from czii_kit.tomogram import write_tomogram
@@ -156,9 +156,7 @@ def generate_dataset(
     if voxel_size != VOXEL_SIZE:
         shape = shape_for_size(tuple(int(round(n * VOXEL_SIZE / voxel_size)) for n in shape))
     names = {"naming": naming, "user_id": user_id, "session_id": session_id}
-    if naming not in ("kaggle", "copick") or "_" in str(session_id) or not user_id:
-        raise SimParamError(f"picks naming must be 'kaggle' or 'copick' with a user id and a session id "
-                            f"without '_' (got {naming!r}, {user_id!r}, {session_id!r})")
+    check_naming(naming, user_id, session_id)
     _prepare_out(out_dir, overwrite)
     models = get_models(maps_dir, voxel_size)
     layouts = _layouts(picks_dir)
