@@ -168,6 +168,31 @@ def check_naming(naming: str, user_id: str = "curation", session_id: str = "0") 
                               f"(got user {user_id!r}, session {session_id!r})")
 
 
+def picks_files(overlay_root: str | Path, runs: Iterable[str], particle_types: Iterable[str] = PARTICLE_NAMES,
+                naming: str = "kaggle", user_id: str = "curation", session_id: str = "0",
+                overwrite: bool = False) -> dict[tuple[str, str], Path]:
+    """``{(run, particle): path}`` of the picks files :func:`write_picks` writes under ``overlay_root``.
+
+    Raises
+    ------
+    DataError
+        A bad naming (:func:`check_naming`).
+    FileExistsNoForce
+        One of them exists and ``overwrite`` is false (checked for all, before anything is written).
+    """
+    check_naming(naming, user_id, session_id)
+    out = {}
+    for run in runs:
+        for particle in particle_types:
+            name = f"{particle}.json" if naming == "kaggle" else f"{user_id}_{session_id}_{particle}.json"
+            out[(str(run), particle)] = picks_location(overlay_root, str(run)) / name
+    exists = [] if overwrite else [p for p in out.values() if p.exists()]
+    if exists:
+        more = f" (and {len(exists) - 1} more)" if len(exists) > 1 else ""
+        raise FileExistsNoForce(f"{exists[0]}: already exists{more} (use --force / overwrite=True to replace)")
+    return out
+
+
 def picks_document(points_xyz, particle: str, run_name: str, user_id: str = "curation",
                    session_id: str = "0") -> dict:
     """The copick JSON document for ``points_xyz`` ``(N, 3)`` in Å."""
@@ -245,20 +270,11 @@ def write_picks(
     run_names = sorted(str(r) for r in (set(picks["experiment"]) if runs is None else set(runs)))
     types = list(dict.fromkeys([*particle_types, *sorted(set(picks["particle_type"]))]))
     groups = {(str(k[0]), str(k[1])): g for k, g in picks.groupby(["experiment", "particle_type"])}
-    jobs = []
-    for run in run_names:
-        for particle in types:
-            g = groups.get((run, particle))
-            pts = np.empty((0, 3)) if g is None else g[["x", "y", "z"]].to_numpy(float)
-            name = f"{particle}.json" if naming == "kaggle" else f"{user_id}_{session_id}_{particle}.json"
-            jobs.append((picks_location(overlay_root, run) / name, pts, particle, run))
-    if not overwrite:
-        exists = [dest for dest, *_ in jobs if dest.exists()]
-        if exists:
-            more = f" (and {len(exists) - 1} more)" if len(exists) > 1 else ""
-            raise FileExistsNoForce(f"{exists[0]}: already exists{more} (use --force / overwrite=True to replace)")
+    dests = picks_files(overlay_root, run_names, types, naming, user_id, session_id, overwrite)
     written = []
-    for dest, pts, particle, run in jobs:
+    for (run, particle), dest in dests.items():
+        g = groups.get((run, particle))
+        pts = np.empty((0, 3)) if g is None else g[["x", "y", "z"]].to_numpy(float)
         doc = picks_document(pts, particle, run, user_id, session_id)
         written.append(atomic_write_text(dest, json.dumps(doc), overwrite=overwrite))
     return written

@@ -80,10 +80,13 @@ def run(args) -> int:
     from czii_kit.predict import predict_to_csv, summary
 
     split = None if args.split == "all" else args.split
-    if args.picks_out:
-        from czii_kit.picks import check_naming
+    if args.picks_out:  # check names and existing files before the long prediction
+        from czii_kit.layout import select_runs
+        from czii_kit.picks import picks_files, write_picks
 
-        check_naming(args.naming, args.user_id, args.session_id)  # before the long prediction
+        runs = [r.name for r in select_runs(args.root, split, args.runs)]
+        picks_files(args.picks_out, runs, naming=args.naming, user_id=args.user_id, session_id=args.session_id,
+                    overwrite=args.force)
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, weights=args.weights,
         backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
@@ -96,10 +99,6 @@ def run(args) -> int:
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")
     if args.picks_out:
-        from czii_kit.layout import select_runs
-        from czii_kit.picks import write_picks
-
-        runs = [r.name for r in select_runs(args.root, split, args.runs)]
         files = write_picks(picks, args.picks_out, naming=args.naming, user_id=args.user_id,
                             session_id=args.session_id, runs=runs, overwrite=args.force)
         print(f"wrote {len(files)} picks files ({args.naming} names) under {args.picks_out}")
