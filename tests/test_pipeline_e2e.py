@@ -59,8 +59,8 @@ def test_offline_configuration(no_dns, offline_home):
 
 
 def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
-    from czii_kit.cli import main
     from czii_kit import infer
+    from czii_kit.cli import main
     from czii_kit.infer import Detector, InferenceConfig
     from czii_kit.train import train
     from czii_kit.yolo_dataset import build_dataset
