@@ -8,22 +8,25 @@ the synthetic dataset (cached there and reused), ``submission.csv``, ``score.jso
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from czii_kit import plots
 from czii_kit.atomic import check_out_path
+from czii_kit.bundle import ModelBundle
+from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import CziiKitError
+from czii_kit.infer import missing_backend_modules
+from czii_kit.layout import find_runs
+from czii_kit.maps import PROCEDURAL, SHIPPED, describe_maps, maps_option
+from czii_kit.metric import format_table, score
+from czii_kit.offline import configure_offline
+from czii_kit.predict import predict, summary
+from czii_kit.submission import write_submission
+from czii_kit.synthetic import generate_dataset
+from czii_kit.tomogram import open_tomogram
 
 MARKER = ".czii_kit_demo"
-
-
-def shared_maps_dir() -> Path | None:
-    """``$CZII_SHARED_DATA/density_maps`` (default ``../shared/data`` beside the repository) when it exists."""
-    env = os.environ.get("CZII_SHARED_DATA")
-    base = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    maps = base / "density_maps"
-    return maps if maps.is_dir() else None
 
 
 def _prepare(out: Path, force: bool) -> None:
@@ -34,7 +37,7 @@ def _prepare(out: Path, force: bool) -> None:
 
 
 def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = None, backend: str = "openvino",
-             n_runs: int = 2, size: str = "small", seed: int = 2024, maps: str | Path | None = "auto",
+             n_runs: int = 2, size: str = "small", seed: int = 2024, maps: str | Path | None = SHIPPED,
              force: bool = False, progress: bool = True, echo=print) -> dict:
     """Simulate ``n_runs`` test runs, predict, write ``submission.csv``, score it and save a figure.
 
@@ -47,9 +50,9 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
     backend : {"openvino", "onnx", "torch"}
     n_runs, size, seed :
         Synthetic test runs to simulate (see :func:`czii_kit.synthetic.generate_dataset`).
-    maps : path-like, "auto" or None
-        Density maps for the simulator; ``"auto"`` uses the shared reference maps when present, else
-        the built-in procedural models (``None``).
+    maps : "shipped", "procedural" or path-like
+        Density maps for the simulator: those shipped with czii_kit (default), the built-in
+        procedural models (``"procedural"`` or ``None``), or a folder of MRC maps.
 
     Returns
     -------
@@ -57,13 +60,6 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
         ``final`` score, per-type ``particles`` figures, ``paths`` of the outputs and ``seconds`` per step.
     """
     check_out_path(out, force, folder=True)  # a file there is refused before any work
-    from czii_kit.bundle import ModelBundle
-    from czii_kit.infer import missing_backend_modules
-    from czii_kit.metric import format_table, score
-    from czii_kit.offline import configure_offline
-    from czii_kit.predict import predict, summary
-    from czii_kit.submission import write_submission
-    from czii_kit.synthetic import generate_dataset
 
     configure_offline()
     out = Path(out)
@@ -73,16 +69,16 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
         echo(f"note: {backend} is not installed ({', '.join(missing_backend_modules(backend))}); using the torch "
              "backend (pip install 'czii_kit[export]' for the faster OpenVINO backend)")
         backend = "torch"
-    maps_dir = shared_maps_dir() if maps == "auto" else (Path(maps) if maps else None)
+    maps = maps_option(maps)
     seconds = {}
 
     t = time.perf_counter()
-    data = out / f"data_{size}_{n_runs}_{seed}_{'maps' if maps_dir else 'procedural'}"
+    data = out / f"data_{size}_{n_runs}_{seed}_{maps if maps in (SHIPPED, PROCEDURAL) else 'maps'}"
     if (data / "solution.csv").is_file():
         echo(f"[1/4] using the cached synthetic dataset {data}")
     else:
-        echo(f"[1/4] simulating {n_runs} {size} tomogram(s) ({'density maps ' + str(maps_dir) if maps_dir else 'procedural particle models'})")
-        generate_dataset(data, n_train=0, n_test=n_runs, size=size, seed=seed, maps_dir=maps_dir,
+        echo(f"[1/4] simulating {n_runs} {size} tomogram(s) ({describe_maps(maps)})")
+        generate_dataset(data, n_train=0, n_test=n_runs, size=size, seed=seed, maps_dir=maps,
                          overwrite=True, progress=progress)
     seconds["simulate"] = time.perf_counter() - t
 
@@ -115,10 +111,6 @@ def run_demo(out: str | Path = "czii_kit_demo", weights: str | Path | None = Non
 def _figure(data: Path, solution, picks, path: Path) -> Path:
     import numpy as np
 
-    from czii_kit import plots
-    from czii_kit.coords import angstrom_to_voxel
-    from czii_kit.layout import find_runs
-    from czii_kit.tomogram import open_tomogram
 
     run = find_runs(data, "test")[0]
     tomo = open_tomogram(run.tomogram_path("denoised"), 0)

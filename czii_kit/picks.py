@@ -207,6 +207,47 @@ def warn_outside(table: pd.DataFrame, extents: dict, source) -> int:
     return n
 
 
+def check_naming(naming: str, user_id: str = "curation", session_id: str = "0") -> None:
+    """Check a picks file naming: ``"kaggle"``, or ``"copick"`` with a user and a session id.
+
+    Raises
+    ------
+    DataError
+        Another naming, or copick names with an empty id or one holding ``_`` (copick splits the
+        file name ``{user}_{session}_{particle}`` at every ``_``).
+    """
+    if naming not in ("kaggle", "copick"):
+        raise DataError(None, f"picks naming must be 'kaggle' or 'copick', got {naming!r}")
+    if naming == "copick" and (not user_id or not str(session_id) or "_" in str(user_id) + str(session_id)):
+        raise DataError(None, f"copick picks names need a user id and a session id without '_' "
+                              f"(got user {user_id!r}, session {session_id!r})")
+
+
+def picks_files(overlay_root: str | Path, runs: Iterable[str], particle_types: Iterable[str] = PARTICLE_NAMES,
+                naming: str = "kaggle", user_id: str = "curation", session_id: str = "0",
+                overwrite: bool = False) -> dict[tuple[str, str], Path]:
+    """``{(run, particle): path}`` of the picks files :func:`write_picks` writes under ``overlay_root``.
+
+    Raises
+    ------
+    DataError
+        A bad naming (:func:`check_naming`).
+    FileExistsNoForce
+        One of them exists and ``overwrite`` is false (checked for all, before anything is written).
+    """
+    check_naming(naming, user_id, session_id)
+    out = {}
+    for run in runs:
+        for particle in particle_types:
+            name = f"{particle}.json" if naming == "kaggle" else f"{user_id}_{session_id}_{particle}.json"
+            out[(str(run), particle)] = picks_location(overlay_root, str(run)) / name
+    exists = [] if overwrite else [p for p in out.values() if p.exists()]
+    if exists:
+        more = f" (and {len(exists) - 1} more)" if len(exists) > 1 else ""
+        raise FileExistsNoForce(f"{exists[0]}: already exists{more} (use --force / overwrite=True to replace)")
+    return out
+
+
 def picks_document(points_xyz, particle: str, run_name: str, user_id: str = "curation",
                    session_id: str = "0") -> dict:
     """The copick JSON document for ``points_xyz`` ``(N, 3)`` in Å."""
@@ -267,12 +308,10 @@ def write_picks(
     Raises
     ------
     DataError
-        Missing columns, unknown particle types, or NaN/infinite coordinates.
+        Missing columns, unknown particle types, NaN/infinite coordinates, or a bad naming
+        (:func:`check_naming`).
     """
-    if naming not in ("kaggle", "copick"):
-        raise ValueError(f"naming must be 'kaggle' or 'copick', got {naming!r}")
-    if naming == "copick" and ("_" in str(session_id) or not user_id):
-        raise ValueError("copick names need a non-empty user_id and a session_id without '_'")
+    check_naming(naming, user_id, session_id)
     missing = [c for c in PICK_COLUMNS if c not in picks.columns]
     if missing:
         raise DataError(None, f"picks table lacks columns {missing}")
@@ -286,20 +325,11 @@ def write_picks(
     run_names = sorted(str(r) for r in (set(picks["experiment"]) if runs is None else set(runs)))
     types = list(dict.fromkeys([*particle_types, *sorted(set(picks["particle_type"]))]))
     groups = {(str(k[0]), str(k[1])): g for k, g in picks.groupby(["experiment", "particle_type"])}
-    jobs = []
-    for run in run_names:
-        for particle in types:
-            g = groups.get((run, particle))
-            pts = np.empty((0, 3)) if g is None else g[["x", "y", "z"]].to_numpy(float)
-            name = f"{particle}.json" if naming == "kaggle" else f"{user_id}_{session_id}_{particle}.json"
-            jobs.append((picks_location(overlay_root, run) / name, pts, particle, run))
-    if not overwrite:
-        exists = [dest for dest, *_ in jobs if dest.exists()]
-        if exists:
-            more = f" (and {len(exists) - 1} more)" if len(exists) > 1 else ""
-            raise FileExistsNoForce(f"{exists[0]}: already exists{more} (use --force / overwrite=True to replace)")
+    dests = picks_files(overlay_root, run_names, types, naming, user_id, session_id, overwrite)
     written = []
-    for dest, pts, particle, run in jobs:
+    for (run, particle), dest in dests.items():
+        g = groups.get((run, particle))
+        pts = np.empty((0, 3)) if g is None else g[["x", "y", "z"]].to_numpy(float)
         doc = picks_document(pts, particle, run, user_id, session_id)
         written.append(atomic_write_text(dest, json.dumps(doc), overwrite=overwrite))
     return written

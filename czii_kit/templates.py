@@ -44,7 +44,7 @@ from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.config import StrictConfig
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError
-from czii_kit.maps import load_map_model
+from czii_kit.maps import SHIPPED, load_models
 from czii_kit.rotations import random_rotations
 from czii_kit.wedge import Wedge, apply_wedge, estimate_wedge
 
@@ -139,19 +139,14 @@ def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
     return v.reshape(z // factor, factor, y // factor, factor, x // factor, factor).mean((1, 3, 5))
 
 
-def build_templates(maps_dir: str | Path, types: Sequence[str] = DEFAULT_TYPES, bin: int = 2) -> dict[str, Template]:
-    """Templates of ``types`` from the density maps in ``maps_dir`` (file names from :mod:`czii_kit.catalog`),
-    block-averaged ``bin`` x. Raises :class:`~czii_kit.errors.DataError` for a missing or bad map."""
-    maps_dir = Path(maps_dir)
-    if not maps_dir.is_dir():
-        raise DataError(maps_dir, "density map folder not found")
+def build_templates(maps_dir: str | Path = SHIPPED, types: Sequence[str] = DEFAULT_TYPES,
+                    bin: int = 2) -> dict[str, Template]:
+    """Templates of ``types`` from the shipped density maps (default) or a folder's (file names from
+    :mod:`czii_kit.catalog`), block-averaged ``bin`` x. Raises :class:`~czii_kit.errors.DataError` for a
+    missing or bad map."""
+    names = [get_particle(name).name for name in types]
     out = {}
-    for name in types:
-        name = get_particle(name).name
-        f = maps_dir / get_particle(name).map_file
-        if not f.is_file():
-            raise DataError(f, f"density map of {name} not found (expected {f.name} in {maps_dir})")
-        m = load_map_model(name, f)
+    for name, m in load_models(maps_dir, names).items():
         d = np.asarray(m.density, np.float32)
         pad = [(0, -n % bin) for n in d.shape]
         dens = block_mean(np.pad(d, pad), bin)

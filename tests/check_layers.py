@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "czii_kit"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("errors", "catalog", "coords", "atomic", "checksum", "rotations", "offline", "config")),
-    ("io", ("layout", "tomogram", "picks", "submission", "maps")),
+    ("io", ("layout", "tomogram", "picks", "submission", "maps", "copick_project")),
     ("scoring", ("metric",)),
     ("volume processing", ("preprocess", "augment", "wedge", "volumes")),
     ("detection", ("postprocess", "infer")),

@@ -34,6 +34,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAILURE_TTL_S = 3600
 BUILD_TIMEOUT_S = 1500
+BASE_REQUIREMENTS = ["numpy>=1.24", "scipy>=1.10", "pandas>=2.0", "pytest>=7.4"]
+COPICK_ENV = "zarr2-copick"
+COPICK_REQUIREMENTS = [*BASE_REQUIREMENTS, "zarr>=2.18,<2.19", "numcodecs>=0.12,<0.16", "copick>=1.0,<2"]
+"""The venv with the real copick (which pins zarr<3): test_zarr_versions runs I/O tests in it, and tests
+of the main environment run copick scripts in it (:func:`run_copick`)."""
 
 
 class EnvUnavailable(RuntimeError):
@@ -128,6 +133,30 @@ def _build(path: Path, requirements: list[str], timeout: float) -> None:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
             raise EnvUnavailable(f"cannot build {path.name} ({' '.join(cmd[2:5])} ...): " + " | ".join(tail))
+
+
+def copick_python() -> Path:
+    """Python of the cached copick venv, built now if absent (so no test depends on another having built it).
+
+    Raises
+    ------
+    EnvUnavailable
+        When it cannot be built (no package registry, building disabled, ...).
+    """
+    return ensure_env(COPICK_ENV, COPICK_REQUIREMENTS)
+
+
+def run_copick(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` (a Python script; ``sys.argv[1:]`` = ``args``) in the copick venv, without PYTHONPATH.
+
+    Raises
+    ------
+    EnvUnavailable
+        As :func:`copick_python`.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(copick_python()), "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
 def run_pytest(python: Path, test_args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

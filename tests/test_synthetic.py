@@ -351,7 +351,7 @@ def test_figure_is_written_small_and_not_overwritten(tmp_path):
 
 
 def test_picks_sit_on_dark_density_procedural():
-    tomos, picks = simulate_run(TEST_SHAPE, seed=0, ranges=CROWDED)
+    tomos, picks = simulate_run(TEST_SHAPE, seed=0, ranges=CROWDED, maps="procedural")
     assert len(picks) >= 8
     contrast = _contrast_at_picks(tomos["denoised"], picks)
     # protein is darker than the background in the denoised map (negative contrast)
@@ -585,16 +585,16 @@ print("COPICK_OK")
 
 
 def test_copick_reads_synthetic_output(tmp_path):
-    """copick (in the cached zarr-2 + copick test venv, when it exists) reads the simulated tomograms."""
+    """copick (in the cached zarr-2 + copick venv, built here when absent) reads the simulated tomograms."""
     import envs
-    from test_zarr_versions import LEGS
 
     from czii_kit.layout import find_runs
     from czii_kit.tomogram import open_tomogram
 
-    python = envs.env_dir("zarr2-copick", LEGS["zarr2-copick"]["requirements"]) / "bin" / "python"
-    if not python.is_file():
-        pytest.skip("no cached zarr-2 + copick venv (tests/test_zarr_versions.py builds it)")
+    try:
+        envs.copick_python()
+    except envs.EnvUnavailable as exc:
+        pytest.skip(f"cannot build the copick test environment: {exc}")
     root = generate_dataset(tmp_path / "ds", n_train=2, n_test=0, size="tiny", seed=2, progress=False)
     expect = {}
     for r in find_runs(root, split="train"):
@@ -602,7 +602,5 @@ def test_copick_reads_synthetic_output(tmp_path):
         for name, path in r.tomograms().items():
             a = open_tomogram(path).read()
             expect[r.name][name] = {"shape": list(a.shape), "sum": float(a.astype(np.float64).sum())}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([str(python), "-c", _COPICK_SCRIPT, str(root), json.dumps(expect)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    res = envs.run_copick(_COPICK_SCRIPT, str(root), json.dumps(expect))
     assert res.returncode == 0 and "COPICK_OK" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]

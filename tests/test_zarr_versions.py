@@ -19,16 +19,15 @@ import envs
 import pytest
 import zarr
 
-BASE = ["numpy>=1.24", "scipy>=1.10", "pandas>=2.0", "pytest>=7.4"]
 LEGS = {
-    "zarr2-copick": {
-        "requirements": [*BASE, "zarr>=2.18,<2.19", "numcodecs>=0.12,<0.16", "copick>=1.0,<2"],
+    envs.COPICK_ENV: {
+        "requirements": envs.COPICK_REQUIREMENTS,
         "zarr": "2",
         "tests": ["tests/test_layout_io.py", "tests/test_copick_interop.py", "tests/test_catalog_coords.py"],
         "env": {"CZII_KIT_REQUIRE_COPICK": "1"},
     },
     "zarr3": {
-        "requirements": [*BASE, "zarr>=3,<4", "numcodecs>=0.14"],
+        "requirements": [*envs.BASE_REQUIREMENTS, "zarr>=3,<4", "numcodecs>=0.14"],
         "zarr": "3",
         "tests": ["tests/test_layout_io.py", "tests/test_catalog_coords.py"],
         "env": {},

@@ -34,6 +34,8 @@ COMMANDS = {
     "demo": "demo",
     "settings": "settings",
     "model": "model",
+    "maps": "maps",
+    "copick-config": "copick_config",
 }
 
 

@@ -14,9 +14,9 @@ def add_parser(sub):
     p.add_argument("--runs", type=int, default=2, help="synthetic test runs (default 2)")
     p.add_argument("--size", default="small", choices=["tiny", "small", "full"], help="tomogram size (default small)")
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--maps", default="auto",
-                   help="density maps folder for the simulator; 'auto': $CZII_SHARED_DATA/density_maps when "
-                        "present, else built-in models; 'none': built-in models")
+    p.add_argument("--maps", default="shipped",
+                   help="density maps for the simulator: 'shipped' (default: the polnet maps in czii_kit), "
+                        "'procedural' (built-in models; 'none' also), or a folder of MRC maps")
     p.add_argument("--force", action="store_true", help="use --out even if it holds other files")
     return p
 
@@ -24,6 +24,5 @@ def add_parser(sub):
 def run(args) -> int:
     from czii_kit.demo import run_demo
 
-    maps = None if str(args.maps).lower() == "none" else args.maps
-    run_demo(args.out, args.weights, args.backend, args.runs, args.size, args.seed, maps, args.force)
+    run_demo(args.out, args.weights, args.backend, args.runs, args.size, args.seed, args.maps, args.force)
     return 0

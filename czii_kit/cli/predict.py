@@ -69,7 +69,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--template-wedge", choices=("auto", "none"),
                    help="give the matched templates each tomogram's missing wedge ('auto'), or none; default "
                         "as tuned beside the weights (the shipped model: auto)")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--picks-out", metavar="OVERLAY",
+                   help="also write the picks as copick JSON under this overlay root "
+                        "(OVERLAY/ExperimentRuns/{run}/Picks/, one file per run and type)")
+    p.add_argument("--naming", default="copick", choices=["copick", "kaggle"],
+                   help="--picks-out file names: copick's {user}_{session}_{particle}.json (default) or {particle}.json")
+    p.add_argument("--user-id", default="czii-kit", help="user id of the --picks-out picks [czii-kit]")
+    p.add_argument("--session-id", default="0", help="session id of the --picks-out picks (no '_') [0]")
+    p.add_argument("--force", action="store_true", help="overwrite --out (and --picks-out files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -79,6 +86,13 @@ def run(args) -> int:
     from czii_kit.predict import predict_to_csv, summary
 
     split = None if args.split == "all" else args.split
+    if args.picks_out:  # check names and existing files before the long prediction
+        from czii_kit.layout import select_runs
+        from czii_kit.picks import picks_files, write_picks
+
+        runs = [r.name for r in select_runs(args.root, split, args.runs)]
+        picks_files(args.picks_out, runs, naming=args.naming, user_id=args.user_id, session_id=args.session_id,
+                    overwrite=args.force)
     path, picks = predict_to_csv(
         args.root, args.out, force=args.force, split=split, runs=args.runs, model=args.weights,
         settings=args.thresholds, export_dir=args.export_dir,
@@ -90,4 +104,8 @@ def run(args) -> int:
     )
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")
+    if args.picks_out:
+        files = write_picks(picks, args.picks_out, naming=args.naming, user_id=args.user_id,
+                            session_id=args.session_id, runs=runs, overwrite=args.force)
+        print(f"wrote {len(files)} picks files ({args.naming} names) under {args.picks_out}")
     return 0

@@ -31,10 +31,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Å per voxel [10.012444, Kaggle's]; another size keeps the field of view of --size "
                         "(its shape scaled) and resamples the density maps")
     p.add_argument("--seed", type=int, default=0, help="master seed [0]")
-    p.add_argument("--maps", type=Path, default=None,
-                   help="folder of MRC density maps (e.g. ../shared/data/density_maps); default: built-in models")
+    p.add_argument("--maps", default="shipped",
+                   help="particle density: 'shipped' (default: the polnet maps in czii_kit), 'procedural' "
+                        "(built-in models), or a folder of MRC maps named as in the catalog")
     p.add_argument("--picks", type=Path, default=None,
                    help="place particles at these picks (e.g. real Kaggle train/overlay), one layout per run")
+    p.add_argument("--naming", default="kaggle", choices=["kaggle", "copick"],
+                   help="picks file names: Kaggle's {particle}.json (default) or copick's "
+                        "{user}_{session}_{particle}.json")
+    p.add_argument("--user-id", default="curation", help="user id of the picks [curation]")
+    p.add_argument("--session-id", default="0", help="session id of the picks (no '_') [0]")
     p.add_argument("--range", action="append", default=[], metavar="NAME=LO,HI",
                    help="override one simulation parameter range, e.g. --range dose=20,40 or "
                         "--range residual_noise=0.9 (repeatable; names and defaults: "
@@ -68,21 +74,21 @@ def parse_ranges(items: list[str]):
 
 
 def run(args) -> int:
+    from czii_kit.maps import maps_option
     from czii_kit.synthetic import benchmark, generate_dataset
     from czii_kit.synthetic.params import SimParamError
 
-    if args.maps is not None and not args.maps.is_dir():
-        raise CziiKitError(f"{args.maps}: density map folder not found")
+    maps = maps_option(args.maps)
     if args.workers is not None and args.workers < 1:
         raise SimParamError(f"--workers must be >= 1, got {args.workers}")
     did = False
     if args.bench:
-        benchmark(args.size, seed=args.seed, maps_dir=args.maps, workers=args.workers)
+        benchmark(args.size, seed=args.seed, maps_dir=maps, workers=args.workers)
         did = True
     if args.figure is not None:
         from czii_kit.synthetic.figure import make_figure
 
-        path = make_figure(args.figure, maps_dir=args.maps, size=args.size, seed=args.seed,
+        path = make_figure(args.figure, maps_dir=maps, size=args.size, seed=args.seed,
                            overwrite=args.force, workers=args.workers)
         print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KB)")
         did = True
@@ -91,8 +97,9 @@ def run(args) -> int:
             raise SimParamError(f"need at least one run (--runs {args.runs}, --test-runs {args.test_runs})")
         root = generate_dataset(
             args.out, n_train=args.runs, n_test=args.test_runs, size=args.size, seed=args.seed,
-            maps_dir=args.maps, picks_dir=args.picks, overwrite=args.force, progress=not args.quiet,
-            workers=args.workers, ranges=parse_ranges(args.range),
+            maps_dir=maps, picks_dir=args.picks, overwrite=args.force, progress=not args.quiet,
+            workers=args.workers, ranges=parse_ranges(args.range), naming=args.naming, user_id=args.user_id,
+            session_id=args.session_id,
             **({} if args.voxel_size is None else {"voxel_size": args.voxel_size}),
         )
         print(f"wrote {args.runs} training and {args.test_runs} test runs to {root}")

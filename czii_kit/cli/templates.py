@@ -10,14 +10,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "templates",
         help="build the template-matching file (czii_kit_templates.npz) from the particles' density maps",
         description=(
-            "Reads the density maps (MRC; file names as in ../shared/data/density_maps) of the template types, "
+            "Reads the density maps of the template types (default: the maps shipped with czii_kit; or a folder "
+            "of MRC maps named as in the catalog), "
             "block-averages them BIN x and writes an .npz that `tune` and `predict` use when it lies beside the "
             "detector weights as czii_kit_templates.npz: each rescored candidate of those types is matched "
             "against every template over 1,500 orientations, and one that another template fits better than its "
             "own loses score (weight tuned by `tune`)."
         ),
     )
-    p.add_argument("maps", metavar="MAPS_DIR", help="folder of the density maps")
+    p.add_argument("maps", metavar="MAPS_DIR", nargs="?", default="shipped",
+                   help="folder of MRC density maps (default 'shipped': the maps in czii_kit)")
     p.add_argument("--out", required=True, help="template file to write (.npz)")
     p.add_argument("--types", nargs="+", default=None,
                    help="particle types (default beta-galactosidase thyroglobulin: the pair the rescorer confuses)")
@@ -27,18 +29,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from czii_kit.catalog import get_particle
-    from czii_kit.checksum import file_sha256
+    from czii_kit.maps import map_sources
     from czii_kit.templates import DEFAULT_TYPES, build_templates, save_templates
 
     types = tuple(args.types or DEFAULT_TYPES)
     templates = build_templates(args.maps, types, args.bin)
-    sources = {}
-    for name in templates:
-        f = Path(args.maps) / get_particle(name).map_file
-        sources[name] = {"map": f.name, "sha256": file_sha256(f)}
+    sources = map_sources(args.maps, list(templates))
     out = save_templates(templates, args.out, {"bin": args.bin, "sources": sources}, overwrite=args.force)
     for name, t in templates.items():
         print(f"{name}: {t.density.shape} voxels of {t.voxel_size:.2f} Å")

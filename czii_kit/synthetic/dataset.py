@@ -4,7 +4,8 @@
 
     {root}/train/static/ExperimentRuns/{run}/VoxelSpacing10.000/{denoised,wbp}.zarr
     {root}/train/static/ExperimentRuns/{run}/sim_params.json
-    {root}/train/overlay/ExperimentRuns/{run}/Picks/{particle}.json     (all six types)
+    {root}/train/overlay/ExperimentRuns/{run}/Picks/{particle}.json     (all six types; or copick's
+                                                                         {user}_{session}_{particle}.json)
     {root}/test/static/ExperimentRuns/{run}/...                          (no picks)
     {root}/solution.csv      experiment,particle_type,x,y,z of the test runs (Å)
     {root}/synthetic.json    how the dataset was made (seed, size, maps, runs)
@@ -29,7 +30,8 @@ from czii_kit.atomic import atomic_dir, atomic_write, atomic_write_text
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import DataError, FileExistsNoForce
 from czii_kit.layout import RUNS_DIR, spacing_folder
-from czii_kit.picks import read_picks, write_picks
+from czii_kit.maps import SHIPPED, describe_maps
+from czii_kit.picks import check_naming, read_picks, write_picks
 from czii_kit.synthetic.params import VOXEL_SIZE, SimParamError, SimRanges, shape_for_size
 from czii_kit.synthetic.simulate import TOMOGRAM_NAMES, get_models, simulate_run
 from czii_kit.tomogram import write_tomogram
@@ -46,8 +48,9 @@ def run_name(seed: int, i: int) -> str:
 
 
 def write_run(root: Path, split: str, name: str, tomograms: dict, picks: pd.DataFrame | None,
-              params_json: str, voxel_size: float, overwrite: bool = False) -> Path:
-    """Write one run's tomograms (3-level zarr), ``sim_params.json`` and, when given, its picks."""
+              params_json: str, voxel_size: float, overwrite: bool = False, naming: dict | None = None) -> Path:
+    """Write one run's tomograms (3-level zarr), ``sim_params.json`` and, when given, its picks
+    (``naming``: keyword arguments of :func:`czii_kit.picks.write_picks`, e.g. ``{"naming": "copick"}``)."""
     run_dir = Path(root) / split / "static" / RUNS_DIR / name
     # the folder name is nominal, as Kaggle's (VoxelSpacing10.000 for 10.012444 A voxels)
     spacing = SPACING_DIR if abs(voxel_size - VOXEL_SIZE) < 0.05 else spacing_folder(voxel_size)
@@ -56,7 +59,7 @@ def write_run(root: Path, split: str, name: str, tomograms: dict, picks: pd.Data
     atomic_write_text(run_dir / PARAMS_FILE, params_json, overwrite=overwrite)
     if picks is not None:
         write_picks(picks, Path(root) / split / "overlay", runs=[name], particle_types=PARTICLE_NAMES,
-                    overwrite=overwrite)
+                    overwrite=overwrite, **(naming or {}))
     return run_dir
 
 
@@ -88,13 +91,16 @@ def generate_dataset(
     n_test: int = 3,
     size: str | tuple[int, int, int] = "full",
     seed: int = 0,
-    maps_dir: str | Path | None = None,
+    maps_dir: str | Path | None = SHIPPED,
     picks_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
     ranges: SimRanges | None = None,
     workers: int | None = None,
     voxel_size: float = VOXEL_SIZE,
+    naming: str = "kaggle",
+    user_id: str = "curation",
+    session_id: str = "0",
 ) -> Path:
     """Simulate ``n_train + n_test`` runs and write them as a dataset root (Kaggle layout).
 
@@ -108,8 +114,9 @@ def generate_dataset(
         Volume size (see :data:`czii_kit.synthetic.params.SIZES`).
     seed : int
         Master seed; run ``i`` uses ``default_rng([seed, i])``.
-    maps_dir : path-like, optional
-        Folder of MRC density maps (catalog file names); ``None`` = built-in procedural models.
+    maps_dir : path-like, "shipped" or "procedural"
+        ``"shipped"`` (default): the density maps shipped with czii_kit; a folder of MRC density maps
+        (catalog file names); ``"procedural"`` (or ``None``): the built-in procedural models.
     picks_dir : path-like, optional
         Picks (any layout :func:`czii_kit.picks.read_picks` reads, e.g. the real Kaggle
         ``train/overlay``): run ``i`` takes the layout of the ``i``-th experiment there (cycling),
@@ -127,6 +134,10 @@ def generate_dataset(
         the shape of ``size`` is scaled by ``10.012444 / voxel_size`` (rounded), and the density maps
         are resampled to it; the simulator's parameters in voxels (e.g. the denoiser's sigma) stay in
         voxels. Tomograms go under ``VoxelSpacing{voxel_size:.3f}``.
+    naming : {"kaggle", "copick"}
+        Picks file names: Kaggle's ``{particle}.json`` or copick's ``{user_id}_{session_id}_{particle}.json``.
+    user_id, session_id : str
+        The picks' user and session (in the files, and in their names with ``naming="copick"``).
 
     Returns
     -------
@@ -147,6 +158,8 @@ def generate_dataset(
     shape = shape_for_size(size)
     if voxel_size != VOXEL_SIZE:
         shape = shape_for_size(tuple(int(round(n * VOXEL_SIZE / voxel_size)) for n in shape))
+    names = {"naming": naming, "user_id": user_id, "session_id": session_id}
+    check_naming(naming, user_id, session_id)
     _prepare_out(out_dir, overwrite)
     models = get_models(maps_dir, voxel_size)
     layouts = _layouts(picks_dir)
@@ -166,10 +179,10 @@ def generate_dataset(
             meta = params.to_dict()
             meta.update({"run": name, "split": split, "seed": [seed, i],
                          "layout_from": None if layout is None else layout[0],
-                         "models": "procedural" if maps_dir is None else str(Path(maps_dir).resolve())})
+                         "models": describe_maps(maps_dir)})
             t = time.perf_counter()
             write_run(tmp, split, name, tomos, picks if split == "train" else None,
-                      json.dumps(meta, indent=1), voxel_size)
+                      json.dumps(meta, indent=1), voxel_size, naming=names)
             timings["write"] = time.perf_counter() - t
             if split == "test":
                 solution.append(picks)
@@ -179,7 +192,7 @@ def generate_dataset(
             sol = pd.concat(solution, ignore_index=True)[["experiment", "particle_type", "x", "y", "z"]]
             atomic_write(tmp / "solution.csv", lambda p: sol.to_csv(p, index=False))
         info = {"generator": f"czii_kit {__version__}", "seed": seed, "size": list(shape),
-                "voxel_size": voxel_size, "maps_dir": None if maps_dir is None else str(Path(maps_dir).resolve()),
+                "voxel_size": voxel_size, "maps_dir": describe_maps(maps_dir), "picks_naming": names,
                 "picks_dir": None if picks_dir is None else str(Path(picks_dir).resolve()),
                 "ranges": (ranges or SimRanges()).to_dict(), "runs": summary,
                 "tomograms": list(TOMOGRAM_NAMES)}
@@ -187,7 +200,7 @@ def generate_dataset(
     return out_dir
 
 
-def benchmark(size="full", seed: int = 0, maps_dir=None, workers: int | None = None, write: bool = True,
+def benchmark(size="full", seed: int = 0, maps_dir=SHIPPED, workers: int | None = None, write: bool = True,
               echo=print) -> dict:
     """Time one simulated run stage by stage and print the seconds.
 
@@ -216,7 +229,7 @@ def benchmark(size="full", seed: int = 0, maps_dir=None, workers: int | None = N
     timings["total"] = time.perf_counter() - t0
     timings["cpu"] = time.process_time() - cpu0
     echo(f"synthetic run {shape[0]}x{shape[1]}x{shape[2]} ({len(picks)} particles, "
-         f"{'maps ' + str(maps_dir) if maps_dir else 'procedural models'}, workers={workers or 'auto'}):")
+         f"{describe_maps(maps_dir)}, workers={workers or 'auto'}):")
     for k, v in timings.items():
         if k != "cpu":
             echo(f"  {k:<14s} {v:7.2f} s")

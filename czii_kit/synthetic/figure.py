@@ -9,6 +9,7 @@ import numpy as np
 from czii_kit.atomic import atomic_write
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import angstrom_to_voxel
+from czii_kit.synthetic.simulate import simulate_run
 
 
 def _best_slice(idx: np.ndarray, radii: np.ndarray, n: int, axis: int) -> int:
@@ -21,7 +22,7 @@ def _best_slice(idx: np.ndarray, radii: np.ndarray, n: int, axis: int) -> int:
 
 def make_figure(
     out_png: str | Path,
-    maps_dir: str | Path | None = None,
+    maps_dir: str | Path | None = "shipped",
     size: str = "full",
     seed: int = 0,
     overwrite: bool = False,
@@ -34,8 +35,8 @@ def make_figure(
     ----------
     out_png : path-like
         PNG to write (atomically; an existing file needs ``overwrite``).
-    maps_dir : path-like, optional
-        Density maps (procedural models when ``None``).
+    maps_dir : path-like, "shipped" or "procedural"
+        Density maps (see :func:`czii_kit.maps.maps_option`; default the shipped ones).
     size : str
         Size preset of the simulated run.
     """
@@ -45,7 +46,6 @@ def make_figure(
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from czii_kit.synthetic.simulate import simulate_run
 
     tomos, picks, params = simulate_run(size, seed=seed, maps=maps_dir, workers=workers, return_params=True)
     den, wbp = tomos["denoised"], tomos["wbp"]

@@ -5,8 +5,8 @@ vitreous ice* (ice = 0): proteins are positive (``protein_dv`` x the local prote
 lipid head groups positive, lipid tails slightly negative. Gold beads are listed apart and projected
 analytically (strong phase shift and absorption).
 
-Particle models come from real density maps (MRC, e.g. the 10 Å templates in
-``shared/data/density_maps``; :func:`load_maps`) or from built-in procedural approximations
+Particle models come from real density maps (the polnet maps shipped with czii_kit, or a folder of
+MRC maps; :func:`load_maps`) or from built-in procedural approximations
 (:func:`procedural_models`): hollow shells for apo-ferritin and the virus-like particle, a two-lobed
 ribosome, an elongated thyroglobulin dimer, a four-lobed beta-galactosidase, a small beta-amylase.
 Each copy gets a uniformly random 3D orientation (random unit quaternion) and is resampled onto the
@@ -22,45 +22,48 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from czii_kit.catalog import DISTRACTOR_MAP_FILE, PARTICLE_NAMES, get_particle
+from czii_kit.catalog import PARTICLE_NAMES, get_particle
 from czii_kit.coords import angstrom_to_voxel, voxel_to_angstrom
-from czii_kit.errors import DataError
-from czii_kit.maps import ParticleModel, finish_model, load_map_model, read_map  # noqa: F401 (re-exported)
+from czii_kit.maps import (  # noqa: F401 (re-exported)
+    DISTRACTOR,
+    SHIPPED,
+    ParticleModel,
+    finish_model,
+    load_map_model,
+    load_models,
+    map_file,
+    maps_option,
+    read_map,
+)
 from czii_kit.rotations import random_rotations  # noqa: F401 (re-exported)
+from czii_kit.synthetic.denoise import upsample2
 from czii_kit.synthetic.params import RunParams
-
-DISTRACTOR = "distractor"
-"""Model name of the unrelated small protein used as a distractor."""
 
 
 # ------------------------------------------------------------------------------------------------ models
-def load_maps(maps_dir: str | Path, distractor: bool = True) -> dict[str, ParticleModel]:
-    """Load the six particle maps (file names from :mod:`czii_kit.catalog`) and the distractor map.
+def load_maps(maps_dir: str | Path = SHIPPED, distractor: bool = True) -> dict[str, ParticleModel]:
+    """Load the six particle maps and the distractor map: the shipped ones, or a folder's MRC files.
 
     Parameters
     ----------
-    maps_dir : path-like
-        Folder with ``8cpv.mrc``, ``1fa2.mrc``, ... (e.g. ``shared/data/density_maps``).
+    maps_dir : path-like or "shipped"
+        :data:`~czii_kit.maps.SHIPPED` (default: the maps in ``czii_kit/assets``), or a folder with
+        ``8cpv.mrc``, ``1fa2.mrc``, ... (file names from :mod:`czii_kit.catalog`).
     distractor : bool
-        Also load ``8vaf.mrc`` as :data:`DISTRACTOR` when it exists (a procedural one otherwise).
+        Also load ``8vaf.mrc`` as :data:`DISTRACTOR` (from a folder without it: a procedural one).
 
     Raises
     ------
     DataError
         The folder or a particle's map is missing or unreadable (the file is named).
     """
-    maps_dir = Path(maps_dir)
-    if not maps_dir.is_dir():
-        raise DataError(maps_dir, "density map folder not found")
-    models = {}
-    for name in PARTICLE_NAMES:
-        f = maps_dir / get_particle(name).map_file
-        if not f.is_file():
-            raise DataError(f, f"density map of {name} not found (expected {get_particle(name).map_file} in {maps_dir})")
-        models[name] = load_map_model(name, f)
+    kind = maps_option(maps_dir)
+    models = load_models(kind, PARTICLE_NAMES)
     if distractor:
-        f = maps_dir / DISTRACTOR_MAP_FILE
-        models[DISTRACTOR] = load_map_model(DISTRACTOR, f) if f.is_file() else procedural_models(10.0)[DISTRACTOR]
+        if kind == SHIPPED or (Path(kind) / map_file(DISTRACTOR)).is_file():
+            models.update(load_models(kind, [DISTRACTOR]))
+        else:
+            models[DISTRACTOR] = procedural_models(10.0)[DISTRACTOR]
     return models
 
 
@@ -366,7 +369,6 @@ def add_background(volume: np.ndarray, slab: Slab, std: float, rng: np.random.Ge
     interpolated back, for speed), standard deviation ``std``, faded out over 2 voxels at the slab
     surfaces. Modifies ``volume`` in place.
     """
-    from czii_kit.synthetic.denoise import upsample2
 
     nz, ny, nx = volume.shape
     z0 = max(0, int(np.floor(slab.bottom.min())) - 2)

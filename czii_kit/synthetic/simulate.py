@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from czii_kit.catalog import PARTICLE_NAMES
+from czii_kit.maps import PROCEDURAL, SHIPPED, maps_option
 from czii_kit.synthetic.denoise import denoised_tomogram
 from czii_kit.synthetic.imaging import (
     GOLD_POTENTIAL,
@@ -51,13 +52,20 @@ def _procedural(voxel_size: float) -> dict[str, ParticleModel]:
     return procedural_models(voxel_size)
 
 
-def get_models(maps: str | Path | dict | None, voxel_size: float = VOXEL_SIZE) -> dict[str, ParticleModel]:
-    """Particle models: a dict as is, a folder of MRC maps (:func:`load_maps`), or procedural ones for ``None``."""
-    if maps is None:
-        return _procedural(10.0)
+@functools.lru_cache(maxsize=1)
+def _shipped() -> dict[str, ParticleModel]:
+    return load_maps(SHIPPED)
+
+
+def get_models(maps: str | Path | dict | None = SHIPPED, voxel_size: float = VOXEL_SIZE) -> dict[str, ParticleModel]:
+    """Particle models: a dict as is, ``"shipped"`` (default) the maps shipped with czii_kit, a folder of
+    MRC maps (:func:`load_maps`), or ``"procedural"`` / ``None`` the built-in procedural models."""
     if isinstance(maps, dict):
         return maps
-    return load_maps(maps)
+    kind = maps_option(maps)
+    if kind == PROCEDURAL:
+        return _procedural(10.0)
+    return _shipped() if kind == SHIPPED else load_maps(kind)
 
 
 def _as_rng(seed) -> np.random.Generator:
@@ -71,7 +79,7 @@ def simulate_run(
     voxel_size: float = VOXEL_SIZE,
     seed: int | np.random.Generator | None = 0,
     params: RunParams | None = None,
-    maps: str | Path | dict | None = None,
+    maps: str | Path | dict | None = SHIPPED,
     picks: pd.DataFrame | None = None,
     ranges: SimRanges | None = None,
     run_name: str = "TS_sim",
@@ -92,9 +100,10 @@ def simulate_run(
         Everything random comes from ``np.random.default_rng(seed)``: same seed, same arrays.
     params : RunParams, optional
         Fixed parameters (their ``shape``/``voxel_size`` win); drawn from ``ranges`` otherwise.
-    maps : path, dict or None
-        Folder of MRC maps, models from :func:`czii_kit.synthetic.phantom.load_maps`, or ``None``
-        for the built-in procedural models.
+    maps : "shipped", "procedural", path, dict or None
+        The density maps shipped with czii_kit (default), the built-in procedural models
+        (``"procedural"`` or ``None``), a folder of MRC maps, or models from
+        :func:`czii_kit.synthetic.phantom.load_maps`.
     picks : DataFrame, optional
         ``particle_type, x, y, z`` (Å): place the particles exactly there in the specimen (e.g. a
         real run's picks); the returned picks are where they land in the tomogram.
