@@ -34,3 +34,15 @@ def test_the_checker_finds_upward_imports_cycles_and_hidden_imports(tmp_path, mo
     assert "czii_kit.refine imports czii_kit.metric inside a function" in found
     assert "module czii_kit.wizard is in no layer" in found
     assert "cli" not in found
+
+
+def test_import_czii_kit_is_light_and_its_public_api_loads_on_use():
+    import subprocess
+    import sys
+
+    code = ("import sys, czii_kit; heavy = [m for m in ('czii_kit.predict', 'czii_kit.bundle', 'pandas', 'torch', "
+            "'ultralytics') if m in sys.modules]; assert not heavy, heavy; "
+            "assert czii_kit.load_model.__qualname__ == 'ModelBundle.load'; "
+            "assert callable(czii_kit.score) and callable(czii_kit.read_picks) and callable(czii_kit.generate_dataset)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
