@@ -25,6 +25,7 @@ def test_shared_maps_dir_follows_env(tmp_path, monkeypatch):
     assert shared_maps_dir() == tmp_path / "density_maps"
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     from czii_kit.predict import MODELS_DIR
 

@@ -65,6 +65,7 @@ def trained(tiny_dataset, tmp_path_factory):
     return work, nb
 
 
+@pytest.mark.slow
 def test_train_notebook(trained):
     work, nb = trained
     weights = work / "work" / "model" / "weights"
@@ -82,6 +83,7 @@ def test_train_notebook(trained):
     assert "final F4 on validation, rescored" in cell_text(nb)
 
 
+@pytest.mark.slow
 def test_inference_notebook_as_on_kaggle(trained, tiny_dataset, tmp_path):
     """Given only a Kaggle-like input root, the notebook finds the competition data and the wheel bundle in
     the top two levels of the attached datasets, unpacks the .tar.gz bundle into the working folder first,

@@ -434,6 +434,11 @@ def expose(dists: dict, dest: Path) -> None:
             (dest / top).symlink_to(base / top)
 
 
+def bundle_archive(bundle: Path) -> Path:
+    """The ``.tar.gz`` that ``build_wheels.sh`` writes beside the ``bundle`` folder (what is uploaded to Kaggle)."""
+    return bundle.parent / f"czii_kit-wheels-{bundle.name}.tar.gz"
+
+
 @pytest.fixture(scope="module")
 def bundle():
     """The real bundle for this interpreter's Python on manylinux x86_64 (Kaggle's platform), cached."""
@@ -448,7 +453,7 @@ def bundle():
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test session may be using the same cache
         env = dict(os.environ, PYTHON=sys.executable)
-        proc = run_script("--python", py, "--out", out, "--no-tar", env=env, timeout=1500)
+        proc = run_script("--python", py, "--out", out, "--tar", bundle_archive(out), env=env, timeout=1500)
         if proc.returncode != 0:
             if not pypi_reachable():
                 pytest.skip(f"cannot build the wheel bundle without PyPI: {proc.stderr.strip().splitlines()[-1]}")
@@ -520,6 +525,7 @@ def venv_run(v, *cmd, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 class TestOfflineInstall:
     def test_everything_but_the_preinstalled_came_from_the_bundle(self, offline_venv):
         v = offline_venv
@@ -577,38 +583,45 @@ class TestOfflineInstall:
         venv_run(v, czii, *args, cwd=tmp_path, timeout=900)
         assert list(tmp_path.rglob("submission*.csv")), "the demo wrote no submission"
 
-    def test_inference_notebook_installs_and_predicts_offline(self, bundle, make_dataset, tmp_path, monkeypatch):
+    def test_inference_notebook_installs_and_predicts_offline(self, bundle, make_dataset, monkeypatch):
         """As on Kaggle: a kernel with torch, torchvision and ipykernel (and what they need) preinstalled,
-        czii_kit not installed; the notebook installs it from WHEELS_DIR with --no-index and predicts."""
+        czii_kit not installed, the competition data and the bundle's .tar.gz attached under an input root;
+        the notebook, given only that root and a working folder, finds both, unpacks the archive, installs
+        czii_kit from it with --no-index and predicts."""
         nb_path = REPO / "notebooks" / "inference.ipynb"
         if not nb_path.is_file():
             pytest.skip("notebooks/inference.ipynb is not in this tree yet")
         if not any((REPO / "czii_kit" / "models").glob("*.pt")):
             pytest.skip("no model is shipped in czii_kit/models yet (the notebook's default weights)")
-        nbformat = pytest.importorskip("nbformat")
-        nbclient = pytest.importorskip("nbclient")
+        pytest.importorskip("papermill")
         pytest.importorskip("ipykernel")
         pytest.importorskip("torch")
+        from nbrun import run_notebook
+
         v = make_venv(cache_dir() / "wheel-venv-kernel", ["torch", "torchvision", "pip", "ipykernel"])
+        kaggle_input, working = v["work"] / "input", v["work"] / "working"  # replaced with the venv on each run
         root, _, _ = make_dataset(runs=("TS_A",), split="test")
-        nb = nbformat.read(nb_path, as_version=4)
-        idx = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-        params = {"DATA_ROOT": str(root), "WHEELS_DIR": str(bundle), "OUT": str(tmp_path / "submission.csv")}
-        missing = [k for k in params if not re.search(rf"^{k}\s*=", nb.cells[idx].source, re.M)]
-        assert not missing, f"the notebook's parameters cell lost {missing}; update this test"
-        nb.cells.insert(idx + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {val!r}" for k, val in params.items())))
+        (kaggle_input / "czii-kit-wheels").mkdir(parents=True)
+        (kaggle_input / "czii-kit-wheels" / bundle_archive(bundle).name).symlink_to(bundle_archive(bundle))
+        (kaggle_input / "czii-cryo-et-object-identification").symlink_to(root, target_is_directory=True)
+        working.mkdir()
         kernels = v["work"] / "jupyter" / "kernels" / "czii-offline"
         kernels.mkdir(parents=True)
         (kernels / "kernel.json").write_text(json.dumps({
             "argv": [str(v["python"]), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "czii offline venv", "language": "python"}))
         monkeypatch.setenv("JUPYTER_PATH", str(v["work"] / "jupyter"))
-        nbclient.NotebookClient(nb, timeout=900, kernel_name="czii-offline",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute(env=v["env"])
+        for key in [k for k in os.environ if k.startswith("PIP_") or k == "PYTHONPATH"]:
+            monkeypatch.delenv(key)
+        for key, value in v["env"].items():  # the kernel inherits this environment (offline guard included)
+            monkeypatch.setenv(key, value)
+        run_notebook("inference.ipynb", v["home"], {"KAGGLE_INPUT": str(kaggle_input), "KAGGLE_WORKING": str(working)},
+                     kernel_name="czii-offline")
         assert not v["netlog"].exists(), f"the notebook tried to use the network:\n{v['netlog'].read_text()}"
+        assert (working / bundle_archive(bundle).name.removesuffix(".tar.gz") / "manifest.json").is_file()
         where = venv_run(v, v["python"], "-c", "import czii_kit; print(czii_kit.__file__)").stdout
         assert where.startswith(str(v["venv"])), "the notebook did not install czii_kit into the kernel's venv"
         from czii_kit.submission import read_submission
 
-        sub = read_submission(tmp_path / "submission.csv")
+        sub = read_submission(working / "submission.csv")
         assert set(sub["experiment"]) <= {"TS_A"}
