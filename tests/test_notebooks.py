@@ -5,11 +5,12 @@ import json
 import tarfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from nbrun import REPO, cell_text, run_notebook
 
 from czii_kit.picks import read_picks
-from czii_kit.submission import write_submission
+from czii_kit.submission import read_submission, write_submission
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -116,11 +117,21 @@ def test_inference_notebook_as_on_kaggle(trained, tiny_dataset, tmp_path):
     assert (unpacked / "czii_kit-0.0.1-py3-none-any.whl").read_bytes() == wheel
     assert f"data: {kaggle_input / 'czii-cryo-et-object-identification'}" in text
 
-    import pandas as pd
-
     sub = pd.read_csv(working / "submission.csv")
     assert list(sub.columns) == ["id", "experiment", "particle_type", "x", "y", "z"]
     assert sub["id"].is_unique
     test_runs = set(pd.read_csv(Path(tiny_dataset) / "solution.csv")["experiment"])
     assert set(sub["experiment"]) <= test_runs
     assert "wrote" in text
+
+
+@pytest.mark.slow
+def test_inference_notebook_command_line(trained, tiny_dataset, tmp_path):
+    """``papermill notebooks/inference.ipynb out.ipynb -p DATA_ROOT ... -p OUT ...``, as the docs show it."""
+    work, _ = trained
+    weights = work / "work" / "model" / "weights" / "best.pt"
+    run_notebook("inference.ipynb", tmp_path, {
+        "DATA_ROOT": str(tiny_dataset), "WEIGHTS": str(weights), "BACKEND": "torch", "OUT": "sub.csv",
+    }, cli=True)
+    sub = read_submission(tmp_path / "sub.csv")  # relative OUT: in papermill's --cwd
+    assert set(sub["experiment"]) <= set(pd.read_csv(Path(tiny_dataset) / "solution.csv")["experiment"])
