@@ -7,6 +7,8 @@
 # builds czii_kit's own wheel, and writes DIR/*.whl + DIR/manifest.json + DIR/MANIFEST.txt and a .tar.gz
 # ready to upload as a Kaggle dataset. On the target:
 #     pip install --no-index --find-links DIR czii_kit
+# (notebooks/inference.ipynb does that itself: it finds DIR, or the .tar.gz under its czii_kit-wheels-*
+# name, in /kaggle/input/*/ or /kaggle/input/*/*/ and unpacks the archive into /kaggle/working first)
 # Run ./build_wheels.sh --help for the options. Needs pip >= 22.2 and an index (PyPI) to download from.
 set -euo pipefail
 

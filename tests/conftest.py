@@ -12,10 +12,11 @@ train_picks_dir
 make_dataset
     Factory writing a small synthetic dataset in the Kaggle layout (unequal-sided volumes).
 
-Options and markers
--------------------
-``--runslow`` runs tests marked ``slow`` (skipped by default). Tests marked ``network_guard`` fail
-if they open an internet socket.
+Markers
+-------
+``slow`` marks tests that take long (training, fresh installs; see docs/testing.md): they run by
+default, ``-m "not slow"`` leaves them out. Tests marked ``network_guard`` fail if they open an
+internet socket.
 """
 
 from __future__ import annotations
@@ -43,19 +44,6 @@ def shared_data_path() -> Path:
     """Where the shared reference data should be (it may not exist)."""
     env = os.environ.get("CZII_SHARED_DATA")
     return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
-
-
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip_slow = pytest.mark.skip(reason="slow test: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip_slow)
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,7 @@ def test_model_classes_match_catalog():
     assert {int(k): v for k, v in YOLO(str(default_weights())).names.items()} == class_names()
 
 
+@pytest.mark.slow
 def test_picks_a_fresh_synthetic_run(tmp_path):
     """On a small run of a seed never used in training the shipped model finds the big particles."""
     from czii_kit.metric import score

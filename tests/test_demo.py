@@ -18,6 +18,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     assert not (tmp_path / MARKER).exists()
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     """Without any shared data the demo simulates with the density maps shipped in czii_kit."""
     from czii_kit.bundle import MODELS_DIR

@@ -58,6 +58,7 @@ def test_offline_configuration(no_dns, offline_home):
     assert check_font("SomeMissingFont.ttf").is_file()  # unknown fonts fall back locally, no download
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
     from czii_kit import infer
     from czii_kit.cli import main

@@ -25,6 +25,7 @@ def tuned_copy(tmp_path_factory):
     return root, weights
 
 
+@pytest.mark.slow
 def test_predict_reads_a_thresholds_file_of_its_own(tuned_copy, tmp_path, capsys):
     from czii_kit.cli import main
     from czii_kit.predict import predict
@@ -95,6 +96,7 @@ def test_tune_refuses_to_replace_an_out_file_without_force(tuned_copy, tmp_path,
     assert out.read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_predict_falls_back_to_another_tomogram_when_a_run_has_no_denoised_one(tuned_copy, tmp_path, capsys):
     from czii_kit.cli import main
     from czii_kit.layout import find_runs
@@ -126,6 +128,7 @@ def test_predict_falls_back_to_another_tomogram_when_a_run_has_no_denoised_one(t
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_predict_resamples_tomograms_of_another_voxel_size(tuned_copy, tmp_path):
     from czii_kit.bundle import ModelBundle
     from czii_kit.coords import KAGGLE_VOXEL_SIZE

@@ -94,6 +94,7 @@ def test_refine_config_checks_and_round_trip():
         RefineConfig.from_dict({"window": 2, "unknown": 1}, "f.json", "refine")
 
 
+@pytest.mark.slow
 def test_tune_records_refinement_and_predict_repeats_it(tmp_path):
     import json
 

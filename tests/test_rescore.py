@@ -178,6 +178,7 @@ def _patch_file(path, n, seed):
                          "tomogram": np.array(["denoised"] * n)}, path)
 
 
+@pytest.mark.slow
 def test_training_learns_is_deterministic_and_resumes(tmp_path, monkeypatch):
     import torch
 
@@ -273,6 +274,7 @@ def test_collect_cli_cuts_references_and_background(tmp_path, capsys):
     assert "no run(s) ['TS_zz'] in split 'train' (found: TS_a, TS_b)" in err and str(tmp_path / "root") in err
 
 
+@pytest.mark.slow
 def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path, monkeypatch):
     import torch
     from pipeline_fixture import shipped_model_copy
@@ -345,6 +347,7 @@ def test_tune_records_rescored_thresholds_and_predict_follows_them(tmp_path, mon
     assert len(predict(root, **kw)) == len(plain)
 
 
+@pytest.mark.slow
 def test_bench_times_the_rescorer(tmp_path):
     """The benchmark's rescore worker rescoring its candidates on a (small) tomogram."""
     import argparse

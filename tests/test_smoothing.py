@@ -16,6 +16,7 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(COLS).reset_index(drop=True)[COLS]
 
 
+@pytest.mark.slow
 def test_predict_low_passes_noisy_tomograms_once_for_every_stage(tmp_path, monkeypatch):
     from pipeline_fixture import shipped_model_copy
 

@@ -172,6 +172,7 @@ def test_combine_scores_applies_the_template_margin():
         RescoreConfig(template_weight=-1)
 
 
+@pytest.mark.slow
 def test_tune_records_template_matching_and_predict_repeats_it(tmp_path):
     import shutil
 
