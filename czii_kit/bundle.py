@@ -85,6 +85,8 @@ class ModelBundle:
     ----------
     weights : path-like
         The detector's ``.pt``.
+    verify : bool
+        Check the files against ``czii_kit_manifest.json`` when there is one (:meth:`check_manifest`).
 
     Raises
     ------
@@ -92,19 +94,20 @@ class ModelBundle:
         No such weights file, or a manifest beside them that the files do not match.
     """
 
-    def __init__(self, weights: str | Path):
+    def __init__(self, weights: str | Path, verify: bool = True):
         self.weights = Path(weights)
         if not self.weights.is_file():
             raise DataError(self.weights, "no such weights file")
         self.folder = self.weights.parent
-        self.check_manifest()
+        if verify:
+            self.check_manifest()
 
     @classmethod
-    def load(cls, model: ModelBundle | str | Path | None = None) -> ModelBundle:
+    def load(cls, model: ModelBundle | str | Path | None = None, verify: bool = True) -> ModelBundle:
         """``model`` itself when it is a bundle, the bundle of the weights file ``model``, or (``None``) the shipped one."""
         if isinstance(model, ModelBundle):
             return model
-        return cls(default_weights() if model is None else model)
+        return cls(default_weights() if model is None else model, verify)
 
     def __repr__(self) -> str:
         return f"ModelBundle({str(self.weights)!r})"
@@ -211,11 +214,10 @@ class ModelBundle:
             return None
         doc = read_json(path)
         files = doc.get("files") if isinstance(doc, dict) else None
-        if not isinstance(files, dict) or doc.get("weights") != self.weights.name:
-            if isinstance(files, dict) and self.weights.name not in files:
-                return None  # a manifest of other weights in the same folder
-            if not isinstance(files, dict):
-                raise DataError(path, "not a czii_kit manifest (no 'files' object)")
+        if not isinstance(files, dict):
+            raise DataError(path, "not a czii_kit manifest (no 'files' object)")
+        if self.weights.name not in files:
+            return None  # the manifest of other weights in the same folder
         for name, sha in files.items():
             p = self.folder / name
             if not p.is_file():

@@ -26,7 +26,7 @@ def run(args) -> int:
     from czii_kit.checksum import file_sha256
     from czii_kit.errors import CziiKitError
 
-    model = ModelBundle.load(args.weights)
+    model = ModelBundle.load(args.weights, verify=args.action == "show")  # manifest: (re)write it; check: below
     if args.action == "manifest":
         path = model.write_manifest()
         print(f"wrote {path} ({len(model.files())} files)")
