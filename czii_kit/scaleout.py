@@ -61,7 +61,7 @@ def frame_to_npz(frame: pd.DataFrame, path: str | Path) -> None:
         values = col.to_numpy()
         text = values.dtype == object
         arrays[f"c{i}"] = values.astype(str) if text else values
-        kinds.append("text" if text else "array")
+        kinds.append(str(col.dtype) if text else "")  # the pandas dtype of a text column ("object", "str")
     arrays["columns"] = np.array([str(c) for c in frame.columns], dtype=str)
     arrays["kinds"] = np.array(kinds, dtype=str)
     with open(path, "wb") as f:
@@ -73,9 +73,9 @@ def frame_from_npz(path: str | Path) -> pd.DataFrame:
     try:
         with np.load(path, allow_pickle=False) as z:
             cols, kinds = list(z["columns"]), list(z["kinds"])
-            data = {c: (z[f"c{i}"].astype(object) if k == "text" else z[f"c{i}"])
+            data = {c: (pd.Series(z[f"c{i}"].astype(object), dtype=k) if k else z[f"c{i}"])
                     for i, (c, k) in enumerate(zip(cols, kinds, strict=True))}
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise DataError(path, f"not a readable part of a checkpointed job ({exc}); delete it to redo that run") \
             from None
     return pd.DataFrame(data, columns=cols)
