@@ -338,7 +338,8 @@ def run_checkpointed(runs: Sequence, work: Callable, checkpoint: Checkpoint | No
 
     names = [r.name for r in runs]
     reused = checkpoint.finished(names) if checkpoint is not None else []
-    todo = [r for r in runs if r.name not in set(reused)]
+    skip = set(reused)
+    todo = [r for r in runs if r.name not in skip]
     frames: dict[str, pd.DataFrame] = {}
     failed: dict[str, str] = {}
     bar = tqdm(total=len(runs), initial=len(reused), desc="runs", unit="run", disable=not progress)
