@@ -83,12 +83,19 @@ def client():
         yield c
 
 
-def test_two_workers_write_the_serial_csv(data, client, tmp_path):
+def test_two_workers_write_the_serial_csv(data, client, tmp_path, capsys):
     root, serial = data
     out = tmp_path / "w2.csv"
     predict_to_csv(root, out, client=client, progress=False, **KW)
     assert out.read_bytes() == serial
     assert not parts_dir(out).exists()  # removed once the CSV is written
+
+    # the command line on a running cluster (--scheduler): the same code path, the same CSV
+    cli_out = tmp_path / "cli.csv"
+    code, _, err = run_cli(capsys, "predict", root, "--out", cli_out, "--scheduler", client.scheduler.address,
+                           "--backend", BACKEND, "--quiet")
+    assert code == 0, err
+    assert cli_out.read_bytes() == serial
 
 
 class Interrupt(BaseException):
