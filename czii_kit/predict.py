@@ -27,15 +27,17 @@ from czii_kit.atomic import check_out_path
 from czii_kit.bundle import MODELS_DIR, ModelBundle, default_weights  # noqa: F401 (part of this module's API)
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import CziiKitError, DataError
-from czii_kit.infer import iter_detect_runs
+from czii_kit.infer import ensure_export, iter_detect_runs, native_imgsz
 from czii_kit.layout import AUTO_TOMOGRAM, TOMOGRAM_PREFERENCE, select_runs
 from czii_kit.postprocess import apply_thresholds, merge_detections, sort_candidates
+from czii_kit.preprocess import resampled_shape
 from czii_kit.refine import RefineConfig, refine_volume
 from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, rescore_volume
 from czii_kit.scaleout import Checkpoint, failure_message, parts_dir, process_cached, run_checkpointed
 from czii_kit.settings import PipelineSettings
 from czii_kit.submission import write_submission
 from czii_kit.templates import TemplateMatcher
+from czii_kit.tomogram import open_tomogram
 
 STAGE_SWITCHES = ("refine", "rescore", "templates")
 """The optional 3D stages a caller may force on (``True``) or off (``False``); ``None``: as tuned."""
@@ -214,6 +216,24 @@ def predict_on_worker(job: RunJob, run) -> pd.DataFrame:
     return predict_run(plan, run, job.tomogram, job.backend, job.verbose, job.export_dir, detectors)
 
 
+def export_once(plan: Plan, runs: Sequence, tomogram: str, backend: str, export_dir=None) -> None:
+    """Make the ONNX / OpenVINO exports ``runs`` need (one per network input size) here, before the
+    workers start, so that they do not all export the same model into the same cache at once. A run
+    whose tomogram cannot be opened is left to fail on its worker."""
+    if backend == "torch":
+        return
+    inference, sizes = plan.settings.inference, set()
+    for run in runs:
+        try:
+            t = open_tomogram(run.tomogram_path(tomogram))
+        except CziiKitError:
+            continue
+        shape = resampled_shape(t.shape, t.voxel_size, plan.model.voxel_size or t.voxel_size)
+        sizes.add(inference.imgsz or native_imgsz(shape[1:]))
+    for size in sorted(sizes):
+        ensure_export(plan.model.weights, backend, size, inference.batch, export_dir)
+
+
 def settings_sha256(settings: PipelineSettings) -> str:
     """A checksum of what ``settings`` hold (not where they were read from): equal settings, equal sums."""
     doc = dataclasses.asdict(replace(settings, source=None))
@@ -310,6 +330,7 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         work = partial(predict_run, plan, tomogram=tomogram, backend=backend, progress=verbose,
                        export_dir=export_dir, detectors={})
     else:
+        export_once(plan, chosen, tomogram, backend, export_dir)
         work = partial(predict_on_worker, RunJob.of(plan, tomogram, backend, export_dir, verbose))
     job = run_checkpointed(chosen, work, checkpoint, client, progress)
     if job.failed:
@@ -357,5 +378,5 @@ def summary(picks: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-__all__ = ["Plan", "RunJob", "make_plan", "predict_runs", "predict_run", "predict_on_worker", "open_checkpoint",
+__all__ = ["Plan", "RunJob", "make_plan", "predict_runs", "predict_run", "predict_on_worker", "export_once", "open_checkpoint",
            "settings_sha256", "finish", "predict", "predict_to_csv", "summary", "STAGE_SWITCHES"]

@@ -121,6 +121,8 @@ class Checkpoint:
         path = folder / MANIFEST
         if folder.exists() and not folder.is_dir():
             raise DataError(folder, "is a file; it must be the parts folder of a checkpointed job")
+        if folder.is_dir() and {f.name for f in folder.iterdir()} <= {MANIFEST}:
+            shutil.rmtree(folder)  # a job stopped before its first run finished: nothing to keep
         if folder.exists() and resume:
             old = read_json(path)
             differ = [k for k in manifest if old.get(k) != manifest[k]]

@@ -221,8 +221,12 @@ def test_a_parts_folder_is_refused_on_the_command_line_unless_resume_or_force(da
     root, _ = data
     out = tmp_path / "sub.csv"
     parts_dir(out).mkdir()
+    (parts_dir(out) / "TS_a.npz").write_bytes(b"")
     code, _, err = run_cli(capsys, "predict", root, "--out", out, "--backend", BACKEND, "--quiet")
     assert_one_line_error(code, err, str(parts_dir(out)), "--resume", "--force")
+    # a job stopped before any run finished left only its manifest: nothing to keep, no refusal
+    empty = Checkpoint.open(tmp_path / "empty.parts", {"backend": "x"})
+    assert Checkpoint.open(empty.folder, {"backend": "y"}).finished(["TS_a"]) == []
     for bad, says in ((["--workers", "2", "--scheduler", "tcp://x:1"], "not allowed with argument"),
                       (["--workers", "0"], "number of workers >= 1")):
         with pytest.raises(SystemExit) as exc:
