@@ -191,7 +191,12 @@ def _pin_threads() -> None:
         return
     chosen = {int(c) for c in cores.split(",")}
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, chosen)
+        tasks = Path("/proc/self/task")  # every thread of the process: OpenVINO reads the process's mask
+        for tid in sorted(int(t.name) for t in tasks.iterdir()) if tasks.is_dir() else [0]:
+            try:
+                os.sched_setaffinity(tid, chosen)
+            except OSError:  # a thread that ended meanwhile
+                pass
     import torch
 
     torch.set_num_threads(len(chosen))
@@ -213,7 +218,7 @@ def run_task(work: Callable, run) -> Outcome:
     :class:`CziiKitError` (the run's own fault, e.g. an unreadable tomogram) sent back, not raised.
     Other exceptions are raised, so Dask retries the task."""
     with _RUN_LOCK, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", UserWarning)  # each run's own (the command line prints each once)
         try:
             frame, error = work(run), None
         except CziiKitError as exc:
@@ -245,11 +250,11 @@ def worker_layout(workers: int | None, cores: int | None = None, gpus: int | Non
     (``CUDA_VISIBLE_DEVICES``). Threads per worker: ``max(1, cores // workers)`` (the cores in
     :data:`CORES_ENV`; the same count for the math libraries in ``OMP_NUM_THREADS`` ...).
     """
+    if workers is not None and workers < 1:
+        raise CziiKitError(f"--workers must be >= 1, got {workers}")
     cores = cores or _cores()
     gpus = cuda_devices() if gpus is None else gpus
     n = workers or max(1, gpus)
-    if n < 1:
-        raise CziiKitError(f"--workers must be >= 1, got {workers}")
     threads = max(1, cores // n)
     order = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(cores))
     out = []
