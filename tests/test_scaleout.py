@@ -143,7 +143,7 @@ def test_resume_refuses_parts_made_with_other_weights_or_settings(data, tmp_path
     root, _ = data
     plan = make_plan(None)
     folder = tmp_path / "sub.csv.parts"
-    open_checkpoint(plan, folder, "auto", BACKEND)
+    open_checkpoint(plan, folder, "auto", BACKEND).save("TS_a", pd.DataFrame({"x": [1.0]}))  # a finished run
     manifest = folder / MANIFEST
     doc = json.loads(manifest.read_text())
     assert doc["weights_sha256"] == plan.model.weights_sha256 and doc["weights"] == str(plan.model.weights)
