@@ -232,6 +232,11 @@ def test_a_parts_folder_is_refused_on_the_command_line_unless_resume_or_force(da
         with pytest.raises(SystemExit) as exc:
             run_cli(capsys, "predict", root, "--out", out, *bad)
         assert exc.value.code == 2 and says in capsys.readouterr().err
+    from czii_kit.cli import build_parser
+
+    given = {v: build_parser().parse_args(["predict", "r", "--out", "x", *v]).workers
+             for v in ((), ("--workers",), ("--workers", "auto"), ("--workers", "3"))}
+    assert list(given.values()) == [False, None, None, 3]  # None: one per GPU (else one); False: no cluster
 
 
 def test_parts_keep_every_value_and_dtype(tmp_path):

@@ -84,10 +84,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="give the matched templates each tomogram's missing wedge ('auto'), or none; default "
                         "as tuned beside the weights (the shipped model: auto)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=workers_arg, metavar="N|auto", default=False,
+    where.add_argument("--workers", type=workers_arg, metavar="N|auto", nargs="?", const="auto", default=False,
                        help="predict on a local Dask cluster of N worker processes, one run per task, each worker "
-                            "with cores/N threads; 'auto': one worker per CUDA GPU (each pinned to its GPU), "
-                            "else one (needs czii_kit[scaleout])")
+                            "with cores/N threads; 'auto' (or no value): one worker per CUDA GPU, each pinned to "
+                            "its GPU (use --backend torch there), else one (needs czii_kit[scaleout])")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="predict on the running Dask cluster at ADDRESS (e.g. tcp://10.0.0.5:8786); the "
                             "workers must see ROOT, the weights and the export cache at the same paths")
