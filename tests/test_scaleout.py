@@ -44,6 +44,8 @@ from czii_kit.scaleout import (
 )
 from czii_kit.submission import write_submission
 
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this test file
+
 RUNS = ("TS_a", "TS_b", "TS_c")
 BACKEND = "openvino" if importlib.util.find_spec("openvino") else "torch"
 """OpenVINO gives the same floats whatever the thread count; torch's CPU kernels do not, so with torch
@@ -89,6 +91,9 @@ def test_two_workers_write_the_serial_csv(data, client, tmp_path, capsys):
     predict_to_csv(root, out, client=client, progress=False, **KW)
     assert out.read_bytes() == serial
     assert not parts_dir(out).exists()  # removed once the CSV is written
+    # a worker builds one plan and one set of loaded networks for all its runs
+    kept = list(client.run(_cached).values())
+    assert ["detectors", "plan"] in kept and all(k in ([], ["detectors", "plan"]) for k in kept), kept
 
     # the command line on a running cluster (--scheduler): the same code path, the same CSV
     cli_out = tmp_path / "cli.csv"
@@ -96,6 +101,13 @@ def test_two_workers_write_the_serial_csv(data, client, tmp_path, capsys):
                            "--backend", BACKEND, "--quiet")
     assert code == 0, err
     assert cli_out.read_bytes() == serial
+
+
+def _cached() -> list[str]:
+    """What a worker process keeps (:func:`czii_kit.scaleout.process_cached`), by kind."""
+    from czii_kit import scaleout
+
+    return sorted(k[0] for k in scaleout._CACHE if isinstance(k, tuple))
 
 
 class Interrupt(BaseException):
@@ -176,7 +188,6 @@ class KillOnce:
 
 
 def test_a_worker_killed_mid_task_still_gives_the_same_csv(data, client, tmp_path):
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this test file
     root, serial = data
     plan = make_plan(None)
     runs = select_runs(root, "test", None)
