@@ -56,6 +56,7 @@ from czii_kit.coords import voxel_to_angstrom
 from czii_kit.infer import Detector, InferenceConfig, detect_volume, ensure_export, native_imgsz
 from czii_kit.offline import configure_offline
 from czii_kit.postprocess import merge_detections
+from czii_kit.predict import predict
 from czii_kit.preprocess import (
     PreprocessConfig,
     robust_window,
@@ -67,6 +68,7 @@ from czii_kit.preprocess import (
 from czii_kit.refine import refine_volume
 from czii_kit.rescore import RESCORER_FILE, Rescorer, build_network, rescore_volume
 from czii_kit.rescore_train import save_rescorer
+from czii_kit.scaleout import bench_workers, cluster
 from czii_kit.templates import TEMPLATES_FILE, TemplateMatcher
 from czii_kit.tomogram import open_tomogram, write_tomogram
 from czii_kit.volumes import normalised_volume, read_volume
@@ -292,3 +294,36 @@ def main(argv=None) -> int:  # the worker entry point (the user-facing command i
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def bench_scaleout(workdir: str | Path | None = None, n_runs: int = 4, shape=(92, 316, 316), workers=(1, 2),
+                   backend: str = "openvino", repeats: int = 2, progress=print) -> dict:
+    """``predict --workers N`` for each ``N`` of ``workers`` over ``n_runs`` synthetic runs of ``shape``
+    (the shipped model, every stage; best of ``repeats``), timed on warm workers (the cluster start and
+    each worker's model loading timed apart), and the projected hours for 500 full-size tomograms
+    (:func:`czii_kit.scaleout.bench_workers`)."""
+    tmp = tempfile.TemporaryDirectory(prefix="czii_bench_scaleout_") if workdir is None else None
+    root = Path(workdir or tmp.name) / "scaleout"
+    names = [f"TS_bench_{i}" for i in range(max(n_runs, *workers))]
+    try:
+        for i, name in enumerate(names):
+            synthetic_tomogram(root / "test" / "static" / "ExperimentRuns" / name / "VoxelSpacing10.000"
+                               / "denoised.zarr", shape, n_per_type=5, seed=i)
+
+        def job(n: int) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            with cluster(n) as client:
+                predict(root, runs=names[:n], client=client, backend=backend, progress=False)  # one per worker
+                t1 = time.perf_counter()
+                predict(root, runs=names[:n_runs], client=client, backend=backend, progress=False)
+                return time.perf_counter() - t1, t1 - t0
+
+        predict(root, runs=names[:1], backend=backend, progress=False)  # the export made once, not timed
+        out = bench_workers(job, n_runs, int(np.prod(shape)), workers, repeats=repeats)
+        times = ", ".join(f"{n}: {v['seconds']:.1f} s (start {v['start_s']:.1f} s)" for n, v in out["workers"].items())
+        progress(f"predict --workers {times} for {n_runs} runs of {shape}; most/fewest workers {out['ratio']:.2f}; "
+                 f"about {out['hours_for_500']:.1f} h for 500 full-size tomograms on this machine")
+        return {**out, "shape": list(shape), "backend": backend}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

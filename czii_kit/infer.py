@@ -471,14 +471,15 @@ class DetectedRun:
 def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
                      config: InferenceConfig | None = None, preprocess: PreprocessConfig | None = None,
                      voxel_size: float | None = None, progress: bool = True, stage: str | None = None,
-                     export_dir: str | Path | None = None):
+                     export_dir: str | Path | None = None, detectors: dict | None = None):
     """Yield a :class:`DetectedRun` per run (``czii_kit.layout.Run`` objects), one tomogram at a time.
 
     Each tomogram is read and prepared once (:func:`prepare_volume`) and kept in the yielded object,
     so later stages need not read or filter it again. The model is loaded once (for the first run's
     slice size; again only when a run's slices need another input size). One progress bar counts the
     slices of all runs; ``stage`` names what the consumer does with each run (shown on the bar
-    meanwhile, e.g. ``"rescore"``).
+    meanwhile, e.g. ``"rescore"``). ``detectors``: loaded models by input size, kept across calls
+    with the same weights, backend and ``config`` (a worker loads its model once, not once per run).
     """
     from tqdm.auto import tqdm
 
@@ -497,7 +498,9 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
             vol, voxel_size = load_volume(tomo, target)
             imgsz = config.imgsz or native_imgsz(vol.shape[1:])
             if detector is None or detector.imgsz != imgsz:
-                detector = Detector(weights, backend, config, imgsz, export_dir)
+                detector = (detectors or {}).get(imgsz) or Detector(weights, backend, config, imgsz, export_dir)
+                if detectors is not None:
+                    detectors[imgsz] = detector
             vol, window, sigma = prepare_volume(vol, prep, config, tomo.path)
             turn = settle_tilt_axis(vol, config.tilt_axis, tomo.path)
             dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar, turn)

@@ -5,13 +5,20 @@ model), its :class:`~czii_kit.settings.PipelineSettings` (default: the ones tune
 weights) and a few overrides are resolved once into a :class:`Plan` (:func:`make_plan`), then each
 run is detected, merged and put through the optional 3D stages (:func:`predict_runs`, one tomogram
 read per run), and the candidates of all runs are thresholded together (:func:`finish`).
+
+Runs go one after another here, or one Dask task each on a cluster (``client=``, :mod:`czii_kit.scaleout`),
+and with ``parts=`` each finished run is checkpointed so that an interrupted job resumes (``resume=True``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -19,15 +26,18 @@ import pandas as pd
 from czii_kit.atomic import check_out_path
 from czii_kit.bundle import MODELS_DIR, ModelBundle, default_weights  # noqa: F401 (part of this module's API)
 from czii_kit.catalog import PARTICLE_NAMES
-from czii_kit.errors import DataError
-from czii_kit.infer import iter_detect_runs
+from czii_kit.errors import CziiKitError, DataError
+from czii_kit.infer import ensure_export, iter_detect_runs, native_imgsz
 from czii_kit.layout import AUTO_TOMOGRAM, TOMOGRAM_PREFERENCE, select_runs
 from czii_kit.postprocess import apply_thresholds, merge_detections, sort_candidates
+from czii_kit.preprocess import resampled_shape
 from czii_kit.refine import RefineConfig, refine_volume
 from czii_kit.rescore import RescoreConfig, Rescorer, combine_scores, rescore_volume
+from czii_kit.scaleout import Checkpoint, failure_message, parts_dir, process_cached, run_checkpointed
 from czii_kit.settings import PipelineSettings
 from czii_kit.submission import write_submission
 from czii_kit.templates import TemplateMatcher
+from czii_kit.tomogram import open_tomogram
 
 STAGE_SWITCHES = ("refine", "rescore", "templates")
 """The optional 3D stages a caller may force on (``True``) or off (``False``); ``None``: as tuned."""
@@ -140,16 +150,18 @@ def _template_stage(model: ModelBundle, section, templates: bool | None) -> tupl
 
 
 def predict_runs(plan: Plan, runs: Iterable, tomogram: str = "auto", backend: str = "openvino",
-                 progress: bool = True, export_dir: str | Path | None = None) -> Iterable[pd.DataFrame]:
+                 progress: bool = True, export_dir: str | Path | None = None,
+                 detectors: dict | None = None) -> Iterable[pd.DataFrame]:
     """Yield each run's candidates ``experiment, particle_type, x, y, z, score, ...`` (Å), before thresholds.
 
     ``runs``: :class:`czii_kit.layout.Run` objects. Each tomogram is read, low-passed and windowed once
-    for detection, refinement and rescoring (one tomogram in memory at a time).
+    for detection, refinement and rescoring (one tomogram in memory at a time). ``detectors``: the
+    loaded networks, kept across calls (:func:`czii_kit.infer.iter_detect_runs`).
     """
     s = plan.settings
     stage = plan.stages
     for done in iter_detect_runs(plan.model.weights, runs, tomogram, backend, s.inference, plan.model.preprocess,
-                                 plan.model.voxel_size, progress, stage or None, export_dir):
+                                 plan.model.voxel_size, progress, stage or None, export_dir, detectors):
         cands = merge_detections(done.detections, {done.run.name: done.voxel_size}, s.merge, s.merge_per_type)
         if stage:
             vol = done.normalised(release=True)
@@ -161,6 +173,85 @@ def predict_runs(plan: Plan, runs: Iterable, tomogram: str = "auto", backend: st
             del vol
         del done  # its volume, before the next tomogram is read
         yield cands
+
+
+def predict_run(plan: Plan, run, tomogram: str = "auto", backend: str = "openvino", progress: bool = False,
+                export_dir: str | Path | None = None, detectors: dict | None = None) -> pd.DataFrame:
+    """One run's candidates (:func:`predict_runs` of ``[run]``): the step a job repeats, here or on a worker."""
+    return list(predict_runs(plan, [run], tomogram, backend, progress, export_dir, detectors))[0]
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """What a Dask worker needs to predict runs as the driver's :class:`Plan` would: sent with each task,
+    the plan itself is built once per worker process (:func:`predict_on_worker`).
+
+    ``settings`` are the driver's after overrides; ``stages`` the ``refine, rescore, templates`` switches
+    the driver's plan settled on; ``key`` tells plans apart (weights and settings checksums, stages).
+    """
+
+    weights: str
+    settings: PipelineSettings
+    stages: tuple[bool, bool, bool]
+    tomogram: str
+    backend: str
+    export_dir: str | None
+    verbose: bool
+    key: tuple
+
+    @classmethod
+    def of(cls, plan: Plan, tomogram: str, backend: str, export_dir, verbose: bool) -> RunJob:
+        stages = (plan.refine is not None, plan.rescorer is not None, plan.templates is not None)
+        return cls(str(plan.model.weights), plan.settings, stages, tomogram, backend,
+                   None if export_dir is None else str(export_dir), verbose,
+                   (plan.model.weights_sha256, settings_sha256(plan.settings), stages, backend))
+
+
+def predict_on_worker(job: RunJob, run) -> pd.DataFrame:
+    """One run's candidates on a Dask worker: the plan and the loaded network are made once per process."""
+    refine, rescore, templates = job.stages
+    plan = process_cached(("plan", job.key), lambda: make_plan(job.weights, job.settings, refine=refine,
+                                                               rescore=rescore, templates=templates))
+    detectors = process_cached(("detectors", job.key), dict)
+    return predict_run(plan, run, job.tomogram, job.backend, job.verbose, job.export_dir, detectors)
+
+
+def export_once(plan: Plan, runs: Sequence, tomogram: str, backend: str, export_dir=None) -> None:
+    """Make the ONNX / OpenVINO exports ``runs`` need (one per network input size) here, before the
+    workers start, so that they do not all export the same model into the same cache at once. A run
+    whose tomogram cannot be opened is left to fail on its worker."""
+    if backend == "torch":
+        return
+    inference, sizes = plan.settings.inference, set()
+    for run in runs:
+        try:
+            t = open_tomogram(run.tomogram_path(tomogram))
+        except CziiKitError:
+            continue
+        shape = resampled_shape(t.shape, t.voxel_size, plan.model.voxel_size or t.voxel_size)
+        sizes.add(inference.imgsz or native_imgsz(shape[1:]))
+    for size in sorted(sizes):
+        ensure_export(plan.model.weights, backend, size, inference.batch, export_dir)
+
+
+def settings_sha256(settings: PipelineSettings) -> str:
+    """A checksum of what ``settings`` hold (not where they were read from): equal settings, equal sums."""
+    doc = dataclasses.asdict(replace(settings, source=None))
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+JOB_LABELS = {"weights_sha256": "weights (SHA-256)", "settings_sha256": "settings (SHA-256)",
+              "stages": "3D stages", "backend": "backend", "tomogram": "tomogram"}
+"""What each compared item of a parts folder's manifest is, in a mismatch message."""
+
+
+def open_checkpoint(plan: Plan, folder: str | Path, tomogram: str, backend: str, resume: bool = False,
+                    force: bool = False) -> Checkpoint:
+    """The parts folder of a job predicting with ``plan`` (:meth:`czii_kit.scaleout.Checkpoint.open`)."""
+    manifest = {"weights_sha256": plan.model.weights_sha256, "settings_sha256": settings_sha256(plan.settings),
+                "stages": plan.stages or "none", "backend": backend, "tomogram": tomogram}
+    info = {"weights": str(plan.model.weights), "settings": str(plan.settings.source or "built-in defaults")}
+    return Checkpoint.open(folder, manifest, resume, force, JOB_LABELS, info)
 
 
 def finish(plan: Plan, candidates: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -177,7 +268,9 @@ def finish(plan: Plan, candidates: Sequence[pd.DataFrame]) -> pd.DataFrame:
 def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | None = None,
             model: ModelBundle | str | Path | None = None, settings: PipelineSettings | str | Path | None = None, *,
             backend: str = "openvino", tomogram: str = "auto", progress: bool = True,
-            export_dir: str | Path | None = None, **overrides) -> pd.DataFrame:
+            export_dir: str | Path | None = None, verbose: bool = False, client=None,
+            parts: str | Path | None = None, resume: bool = False, force: bool = False,
+            **overrides) -> pd.DataFrame:
     """Picks for every run of ``split`` under ``root``.
 
     Parameters
@@ -198,9 +291,21 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
         denoised one, else the best other it has (:func:`czii_kit.layout.choose_tomogram`, with a
         warning naming the runs and what they use).
     progress : bool
-        Show a progress bar.
+        Show a progress bar over the runs (done / total, with an ETA).
     export_dir : path-like, optional
         Cache of ONNX / OpenVINO exports (default :func:`czii_kit.infer.export_cache`).
+    verbose : bool
+        Also a bar over each run's slices (on the workers' output with a ``client``).
+    client : distributed.Client, optional
+        Predict one Dask task per run on this cluster (:func:`czii_kit.scaleout.cluster`); the picks are
+        the same as without.
+    parts : path-like, optional
+        Checkpoint each finished run into this folder (:class:`czii_kit.scaleout.Checkpoint`); a run
+        whose tomogram cannot be read then fails alone and the others finish.
+    resume : bool
+        Reuse the finished runs in ``parts`` (made with the same model and settings, else an error).
+    force : bool
+        Start again over an existing ``parts`` folder (without it or ``resume``, one is refused).
     **overrides
         ``refine``, ``rescore``, ``templates`` (bool: force a stage on or off), ``thresholds`` (dict),
         ``template_wedge`` and inference settings (``z_stride``, ``batch``, ``tta``, ``imgsz``,
@@ -210,12 +315,30 @@ def predict(root: str | Path, split: str | None = "test", runs: Sequence[str] | 
     -------
     DataFrame
         ``experiment, particle_type, x, y, z`` (Å, the tomogram's frame) and ``score``, one row per pick.
+
+    Raises
+    ------
+    CziiKitError
+        With ``parts`` or ``client``: runs that failed (named, with why), after the others finished.
     """
     plan = make_plan(model, settings, **overrides)
     chosen = select_runs(root, split, runs)
+    checkpoint = None if parts is None else open_checkpoint(plan, parts, tomogram, backend, resume, force)
     if tomogram == AUTO_TOMOGRAM:
         _warn_fallback(chosen)
-    return finish(plan, list(predict_runs(plan, chosen, tomogram, backend, progress, export_dir)))
+    if client is None:
+        work = partial(predict_run, plan, tomogram=tomogram, backend=backend, progress=verbose,
+                       export_dir=export_dir, detectors={})
+    else:
+        export_once(plan, chosen, tomogram, backend, export_dir)
+        work = partial(predict_on_worker, RunJob.of(plan, tomogram, backend, export_dir, verbose))
+    job = run_checkpointed(chosen, work, checkpoint, client, progress)
+    if job.failed:
+        kept = checkpoint.folder if checkpoint is not None and job.frames else None
+        if checkpoint is not None and not job.frames:
+            checkpoint.remove()
+        raise CziiKitError(failure_message(job.failed, len(chosen), kept))
+    return finish(plan, list(job.frames.values()))
 
 
 def _warn_fallback(runs) -> None:
@@ -229,12 +352,20 @@ def _warn_fallback(runs) -> None:
                       f"other one ({shown})", stacklevel=3)
 
 
-def predict_to_csv(root: str | Path, out: str | Path, force: bool = False, **kwargs) -> tuple[Path, pd.DataFrame]:
+def predict_to_csv(root: str | Path, out: str | Path, force: bool = False, resume: bool = False,
+                   **kwargs) -> tuple[Path, pd.DataFrame]:
     """Run :func:`predict` and write the submission atomically; before any work, refuses an existing ``out``
-    unless ``force``, and a folder always (:func:`czii_kit.atomic.check_out_path`)."""
+    unless ``force``, and a folder always (:func:`czii_kit.atomic.check_out_path`).
+
+    Finished runs are checkpointed in ``OUT.parts`` (:func:`czii_kit.scaleout.parts_dir`) until the
+    submission is written, then removed; ``resume`` reuses them, ``force`` starts again over them.
+    """
     out = check_out_path(out, force)
-    picks = predict(root, **kwargs)
-    return write_submission(picks, out, overwrite=force), picks
+    folder = parts_dir(out)
+    picks = predict(root, parts=folder, resume=resume, force=force, **kwargs)
+    path = write_submission(picks, out, overwrite=force)
+    Checkpoint(folder, {}).remove()
+    return path, picks
 
 
 def summary(picks: pd.DataFrame) -> pd.DataFrame:
@@ -247,4 +378,5 @@ def summary(picks: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-__all__ = ["Plan", "make_plan", "predict_runs", "finish", "predict", "predict_to_csv", "summary", "STAGE_SWITCHES"]
+__all__ = ["Plan", "RunJob", "make_plan", "predict_runs", "predict_run", "predict_on_worker", "export_once", "open_checkpoint",
+           "settings_sha256", "finish", "predict", "predict_to_csv", "summary", "STAGE_SWITCHES"]

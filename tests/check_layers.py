@@ -25,9 +25,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("3D stages", ("refine", "rescore", "templates")),
     ("settings", ("settings",)),
     ("model bundle", ("bundle",)),
-    ("pipeline", ("predict",)),
+    ("pipeline", ("scaleout", "predict")),
     ("training", ("yolo_dataset", "train", "rescore_train", "tune")),
-    ("tools", ("synthetic", "bench", "baseline", "demo", "plots", "scaleout", "kaggle", "copick")),
+    ("tools", ("synthetic", "bench", "baseline", "demo", "plots", "kaggle", "copick")),
     ("command line", ("cli", "__main__")),
 ]
 """Layers from the bottom up: (name, top-level module or subpackage names)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -26,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=640, help="network input size (default 640)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive per-slice loop")
     p.add_argument("--no-rescore", action="store_true", help="skip timing the second-stage 3D rescorer")
+    p.add_argument("--no-scaleout", action="store_true",
+                   help="skip timing `predict --workers 1` against `--workers 2` (a few small synthetic runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return p
 
@@ -36,6 +39,10 @@ def run(args) -> int:
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     out = run_bench(args.weights, tuple(args.backends), args.batch, tuple(args.z_strides), args.imgsz,
                     naive=not args.no_naive, progress=log, rescore=not args.no_rescore)
+    if not args.no_scaleout and importlib.util.find_spec("distributed"):
+        from czii_kit.bench import bench_scaleout
+
+        out["scaleout"] = bench_scaleout(progress=log)
     naive = out["naive"]
     if naive:
         for r in out["results"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 from czii_kit.atomic import check_out_path
 
@@ -20,6 +21,19 @@ def smooth_arg(text: str):
         return parse_smooth(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def workers_arg(text: str):
+    """argparse type of ``--workers``: a count >= 1, or ``auto`` (``None``: one per CUDA GPU, else one)."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of workers >= 1 or 'auto', got {text!r}")
+    return n
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,14 +90,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="--picks-out file names: copick's {user}_{session}_{particle}.json (default) or {particle}.json")
     p.add_argument("--user-id", default="czii-kit", help="user id of the --picks-out picks [czii-kit]")
     p.add_argument("--session-id", default="0", help="session id of the --picks-out picks (no '_') [0]")
-    p.add_argument("--force", action="store_true", help="overwrite --out (and --picks-out files)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=workers_arg, metavar="N|auto", nargs="?", const="auto", default=False,
+                       help="predict on a local Dask cluster of N worker processes, one run per task, each worker "
+                            "with cores/N threads; 'auto' (or no value): one worker per CUDA GPU, each pinned to "
+                            "its GPU (use --backend torch there), else one (needs czii_kit[scaleout])")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="predict on the running Dask cluster at ADDRESS (e.g. tcp://10.0.0.5:8786); the "
+                            "workers must see ROOT, the weights and the export cache at the same paths")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs finished by an interrupted job (kept in OUT.parts/ beside --out until "
+                        "the CSV is written), if made with the same model and settings; predict only the rest")
+    p.add_argument("--force", action="store_true", help="overwrite --out and --picks-out files (and start again over OUT.parts/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="also a progress bar over each run's slices")
     return p
 
 
 def run(args) -> int:
     check_out_path(args.out, args.force)  # before minutes of detection
     from czii_kit.predict import predict_to_csv, summary
+    from czii_kit.scaleout import cluster
 
     split = None if args.split == "all" else args.split
     if args.picks_out:  # check names and existing files before the long prediction
@@ -93,15 +120,18 @@ def run(args) -> int:
         runs = [r.name for r in select_runs(args.root, split, args.runs)]
         picks_files(args.picks_out, runs, naming=args.naming, user_id=args.user_id, session_id=args.session_id,
                     overwrite=args.force)
-    path, picks = predict_to_csv(
-        args.root, args.out, force=args.force, split=split, runs=args.runs, model=args.weights,
-        settings=args.thresholds, export_dir=args.export_dir,
-        backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
-        polarity=args.polarity, smooth=args.smooth, flatten=args.flatten, tilt_axis=args.tilt_axis,
-        rescore=False if args.no_rescore else None,
-        refine=False if args.no_refine else None, templates=False if args.no_templates else None,
-        template_wedge=args.template_wedge, progress=not args.quiet,
-    )
+    distributed = args.workers is not False or args.scheduler
+    with (cluster(args.workers or None, args.scheduler) if distributed else nullcontext()) as client:
+        path, picks = predict_to_csv(
+            args.root, args.out, force=args.force, resume=args.resume, client=client, verbose=args.verbose,
+            split=split, runs=args.runs, model=args.weights,
+            settings=args.thresholds, export_dir=args.export_dir,
+            backend=args.backend, tomogram=args.tomogram, z_stride=args.z_stride, batch=args.batch, tta=args.tta,
+            polarity=args.polarity, smooth=args.smooth, flatten=args.flatten, tilt_axis=args.tilt_axis,
+            rescore=False if args.no_rescore else None,
+            refine=False if args.no_refine else None, templates=False if args.no_templates else None,
+            template_wedge=args.template_wedge, progress=not args.quiet,
+        )
     print(summary(picks).to_string())
     print(f"wrote {len(picks)} picks to {path}")
     if args.picks_out:

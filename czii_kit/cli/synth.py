@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 from czii_kit.errors import CziiKitError
@@ -45,7 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="override one simulation parameter range, e.g. --range dose=20,40 or "
                         "--range residual_noise=0.9 (repeatable; names and defaults: "
                         "czii_kit.synthetic.params.SimRanges)")
-    p.add_argument("--workers", type=int, default=None, help="threads for the heavy stages [2]")
+    p.add_argument("--threads", type=int, default=None, help="threads for the heavy stages [2]")
+    p.add_argument("--workers", type=int, default=None, dest="old_workers",
+                   help=argparse.SUPPRESS)  # the old name of --threads (deprecated)
     p.add_argument("--force", action="store_true", help="replace an existing synthetic dataset at --out")
     p.add_argument("--bench", action="store_true", help="time one run stage by stage (nothing is kept)")
     p.add_argument("--figure", type=Path, default=None, metavar="PNG",
@@ -79,17 +82,21 @@ def run(args) -> int:
     from czii_kit.synthetic.params import SimParamError
 
     maps = maps_option(args.maps)
-    if args.workers is not None and args.workers < 1:
-        raise SimParamError(f"--workers must be >= 1, got {args.workers}")
+    if args.old_workers is not None:
+        warnings.warn("--workers is deprecated for synth (it meant threads): use --threads", FutureWarning,
+                      stacklevel=2)
+        args.threads = args.old_workers if args.threads is None else args.threads
+    if args.threads is not None and args.threads < 1:
+        raise SimParamError(f"--threads must be >= 1, got {args.threads}")
     did = False
     if args.bench:
-        benchmark(args.size, seed=args.seed, maps_dir=maps, workers=args.workers)
+        benchmark(args.size, seed=args.seed, maps_dir=maps, threads=args.threads)
         did = True
     if args.figure is not None:
         from czii_kit.synthetic.figure import make_figure
 
         path = make_figure(args.figure, maps_dir=maps, size=args.size, seed=args.seed,
-                           overwrite=args.force, workers=args.workers)
+                           overwrite=args.force, workers=args.threads)
         print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KB)")
         did = True
     if args.out is not None:
@@ -98,7 +105,7 @@ def run(args) -> int:
         root = generate_dataset(
             args.out, n_train=args.runs, n_test=args.test_runs, size=args.size, seed=args.seed,
             maps_dir=maps, picks_dir=args.picks, overwrite=args.force, progress=not args.quiet,
-            workers=args.workers, ranges=parse_ranges(args.range), naming=args.naming, user_id=args.user_id,
+            threads=args.threads, ranges=parse_ranges(args.range), naming=args.naming, user_id=args.user_id,
             session_id=args.session_id,
             **({} if args.voxel_size is None else {"voxel_size": args.voxel_size}),
         )

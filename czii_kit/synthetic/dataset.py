@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +97,12 @@ def generate_dataset(
     overwrite: bool = False,
     progress: bool = True,
     ranges: SimRanges | None = None,
-    workers: int | None = None,
+    threads: int | None = None,
     voxel_size: float = VOXEL_SIZE,
     naming: str = "kaggle",
     user_id: str = "curation",
     session_id: str = "0",
+    workers: int | None = None,
 ) -> Path:
     """Simulate ``n_train + n_test`` runs and write them as a dataset root (Kaggle layout).
 
@@ -129,6 +131,8 @@ def generate_dataset(
         Show a tqdm bar over runs.
     ranges : SimRanges, optional
         Parameter ranges (defaults otherwise).
+    threads : int, optional
+        Threads for the heavy stages (default 2). ``workers`` is its old, deprecated name.
     voxel_size : float
         Å per voxel (default the Kaggle 10.012444). Another size keeps the physical field of view:
         the shape of ``size`` is scaled by ``10.012444 / voxel_size`` (rounded), and the density maps
@@ -149,6 +153,7 @@ def generate_dataset(
     """
     from tqdm.auto import tqdm
 
+    threads = threads_arg(threads, workers)
     out_dir = Path(out_dir)
     n_train, n_test = int(n_train), int(n_test)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
@@ -174,7 +179,7 @@ def generate_dataset(
             tomos, picks, params = simulate_run(
                 shape, voxel_size, seed=np.random.default_rng([seed, i]), maps=models,
                 picks=None if layout is None else layout[1], ranges=ranges, run_name=name,
-                workers=workers, timings=timings, return_params=True,
+                workers=threads, timings=timings, return_params=True,
             )
             meta = params.to_dict()
             meta.update({"run": name, "split": split, "seed": [seed, i],
@@ -200,9 +205,18 @@ def generate_dataset(
     return out_dir
 
 
-def benchmark(size="full", seed: int = 0, maps_dir=SHIPPED, workers: int | None = None, write: bool = True,
-              echo=print) -> dict:
-    """Time one simulated run stage by stage and print the seconds.
+def threads_arg(threads: int | None, workers: int | None) -> int | None:
+    """``threads``, or the deprecated ``workers`` (its old name, with a :class:`FutureWarning`)."""
+    if workers is not None:
+        warnings.warn("the synthetic data's 'workers' setting is now called 'threads' (--threads); 'workers' "
+                      "will be removed", FutureWarning, stacklevel=3)
+        threads = workers if threads is None else threads
+    return threads
+
+
+def benchmark(size="full", seed: int = 0, maps_dir=SHIPPED, threads: int | None = None, write: bool = True,
+              echo=print, workers: int | None = None) -> dict:
+    """Time one simulated run stage by stage and print the seconds (``threads``: as :func:`generate_dataset`).
 
     Stages: ``models+params``, ``phantom`` (placement and rendering), ``project`` (tilt series),
     ``ctf+noise``, ``wbp`` (ramp filter and back-projection), ``denoise``, ``write`` (both tomograms,
@@ -213,12 +227,13 @@ def benchmark(size="full", seed: int = 0, maps_dir=SHIPPED, workers: int | None 
     dict
         Stage -> wall-clock seconds, plus ``total`` and ``cpu`` (CPU seconds of this process).
     """
+    threads = threads_arg(threads, workers)
     shape = shape_for_size(size)
     models = get_models(maps_dir)
     timings: dict = {}
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    tomos, picks = simulate_run(shape, seed=seed, maps=models, workers=workers, timings=timings)
+    tomos, picks = simulate_run(shape, seed=seed, maps=models, workers=threads, timings=timings)
     if write:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="czii_synth_bench_") as d:
@@ -229,7 +244,7 @@ def benchmark(size="full", seed: int = 0, maps_dir=SHIPPED, workers: int | None 
     timings["total"] = time.perf_counter() - t0
     timings["cpu"] = time.process_time() - cpu0
     echo(f"synthetic run {shape[0]}x{shape[1]}x{shape[2]} ({len(picks)} particles, "
-         f"{describe_maps(maps_dir)}, workers={workers or 'auto'}):")
+         f"{describe_maps(maps_dir)}, threads={threads or 'auto'}):")
     for k, v in timings.items():
         if k != "cpu":
             echo(f"  {k:<14s} {v:7.2f} s")
