@@ -21,10 +21,12 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import sys
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,7 +370,10 @@ class Detector:
     def detect(self, images: np.ndarray) -> list[np.ndarray]:
         """Boxes per image for ``images (B, H, W, 3)`` uint8: each ``(n, 6)`` ``cx, cy, w, h, conf, cls``
         in pixel coordinates of the input image."""
-        x, scale = self.to_tensor(np.asarray(images))
+        return self.detect_tensor(*self.to_tensor(np.asarray(images)))
+
+    def detect_tensor(self, x, scale: float = 1.0) -> list[np.ndarray]:
+        """:meth:`detect` of images already made a tensor by :meth:`to_tensor` (``x`` and its ``scale``)."""
         res = self._boxes(self.forward(x))
         if self.config.tta:
             lr = self._boxes(self.forward(x.flip(3)), "lr")
@@ -378,6 +383,55 @@ class Detector:
             for r in res:
                 r[:, :4] /= scale
         return res
+
+
+PREFETCH_DEPTH = 2
+"""Batches of network input :func:`detect_prepared` builds ahead of the model (a bounded queue)."""
+
+
+def prefetch(items: Iterable, depth: int = PREFETCH_DEPTH) -> Iterator:
+    """The items of ``items``, produced by a background thread at most ``depth`` ahead of the consumer.
+
+    Overlaps making the next batch (numpy, much of it outside the GIL) with the model's forward pass on
+    this one (OpenVINO / torch release the GIL). An exception in the producer is raised here; closing
+    the generator early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((end, exc))
+            return
+        put((end, None))
+
+    worker = threading.Thread(target=produce, name="czii_kit-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: InferenceConfig | None = None,
@@ -407,10 +461,15 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
     rows = []
     zs = slice_indices(volume.shape[0], z_stride)
     seen = volume.transpose(0, 2, 1) if turn else volume
-    for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
-        if imgs.dtype != np.uint8:
-            imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
-        for z, boxes in zip(zb, detector.detect(imgs), strict=True):
+
+    def tensors():  # made in a background thread while the model runs on the previous batch
+        for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
+            if imgs.dtype != np.uint8:
+                imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
+            yield (zb, *detector.to_tensor(imgs))
+
+    for zb, x, scale in prefetch(tensors(), PREFETCH_DEPTH):
+        for z, boxes in zip(zb, detector.detect_tensor(x, scale), strict=True):
             if len(boxes):
                 rows.append(np.column_stack([np.full(len(boxes), z, np.float32), boxes]))
         if progress is not None:

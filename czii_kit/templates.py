@@ -31,7 +31,9 @@ Arrays are indexed ``[z, y, x]``; points are ``x, y, z`` in Å and converted wit
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from czii_kit.config import StrictConfig
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError
 from czii_kit.maps import load_map_model
+from czii_kit.offline import czii_home
 from czii_kit.rotations import random_rotations
 from czii_kit.wedge import Wedge, apply_wedge, estimate_wedge
 
@@ -238,6 +241,57 @@ def rotated_boxes(template: Template, voxel_size: float, side: int, n_rotations:
     return boxes
 
 
+TEMPLATE_CACHE_ENV = "CZII_KIT_TEMPLATE_CACHE"
+"""Environment variable naming the rotated-template cache folder (default ``$CZII_KIT_HOME/templates``)."""
+
+
+def template_cache() -> Path:
+    """The folder rotated templates are cached in: ``$CZII_KIT_TEMPLATE_CACHE``, else ``templates`` in
+    czii_kit's cache folder (:func:`czii_kit.offline.czii_home`)."""
+    env = os.environ.get(TEMPLATE_CACHE_ENV)
+    return Path(env).expanduser() if env else czii_home() / "templates"
+
+
+def rotation_key(template: Template, voxel_size: float, side: int, n_rotations: int, seed: int, order: int) -> str:
+    """SHA-256 (hex) naming the rotated boxes of ``template`` (its density, centre and voxel size) for these
+    arguments of :func:`rotated_boxes`: the cache key of :func:`cached_rotated_boxes`."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(template.density, np.float32).tobytes())
+    h.update(np.asarray(template.center, np.float64).tobytes())
+    h.update(json.dumps([template.name, float(template.voxel_size), round(float(voxel_size), 6), int(side),
+                         int(n_rotations), int(seed), int(order), "rotated_boxes/1"]).encode())
+    return h.hexdigest()
+
+
+def cached_rotated_boxes(template: Template, voxel_size: float, side: int, n_rotations: int, seed: int = 0,
+                         order: int = 3, cache: str | Path | None = None) -> np.ndarray:
+    """:func:`rotated_boxes`, read from the cache folder (``cache``, default :func:`template_cache`) when this
+    template and these arguments were rotated before (:func:`rotation_key`), else computed and written there
+    atomically (``.npy``, float32); an unreadable cache file is computed again. ``cache=False``: no cache."""
+    if cache is False:
+        return rotated_boxes(template, voxel_size, side, n_rotations, seed, order)
+    path = Path(cache or template_cache()) / f"{rotation_key(template, voxel_size, side, n_rotations, seed, order)[:32]}.npy"
+    want = (n_rotations, side, side, side)
+    if path.is_file():
+        try:
+            boxes = np.load(path, allow_pickle=False)
+            if boxes.shape == want and boxes.dtype == np.float32:
+                return boxes
+        except (OSError, ValueError):  # a damaged cache file: rebuild it
+            pass
+    boxes = rotated_boxes(template, voxel_size, side, n_rotations, seed, order)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, boxes, allow_pickle=False)
+
+    try:
+        atomic_write(path, write, overwrite=True)
+    except OSError:  # a read-only cache: work without it
+        pass
+    return boxes
+
+
 def template_rows(boxes: np.ndarray, mask: np.ndarray, wedge=None, chunk: int = 128) -> np.ndarray:
     """``(n, mask.sum())`` float32: rotated ``boxes (n, s, s, s)`` (:func:`rotated_boxes`, ``s`` = the
     side of ``mask``) given the missing ``wedge`` (a :class:`czii_kit.wedge.Wedge`, or None: none),
@@ -260,10 +314,15 @@ class TemplateMatcher:
     templates : path-like or mapping of :class:`Template`
         A file of :func:`save_templates` or the templates themselves.
     config : TemplateConfig, optional
+    cache : path-like or False, optional
+        Folder of the rotated templates (:func:`cached_rotated_boxes`; default :func:`template_cache`),
+        so they are rotated once per template file and configuration, not once per process; ``False``:
+        rotate them in memory only.
     """
 
-    def __init__(self, templates, config: TemplateConfig | None = None):
+    def __init__(self, templates, config: TemplateConfig | None = None, cache: str | Path | None = None):
         self.config = config or TemplateConfig()
+        self.cache = cache
         if isinstance(templates, Mapping):
             self.templates, self.meta = dict(templates), {}
         else:
@@ -286,8 +345,8 @@ class TemplateMatcher:
                 for n, t in self.templates.items():
                     radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
                     mask = sphere_mask(radius / binned_voxel)
-                    boxes[n] = (mask, rotated_boxes(t, binned_voxel, mask.shape[0], cfg.n_rotations, cfg.seed,
-                                                    cfg.order))
+                    boxes[n] = (mask, cached_rotated_boxes(t, binned_voxel, mask.shape[0], cfg.n_rotations,
+                                                           cfg.seed, cfg.order, self.cache))
                 if len(self._boxes) >= 2:  # a dataset has one voxel size
                     self._boxes.pop(next(iter(self._boxes)))
                 self._boxes[vkey] = boxes
@@ -334,14 +393,19 @@ class TemplateMatcher:
                     v = np.zeros(3, int)
                     v[axis] = sign * s
                     shifts.append(v)
-        shape = np.array(binned.shape)
-        offs = np.arange(side)
+        # edge-padded once, so every neighbourhood is a plain slice (the same voxels as clipping the indices)
+        reach = side + 2 * cfg.shift
+        lo_all = centre - h - cfg.shift
+        pad_lo = np.maximum(0, -lo_all.min(0))
+        pad_hi = np.maximum(0, (lo_all + reach).max(0) - np.array(binned.shape))
+        padded = np.pad(binned, list(zip(pad_lo, pad_hi, strict=True)), mode="edge")
+        starts = lo_all + pad_lo
         for i0 in range(0, len(pts), cfg.batch):
-            cc = centre[i0:i0 + cfg.batch]
+            cc = starts[i0:i0 + cfg.batch]
+            big = np.stack([padded[a:a + reach, b:b + reach, c:c + reach] for a, b, c in cc])
             cubes = np.empty((len(shifts), len(cc), side, side, side), np.float32)
-            for j, s in enumerate(shifts):
-                for k, lo in enumerate(cc + s - h):
-                    cubes[j, k] = binned[np.ix_(*(np.clip(lo[a] + offs, 0, shape[a] - 1) for a in range(3)))]
+            for j, (dz, dy, dx) in enumerate(np.asarray(shifts) + cfg.shift):
+                cubes[j] = big[:, dz:dz + side, dy:dy + side, dx:dx + side]
             for t, name in enumerate(self.types):
                 mask, mat = mats[name]
                 o = (side - mask.shape[0]) // 2
