@@ -341,6 +341,13 @@ class Detector:
         x, scale = prepare_batch(images, self.imgsz)
         return torch.from_numpy(x).to(self.device), scale
 
+    def release_memory(self) -> None:
+        """Give back the working memory of an OpenVINO model between tomograms (reallocated by the next
+        forward pass); nothing for the other backends."""
+        compiled = getattr(getattr(self.model, "backend", None), "ov_compiled_model", None)
+        if compiled is not None and hasattr(compiled, "release_memory"):
+            compiled.release_memory()
+
     def forward(self, x):
         """Raw network output for a prepared tensor (model-only timing)."""
         import torch
@@ -517,14 +524,39 @@ class DetectedRun:
     def normalised(self, release: bool = False) -> np.ndarray:
         """The volume mapped through its window: float32 0..1 ``[z, y, x]``.
 
-        ``release=True`` then drops ``volume`` (set to ``None``) to free its memory.
+        ``release=True`` maps the volume in place (no second copy) and drops ``volume`` (set to ``None``).
         """
         if self.volume is None:
             raise ValueError(f"run {getattr(self.run, 'name', self.run)}: the volume was released")
-        out = self.window.apply(self.volume, "float32")
+        out = self.window.apply(self.volume, "float32", in_place=release)  # released: mapped where it lies
         if release:
             self.volume = None
         return out
+
+
+def trim_heap() -> None:
+    """Hand memory the C heap holds but no longer uses back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere): the many slice-sized arrays of detection leave it fragmented, which would otherwise stay
+    in the resident size for the rest of the process."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
+def _read_prepared(tomo, voxel_size: float | None, preprocess: PreprocessConfig, config: InferenceConfig):
+    """``(volume, voxel size, window, sigma)``: ``tomo`` read (:func:`czii_kit.volumes.load_volume`) and prepared
+    (:func:`prepare_volume`), the raw volume held by nothing else, so that it is freed as soon as a filtered
+    copy replaces it (one volume, not two, at the peak)."""
+    vol, vs = load_volume(tomo, voxel_size)
+    held = [vol]
+    del vol  # from here the only reference travels into prepare_volume (popped from ``held``)
+    prepared, window, sigma = prepare_volume(held.pop(), preprocess, config, tomo.path)
+    return prepared, vs, window, sigma
 
 
 def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
@@ -553,13 +585,14 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
     try:
         for run, tomo in tomos:
             bar.set_postfix_str(run.name)
-            vol, voxel_size = load_volume(tomo, target)
+            vol, voxel_size, window, sigma = _read_prepared(tomo, target, prep, config)
             imgsz = config.imgsz or native_imgsz(vol.shape[1:])
             if detector is None or detector.imgsz != imgsz:
                 detector = Detector(weights, backend, config, imgsz, export_dir)
-            vol, window, sigma = prepare_volume(vol, prep, config, tomo.path)
             turn = settle_tilt_axis(vol, config.tilt_axis, tomo.path)
             dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar, turn)
+            detector.release_memory()  # the model's working memory, while the consumer's 3D stages run
+            trim_heap()  # and the freed slices and batches the C heap still holds
             item = DetectedRun(run, voxel_size, dets, vol, window, sigma)
             del vol, dets  # the consumer may drop the volume (see DetectedRun.normalised)
             if stage:

@@ -75,8 +75,12 @@ class Window:
     invert: bool = False
     extra: dict = field(default_factory=dict)
 
-    def apply(self, x: np.ndarray, dtype: str = "uint8") -> np.ndarray:
-        """Map ``x`` (any shape) through the window to uint8 0..255 (rounded) or float32 0..1."""
+    def apply(self, x: np.ndarray, dtype: str = "uint8", in_place: bool = False) -> np.ndarray:
+        """Map ``x`` (any shape) through the window to uint8 0..255 (rounded) or float32 0..1.
+
+        ``in_place=True`` (float32 only) writes the result over ``x`` itself when it is a float32
+        array (no second copy of a whole volume); the values are the same.
+        """
         s = 1.0 / (self.vmax - self.vmin)
         o = -self.vmin * s
         if self.invert:
@@ -86,7 +90,10 @@ class Window:
             y += np.float32(255.0 * o + 0.5)
             np.clip(y, 0.5, 255.5, out=y)
             return y.astype(np.uint8)
-        y = np.asarray(x, dtype=np.float32) * np.float32(s)
+        if in_place and isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.writeable:
+            y = np.multiply(x, np.float32(s), out=x)
+        else:
+            y = np.asarray(x, dtype=np.float32) * np.float32(s)
         y += np.float32(o)
         np.clip(y, 0.0, 1.0, out=y)
         return y

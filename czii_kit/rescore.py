@@ -112,6 +112,11 @@ probabilities within 1e-6 of torch's), ``"torch"``, or ``"auto"``: torch on a CU
 one, else OpenVINO when it is installed, else torch on the CPU."""
 
 
+OPENVINO_BATCH = 32
+"""Patches per OpenVINO inference: per-patch logits do not depend on it; its working memory grows with it
+(about 1 MB per patch)."""
+
+
 def _openvino_rescorer(net, patch_size: int, digest: str):
     """The rescorer network compiled by OpenVINO for the CPU in fp32 (``(N, 1, s, s, s)`` -> logits).
 
@@ -173,8 +178,10 @@ class Rescorer:
         """Logits (a float32 CPU tensor ``(N, n_classes)``) of standardised patches ``x (N, s, s, s)``."""
         import torch
 
-        if self._compiled is not None:
-            return torch.from_numpy(np.asarray(self._compiled(np.ascontiguousarray(x[:, None]))[0]))
+        if self._compiled is not None:  # small sub-batches: the same logits, a fraction of the working memory
+            x = np.ascontiguousarray(x[:, None])
+            return torch.from_numpy(np.concatenate(
+                [np.asarray(self._compiled(x[i:i + OPENVINO_BATCH])[0]) for i in range(0, len(x), OPENVINO_BATCH)]))
         with torch.inference_mode():
             return self.net(torch.from_numpy(x[:, None]).to(self.device)).float().cpu()
 

@@ -329,28 +329,36 @@ class TemplateMatcher:
             self.templates, self.meta = load_templates(templates)
         self.types = tuple(self.templates)
         self._cache: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self._boxes: dict[float, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # rotated densities per voxel size
+        self._boxes: dict[float, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # rotated densities (cache=False)
         self.last_wedge = None  # the wedge of the last tomogram matched
 
     def _matrices(self, binned_voxel: float, wedge=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å with the missing ``wedge`` (or None).
 
-        The rotated densities are kept per voxel size, so another wedge costs only its Fourier filter."""
+        The rotated densities come from the disk cache (:func:`cached_rotated_boxes`, one template at a
+        time) or, without one, are kept in memory per voxel size; another wedge costs its Fourier filter."""
         vkey = round(float(binned_voxel), 6)
         key = (vkey, wedge)
         if key not in self._cache:
             cfg = self.config
-            if vkey not in self._boxes:
-                boxes = {}
-                for n, t in self.templates.items():
+            kept = self._boxes.get(vkey, {})
+            out = {}
+            for n, t in self.templates.items():
+                if n in kept:
+                    mask, boxes = kept[n]
+                else:
                     radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
                     mask = sphere_mask(radius / binned_voxel)
-                    boxes[n] = (mask, cached_rotated_boxes(t, binned_voxel, mask.shape[0], cfg.n_rotations,
-                                                           cfg.seed, cfg.order, self.cache))
+                    boxes = cached_rotated_boxes(t, binned_voxel, mask.shape[0], cfg.n_rotations, cfg.seed, cfg.order,
+                                                 self.cache)
+                    if self.cache is False:
+                        kept[n] = (mask, boxes)
+                out[n] = (mask, template_rows(boxes, mask, wedge))
+                del boxes  # with the disk cache, not held (40 MB a template): read again for another wedge
+            if kept and vkey not in self._boxes:
                 if len(self._boxes) >= 2:  # a dataset has one voxel size
                     self._boxes.pop(next(iter(self._boxes)))
-                self._boxes[vkey] = boxes
-            out = {n: (mask, template_rows(b, mask, wedge)) for n, (mask, b) in self._boxes[vkey].items()}
+                self._boxes[vkey] = kept
             if len(self._cache) >= 8:  # a dataset has one voxel size and a few tilt schemes
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = out
@@ -403,15 +411,14 @@ class TemplateMatcher:
         for i0 in range(0, len(pts), cfg.batch):
             cc = starts[i0:i0 + cfg.batch]
             big = np.stack([padded[a:a + reach, b:b + reach, c:c + reach] for a, b, c in cc])
-            cubes = np.empty((len(shifts), len(cc), side, side, side), np.float32)
-            for j, (dz, dy, dx) in enumerate(np.asarray(shifts) + cfg.shift):
-                cubes[j] = big[:, dz:dz + side, dy:dy + side, dx:dx + side]
             for t, name in enumerate(self.types):
                 mask, mat = mats[name]
                 o = (side - mask.shape[0]) // 2
-                sub = cubes[:, :, o:o + mask.shape[0], o:o + mask.shape[0], o:o + mask.shape[0]]
-                p = _normalise_rows(sub[:, :, mask].reshape(-1, int(mask.sum())))
-                best = (p @ mat.T).max(1).reshape(len(shifts), len(cc)).max(0)
+                best = None
+                for dz, dy, dx in np.asarray(shifts) + cfg.shift + o:  # one shift at a time: bounded memory
+                    sub = big[:, dz:dz + mask.shape[0], dy:dy + mask.shape[0], dx:dx + mask.shape[0]]
+                    ncc = (_normalise_rows(sub[:, mask]) @ mat.T).max(1)
+                    best = ncc if best is None else np.maximum(best, ncc)
                 out[i0:i0 + len(cc), t] = best
         return out
 
