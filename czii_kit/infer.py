@@ -247,6 +247,31 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8,
     return dest
 
 
+_LOADED: dict = {}
+
+
+def loaded_detector(weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
+                    imgsz: int = 640, export_dir: str | Path | None = None) -> Detector:
+    """A :class:`Detector`, kept for the next call with the same arguments in the same thread (one per thread).
+
+    Loading and compiling a model costs about as much as a few dozen slices; a process that predicts
+    tomogram after tomogram in separate calls (a Dask worker, ``tune``, ``bench``) pays it once. The
+    weights file's size and modification time are part of the key, so a changed file is loaded again.
+    """
+    config = config or InferenceConfig()
+    w = Path(weights)
+    st = w.stat() if w.is_file() else None
+    key = (str(w.resolve()), st and (st.st_size, st.st_mtime_ns), backend, repr(config), int(imgsz),
+           str(export_dir), threading.get_ident())
+    det = _LOADED.get(key)
+    if det is None:
+        det = Detector(weights, backend, config, imgsz, export_dir)
+        for k in [k for k in _LOADED if k[-1] == key[-1]]:  # one per thread
+            del _LOADED[k]
+        _LOADED[key] = det
+    return det
+
+
 def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
     """Network input for ``images (B, H, W, 3)`` uint8: ``(B, 3, imgsz, imgsz)`` float32 0..1 and the scale.
 
@@ -392,8 +417,9 @@ class Detector:
         return res
 
 
-PREFETCH_DEPTH = 2
-"""Batches of network input :func:`detect_prepared` builds ahead of the model (a bounded queue)."""
+PREFETCH_DEPTH = 1
+"""Batches of network input :func:`detect_prepared` builds ahead of the model (a bounded queue; one more
+is being built meanwhile, 39 MB each at batch 8 and 640 px)."""
 
 
 def prefetch(items: Iterable, depth: int = PREFETCH_DEPTH) -> Iterator:
@@ -588,7 +614,7 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
             vol, voxel_size, window, sigma = _read_prepared(tomo, target, prep, config)
             imgsz = config.imgsz or native_imgsz(vol.shape[1:])
             if detector is None or detector.imgsz != imgsz:
-                detector = Detector(weights, backend, config, imgsz, export_dir)
+                detector = loaded_detector(weights, backend, config, imgsz, export_dir)
             turn = settle_tilt_axis(vol, config.tilt_axis, tomo.path)
             dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar, turn)
             detector.release_memory()  # the model's working memory, while the consumer's 3D stages run

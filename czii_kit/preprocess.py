@@ -432,16 +432,31 @@ def wedge_ratio(volume: np.ndarray, size: tuple[int, int, int] = (64, 256, 256),
     """
     b = central_block(volume, size).astype(np.float64)
     b -= b.mean()
-    power = np.abs(np.fft.fftn(b)) ** 2
-    kz, ky, kx = (np.abs(k) for k in np.meshgrid(*[np.fft.fftfreq(n) for n in b.shape], indexing="ij"))
+    nx = b.shape[2]
+    # half the spectrum of a real block (rfftn): each kx column but the first (and an even size's last)
+    # stands for itself and its mirror at -kx, which has the same power and |kx|; broadcast frequency
+    # grids rather than full meshgrids (about a fifth of the memory and time of the full spectrum)
+    power = np.abs(np.fft.rfftn(b)) ** 2
+    kz = np.abs(np.fft.fftfreq(b.shape[0]))[:, None, None]
+    ky = np.abs(np.fft.fftfreq(b.shape[1]))[None, :, None]
+    kx = np.fft.rfftfreq(nx)[None, None, :]
+    weight = np.full(kx.shape, 2.0)
+    weight[..., 0] = 1.0
+    if nx % 2 == 0:
+        weight[..., -1] = 1.0
     k = np.sqrt(kz**2 + ky**2 + kx**2)
     band = (k > 0.04) & (k < 0.2)
     t = np.tan(np.radians(half_angle))
-    along_x = power[band & (kx < t * kz) & (ky > kz)]
-    along_y = power[band & (ky < t * kz) & (kx > kz)]
-    if min(along_x.size, along_y.size) < 200 or not along_y.mean() > 0:
+
+    def mean_count(region):
+        w = np.broadcast_to(weight, region.shape)[region]
+        return float((power[region] * w).sum() / max(w.sum(), 1.0)), float(w.sum())
+
+    along_x, n_x = mean_count(band & (kx < t * kz) & (ky > kz))
+    along_y, n_y = mean_count(band & (ky < t * kz) & (kx > kz))
+    if min(n_x, n_y) < 200 or not along_y > 0:
         return 1.0
-    return float(along_x.mean() / along_y.mean())
+    return float(along_x / along_y)
 
 
 def tilt_axis_of(ratio: float) -> str:
