@@ -297,9 +297,9 @@ def test_another_wedge_reuses_the_rotated_templates(monkeypatch):
 
 
 def test_rotated_templates_cached_on_disk(monkeypatch, tmp_path):
-    """Rotated templates are computed once per template and configuration and read back by later matchers
-    (another process), with the same matches; another configuration or template is a new entry, a
-    damaged entry is rebuilt, and the folder comes from CZII_KIT_TEMPLATE_CACHE."""
+    """Rotated templates (and their masked rows per wedge) are computed once per template and configuration
+    and read back by later matchers (another process), with the same matches; another configuration or
+    wedge is a new entry, a damaged entry is rebuilt, and the folder comes from CZII_KIT_TEMPLATE_CACHE."""
     import czii_kit.templates as templates
     from czii_kit.wedge import Wedge
 
@@ -308,20 +308,24 @@ def test_rotated_templates_cached_on_disk(monkeypatch, tmp_path):
     monkeypatch.setattr(templates, "rotated_boxes", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     monkeypatch.setenv(templates.TEMPLATE_CACHE_ENV, str(tmp_path / "rot"))
     assert templates.template_cache() == tmp_path / "rot"
+    files = lambda: len(list((tmp_path / "rot").glob("*.npy")))  # noqa: E731
     cfg = TemplateConfig(n_rotations=40, mask_radius=110.0)
     vol, centres, _ = _volume(seed=5)
     pts = voxel_to_angstrom(centres, VS)
     first = TemplateMatcher(_templates(), cfg).match(vol, pts, VS)
-    assert len(calls) == 2 and len(list((tmp_path / "rot").glob("*.npy"))) == 2
+    assert len(calls) == 2 and files() == 4  # each template's rotated boxes and its rows
     assert not [p for p in (tmp_path / "rot").iterdir() if p.suffix != ".npy"]  # no temporary left behind
     again = TemplateMatcher(_templates(), cfg)
     np.testing.assert_array_equal(again.match(vol, pts, VS), first)
-    again._matrices(VS * cfg.bin, Wedge(40.0, 40.0))  # another wedge: read from disk, not rotated
-    assert len(calls) == 2
-    np.testing.assert_array_equal(TemplateMatcher(_templates(), cfg, cache=False).match(vol, pts, VS), first)
+    wedged = again._matrices(VS * cfg.bin, Wedge(40.0, 40.0))  # another wedge: boxes read, not rotated
+    assert len(calls) == 2 and files() == 6
+    plain = TemplateMatcher(_templates(), cfg, cache=False)
+    np.testing.assert_array_equal(plain.match(vol, pts, VS), first)
+    for name, (mask, rows) in plain._matrices(VS * cfg.bin, Wedge(40.0, 40.0)).items():
+        np.testing.assert_array_equal(wedged[name][1], rows)
     assert len(calls) == 4  # cache=False: rotated in memory
     TemplateMatcher(_templates(), TemplateConfig(n_rotations=41, mask_radius=110.0)).match(vol, pts, VS)
-    assert len(calls) == 6 and len(list((tmp_path / "rot").glob("*.npy"))) == 4
+    assert len(calls) == 6 and files() == 10
     for f in (tmp_path / "rot").glob("*.npy"):
         f.write_bytes(b"damaged")
     np.testing.assert_array_equal(TemplateMatcher(_templates(), cfg).match(vol, pts, VS), first)
