@@ -274,8 +274,9 @@ def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
 def forward_limit(weights: str | Path, backend: str, imgsz: int, n: int = FULL_SHAPE[0],
                   device: str | None = None) -> float:
     """Seconds of ``n`` plain forward passes of ``weights`` at batch 1 on ``backend`` (ultralytics' own
-    setup of the exported model, a pre-made input tensor): the limit the whole pipeline is measured against."""
-    det = Detector(weights, backend, InferenceConfig(batch=1, device=device), imgsz)
+    setup of the exported model: OpenVINO in latency mode, no streams; a pre-made input tensor): the
+    limit the whole pipeline is measured against."""
+    det = Detector(weights, backend, InferenceConfig(batch=1, device=device), imgsz, streams=False)
     img = np.random.default_rng(0).integers(0, 256, (1, imgsz, imgsz, 3), dtype=np.uint8)
     x, _ = det.to_tensor(img)
     det.forward(x)

@@ -313,6 +313,42 @@ def _device(device: str | None, backend: str):
     return select_device(device, verbose=False)
 
 
+class OpenVINOStreams:
+    """An OpenVINO model (batch-1 IR folder ``path``) compiled for throughput on the CPU: one inference request
+    per stream, each image of a batch on the next free one, from a small thread pool.
+
+    OpenVINO's latency mode (ultralytics' setting) spreads one image over all cores, which leaves them
+    idle between its layers; streams keep each core busy with an image of its own. Each image's output
+    is what the latency-mode model gives it (the same kernels, one image at a time).
+    """
+
+    def __init__(self, path: str | Path):
+        import openvino as ov
+
+        xml = next(Path(path).glob("*.xml"))
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+        n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests: queue.Queue = queue.Queue()
+        for _ in range(n):
+            self.requests.put(self.compiled.create_infer_request())
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="czii_kit-openvino")
+
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        req = self.requests.get()
+        try:
+            return np.array(req.infer(image[None])[0])  # a copy: the request reuses its output buffer
+        finally:
+            self.requests.put(req)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Raw outputs ``(B, ...)`` of images ``x (B, 3, S, S)`` float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.concatenate(list(self.pool.map(self._one, x)))
+
+
 class Detector:
     """A loaded model (ultralytics ``AutoBackend``) plus its settings: uint8 images in, boxes out.
 
@@ -328,10 +364,16 @@ class Detector:
     config : InferenceConfig
     imgsz : int
         Network input size (resolved by the caller for the slice shape; multiple of 32).
+    export_dir : path-like, optional
+        Cache of the exports (:func:`export_cache`).
+    streams : bool
+        OpenVINO on the CPU: run the images of a batch on parallel streams (:class:`OpenVINOStreams`, the
+        batch-1 export; the same outputs, image by image); ``False``: ultralytics' own setup (latency
+        mode, the batch-``config.batch`` export).
     """
 
     def __init__(self, weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
-                 imgsz: int = 640, export_dir: str | Path | None = None):
+                 imgsz: int = 640, export_dir: str | Path | None = None, streams: bool = True):
         configure_offline()
         if backend not in BACKENDS:
             raise CziiKitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -347,12 +389,17 @@ class Detector:
         self.imgsz = int(imgsz)
         if self.imgsz % 32:
             raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
-        path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz,
-                                                                     self.config.batch, export_dir)
+        self.streams = None
+        streamed = backend == "openvino" and streams and self.config.device in (None, "cpu")
+        batch = 1 if streamed else self.config.batch  # streams run one image per request
+        path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz, batch,
+                                                                     export_dir)
         from ultralytics.nn.autobackend import AutoBackend
 
         self.device = _device(self.config.device, backend)
         self.model = AutoBackend(str(path), device=self.device, fp16=False, verbose=False)
+        if streamed:
+            self.streams = OpenVINOStreams(path)
         self.model.eval()
         self.names = {int(k): str(v) for k, v in dict(self.model.names).items()}
         if self.names != class_names():
@@ -369,14 +416,17 @@ class Detector:
     def release_memory(self) -> None:
         """Give back the working memory of an OpenVINO model between tomograms (reallocated by the next
         forward pass); nothing for the other backends."""
-        compiled = getattr(getattr(self.model, "backend", None), "ov_compiled_model", None)
-        if compiled is not None and hasattr(compiled, "release_memory"):
-            compiled.release_memory()
+        for compiled in (getattr(getattr(self.model, "backend", None), "ov_compiled_model", None),
+                         self.streams and self.streams.compiled):
+            if compiled is not None and hasattr(compiled, "release_memory"):
+                compiled.release_memory()
 
     def forward(self, x):
         """Raw network output for a prepared tensor (model-only timing)."""
         import torch
 
+        if self.streams is not None:
+            return torch.from_numpy(self.streams(x.numpy()))
         with torch.inference_mode():
             y = self.model(x)
         return y[0] if isinstance(y, (list, tuple)) else y
