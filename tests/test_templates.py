@@ -321,7 +321,7 @@ def test_rotated_templates_cached_on_disk(monkeypatch, tmp_path):
     assert len(calls) == 2 and files() == 6
     plain = TemplateMatcher(_templates(), cfg, cache=False)
     np.testing.assert_array_equal(plain.match(vol, pts, VS), first)
-    for name, (mask, rows) in plain._matrices(VS * cfg.bin, Wedge(40.0, 40.0)).items():
+    for name, (_mask, rows) in plain._matrices(VS * cfg.bin, Wedge(40.0, 40.0)).items():
         np.testing.assert_array_equal(wedged[name][1], rows)
     assert len(calls) == 4  # cache=False: rotated in memory
     TemplateMatcher(_templates(), TemplateConfig(n_rotations=41, mask_radius=110.0)).match(vol, pts, VS)
