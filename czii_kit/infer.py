@@ -545,14 +545,16 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
     zs = slice_indices(volume.shape[0], z_stride)
     seen = volume.transpose(0, 2, 1) if turn else volume
 
-    def tensors():  # made in a background thread while the model runs on the previous batch
+    split = hasattr(detector, "to_tensor") and hasattr(detector, "detect_tensor")  # else any .detect(images)
+
+    def inputs():  # made in a background thread while the model runs on the previous batch
         for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
             if imgs.dtype != np.uint8:
                 imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
-            yield (zb, *detector.to_tensor(imgs))
+            yield (zb, *detector.to_tensor(imgs)) if split else (zb, imgs)
 
-    for zb, x, scale in prefetch(tensors(), PREFETCH_DEPTH):
-        for z, boxes in zip(zb, detector.detect_tensor(x, scale), strict=True):
+    for zb, *item in prefetch(inputs(), PREFETCH_DEPTH):
+        for z, boxes in zip(zb, detector.detect_tensor(*item) if split else detector.detect(*item), strict=True):
             if len(boxes):
                 rows.append(np.column_stack([np.full(len(boxes), z, np.float32), boxes]))
         if progress is not None:

@@ -153,8 +153,10 @@ def contrast_skew(volume: np.ndarray, step: int = 2, sigma: float = 1.0) -> floa
     sub = np.asarray(v[nz // 4 : max(nz // 4 + 1, 3 * nz // 4) : step, ::step, ::step], dtype=np.float32)
     x = gaussian_filter(sub, sigma).ravel().astype(np.float64)
     x -= x.mean()
-    var = float(np.mean(x**2))
-    return float(np.mean(x**3) / var**1.5) if var > 0 else 0.0
+    x2 = x * x
+    var = float(np.mean(x2))
+    x2 *= x  # the cube by two products (x ** 3 goes through pow, several times slower)
+    return float(np.mean(x2) / var**1.5) if var > 0 else 0.0
 
 
 def window_for(volume: np.ndarray, config: PreprocessConfig = PreprocessConfig(), polarity: str = "auto",

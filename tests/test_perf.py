@@ -110,3 +110,28 @@ def test_wedge_ratio_of_the_half_spectrum_is_the_full_spectrum_s():
     for shape, sigma in (((40, 90, 96), (3, 1, 0.5)), ((41, 95, 81), (3, 0.5, 1)), ((30, 64, 64), 0)):
         v = gaussian_filter(rng.random(shape), sigma)
         assert wedge_ratio(v) == pytest.approx(full(v), rel=1e-12)
+
+
+def test_bench_pipeline_worker_reports_the_limit_ratios_stages_and_startup(tmp_path):
+    """The bench's whole-predict measurement on a small dataset (runs ``bench`` and ``warmup``): each figure
+    the better of its two runs, the ratios to the limit, the profiled stages, and a startup breakdown."""
+    import argparse
+
+    from czii_kit import bench
+    from czii_kit.layout import tomogram_location
+
+    static = tmp_path / "static"
+    bench.synthetic_tomogram(tomogram_location(static, bench.WARMUP_RUN), (32, 64, 64), n_per_type=1, seed=1)
+    bench.synthetic_tomogram(tomogram_location(static, bench.BENCH_RUN), (40, 64, 80), n_per_type=1)
+    args = argparse.Namespace(weights=None, backend="openvino", root=str(tmp_path), profile=True, imgsz=None)
+    out = bench._pipeline_worker(args)
+    assert out["slices"] == 40 and out["imgsz"] == 96 and out["stages_run"] == "refine, rescore"
+    for name in ("e2e", "detect", "forward_limit"):
+        assert len(out["runs_s"][name]) == 2 and out[f"{name}_s"] == min(out["runs_s"][name]) > 0
+    assert out["e2e_ratio"] == pytest.approx(out["e2e_s"] / out["forward_limit_s"])
+    assert out["detect_ratio"] == pytest.approx(out["detect_s"] / out["forward_limit_s"])
+    assert set(out["stages_s"]) == set(bench.STAGES) and out["stages_s"]["forward"] > 0
+    assert out["stages_s"]["read"] > 0 and out["stages_s"]["rescore"] >= out["stages_s"]["templates"] > 0
+    assert out["peak_rss_mb"] > 100
+    start = bench._startup_worker(args)
+    assert set(start) == {"plan_s", "detector_s", "templates_s"} and min(start.values()) > 0
