@@ -21,10 +21,12 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import sys
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +247,31 @@ def ensure_export(weights: str | Path, backend: str, imgsz: int, batch: int = 8,
     return dest
 
 
+_LOADED: dict = {}
+
+
+def loaded_detector(weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
+                    imgsz: int = 640, export_dir: str | Path | None = None) -> Detector:
+    """A :class:`Detector`, kept for the next call with the same arguments in the same thread (one per thread).
+
+    Loading and compiling a model costs about as much as a few dozen slices; a process that predicts
+    tomogram after tomogram in separate calls (a Dask worker, ``tune``, ``bench``) pays it once. The
+    weights file's size and modification time are part of the key, so a changed file is loaded again.
+    """
+    config = config or InferenceConfig()
+    w = Path(weights)
+    st = w.stat() if w.is_file() else None
+    key = (str(w.resolve()), st and (st.st_size, st.st_mtime_ns), backend, repr(config), int(imgsz),
+           str(export_dir), threading.get_ident())
+    det = _LOADED.get(key)
+    if det is None:
+        det = Detector(weights, backend, config, imgsz, export_dir)
+        for k in [k for k in _LOADED if k[-1] == key[-1]]:  # one per thread
+            del _LOADED[k]
+        _LOADED[key] = det
+    return det
+
+
 def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
     """Network input for ``images (B, H, W, 3)`` uint8: ``(B, 3, imgsz, imgsz)`` float32 0..1 and the scale.
 
@@ -286,6 +313,42 @@ def _device(device: str | None, backend: str):
     return select_device(device, verbose=False)
 
 
+class OpenVINOStreams:
+    """An OpenVINO model (batch-1 IR folder ``path``) compiled for throughput on the CPU: one inference request
+    per stream, each image of a batch on the next free one, from a small thread pool.
+
+    OpenVINO's latency mode (ultralytics' setting) spreads one image over all cores, which leaves them
+    idle between its layers; streams keep each core busy with an image of its own. Each image's output
+    is what the latency-mode model gives it (the same kernels, one image at a time).
+    """
+
+    def __init__(self, path: str | Path):
+        import openvino as ov
+
+        xml = next(Path(path).glob("*.xml"))
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+        n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests: queue.Queue = queue.Queue()
+        for _ in range(n):
+            self.requests.put(self.compiled.create_infer_request())
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="czii_kit-openvino")
+
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        req = self.requests.get()
+        try:
+            return np.array(req.infer(image[None])[0])  # a copy: the request reuses its output buffer
+        finally:
+            self.requests.put(req)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Raw outputs ``(B, ...)`` of images ``x (B, 3, S, S)`` float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.concatenate(list(self.pool.map(self._one, x)))
+
+
 class Detector:
     """A loaded model (ultralytics ``AutoBackend``) plus its settings: uint8 images in, boxes out.
 
@@ -301,10 +364,16 @@ class Detector:
     config : InferenceConfig
     imgsz : int
         Network input size (resolved by the caller for the slice shape; multiple of 32).
+    export_dir : path-like, optional
+        Cache of the exports (:func:`export_cache`).
+    streams : bool
+        OpenVINO on the CPU: run the images of a batch on parallel streams (:class:`OpenVINOStreams`, the
+        batch-1 export; the same outputs, image by image); ``False``: ultralytics' own setup (latency
+        mode, the batch-``config.batch`` export).
     """
 
     def __init__(self, weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
-                 imgsz: int = 640, export_dir: str | Path | None = None):
+                 imgsz: int = 640, export_dir: str | Path | None = None, streams: bool = True):
         configure_offline()
         if backend not in BACKENDS:
             raise CziiKitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -320,12 +389,17 @@ class Detector:
         self.imgsz = int(imgsz)
         if self.imgsz % 32:
             raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
-        path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz,
-                                                                     self.config.batch, export_dir)
+        self.streams = None
+        streamed = backend == "openvino" and streams and self.config.device in (None, "cpu")
+        batch = 1 if streamed else self.config.batch  # streams run one image per request
+        path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz, batch,
+                                                                     export_dir)
         from ultralytics.nn.autobackend import AutoBackend
 
         self.device = _device(self.config.device, backend)
         self.model = AutoBackend(str(path), device=self.device, fp16=False, verbose=False)
+        if streamed:
+            self.streams = OpenVINOStreams(path)
         self.model.eval()
         self.names = {int(k): str(v) for k, v in dict(self.model.names).items()}
         if self.names != class_names():
@@ -339,10 +413,20 @@ class Detector:
         x, scale = prepare_batch(images, self.imgsz)
         return torch.from_numpy(x).to(self.device), scale
 
+    def release_memory(self) -> None:
+        """Give back the working memory of an OpenVINO model between tomograms (reallocated by the next
+        forward pass); nothing for the other backends."""
+        for compiled in (getattr(getattr(self.model, "backend", None), "ov_compiled_model", None),
+                         self.streams and self.streams.compiled):
+            if compiled is not None and hasattr(compiled, "release_memory"):
+                compiled.release_memory()
+
     def forward(self, x):
         """Raw network output for a prepared tensor (model-only timing)."""
         import torch
 
+        if self.streams is not None:
+            return torch.from_numpy(self.streams(x.numpy()))
         with torch.inference_mode():
             y = self.model(x)
         return y[0] if isinstance(y, (list, tuple)) else y
@@ -368,7 +452,10 @@ class Detector:
     def detect(self, images: np.ndarray) -> list[np.ndarray]:
         """Boxes per image for ``images (B, H, W, 3)`` uint8: each ``(n, 6)`` ``cx, cy, w, h, conf, cls``
         in pixel coordinates of the input image."""
-        x, scale = self.to_tensor(np.asarray(images))
+        return self.detect_tensor(*self.to_tensor(np.asarray(images)))
+
+    def detect_tensor(self, x, scale: float = 1.0) -> list[np.ndarray]:
+        """:meth:`detect` of images already made a tensor by :meth:`to_tensor` (``x`` and its ``scale``)."""
         res = self._boxes(self.forward(x))
         if self.config.tta:
             lr = self._boxes(self.forward(x.flip(3)), "lr")
@@ -378,6 +465,56 @@ class Detector:
             for r in res:
                 r[:, :4] /= scale
         return res
+
+
+PREFETCH_DEPTH = 1
+"""Batches of network input :func:`detect_prepared` builds ahead of the model (a bounded queue; one more
+is being built meanwhile, 39 MB each at batch 8 and 640 px)."""
+
+
+def prefetch(items: Iterable, depth: int = PREFETCH_DEPTH) -> Iterator:
+    """The items of ``items``, produced by a background thread at most ``depth`` ahead of the consumer.
+
+    Overlaps making the next batch (numpy, much of it outside the GIL) with the model's forward pass on
+    this one (OpenVINO / torch release the GIL). An exception in the producer is raised here; closing
+    the generator early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((end, exc))
+            return
+        put((end, None))
+
+    worker = threading.Thread(target=produce, name="czii_kit-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: InferenceConfig | None = None,
@@ -407,10 +544,17 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
     rows = []
     zs = slice_indices(volume.shape[0], z_stride)
     seen = volume.transpose(0, 2, 1) if turn else volume
-    for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
-        if imgs.dtype != np.uint8:
-            imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
-        for z, boxes in zip(zb, detector.detect(imgs), strict=True):
+
+    split = hasattr(detector, "to_tensor") and hasattr(detector, "detect_tensor")  # else any .detect(images)
+
+    def inputs():  # made in a background thread while the model runs on the previous batch
+        for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
+            if imgs.dtype != np.uint8:
+                imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
+            yield (zb, *detector.to_tensor(imgs)) if split else (zb, imgs)
+
+    for zb, *item in prefetch(inputs(), PREFETCH_DEPTH):
+        for z, boxes in zip(zb, detector.detect_tensor(*item) if split else detector.detect(*item), strict=True):
             if len(boxes):
                 rows.append(np.column_stack([np.full(len(boxes), z, np.float32), boxes]))
         if progress is not None:
@@ -458,14 +602,39 @@ class DetectedRun:
     def normalised(self, release: bool = False) -> np.ndarray:
         """The volume mapped through its window: float32 0..1 ``[z, y, x]``.
 
-        ``release=True`` then drops ``volume`` (set to ``None``) to free its memory.
+        ``release=True`` maps the volume in place (no second copy) and drops ``volume`` (set to ``None``).
         """
         if self.volume is None:
             raise ValueError(f"run {getattr(self.run, 'name', self.run)}: the volume was released")
-        out = self.window.apply(self.volume, "float32")
+        out = self.window.apply(self.volume, "float32", in_place=release)  # released: mapped where it lies
         if release:
             self.volume = None
         return out
+
+
+def trim_heap() -> None:
+    """Hand memory the C heap holds but no longer uses back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere): the many slice-sized arrays of detection leave it fragmented, which would otherwise stay
+    in the resident size for the rest of the process."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
+def _read_prepared(tomo, voxel_size: float | None, preprocess: PreprocessConfig, config: InferenceConfig):
+    """``(volume, voxel size, window, sigma)``: ``tomo`` read (:func:`czii_kit.volumes.load_volume`) and prepared
+    (:func:`prepare_volume`), the raw volume held by nothing else, so that it is freed as soon as a filtered
+    copy replaces it (one volume, not two, at the peak)."""
+    vol, vs = load_volume(tomo, voxel_size)
+    held = [vol]
+    del vol  # from here the only reference travels into prepare_volume (popped from ``held``)
+    prepared, window, sigma = prepare_volume(held.pop(), preprocess, config, tomo.path)
+    return prepared, vs, window, sigma
 
 
 def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoised", backend: str = "torch",
@@ -495,15 +664,17 @@ def iter_detect_runs(weights: str | Path, runs: Iterable, tomogram: str = "denoi
     try:
         for run, tomo in tomos:
             bar.set_postfix_str(run.name)
-            vol, voxel_size = load_volume(tomo, target)
+            vol, voxel_size, window, sigma = _read_prepared(tomo, target, prep, config)
             imgsz = config.imgsz or native_imgsz(vol.shape[1:])
             if detector is None or detector.imgsz != imgsz:
-                detector = (detectors or {}).get(imgsz) or Detector(weights, backend, config, imgsz, export_dir)
+                detector = (detectors or {}).get(imgsz) or loaded_detector(weights, backend, config, imgsz,
+                                                                           export_dir)
                 if detectors is not None:
                     detectors[imgsz] = detector
-            vol, window, sigma = prepare_volume(vol, prep, config, tomo.path)
             turn = settle_tilt_axis(vol, config.tilt_axis, tomo.path)
             dets = detect_prepared(detector, vol, window, run.name, prep, config.z_stride, bar, turn)
+            detector.release_memory()  # the model's working memory, while the consumer's 3D stages run
+            trim_heap()  # and the freed slices and batches the C heap still holds
             item = DetectedRun(run, voxel_size, dets, vol, window, sigma)
             del vol, dets  # the consumer may drop the volume (see DetectedRun.normalised)
             if stage:

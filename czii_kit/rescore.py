@@ -33,10 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from czii_kit.atomic import atomic_dir
 from czii_kit.catalog import PARTICLE_NAMES, get_particle
+from czii_kit.checksum import file_sha256
 from czii_kit.config import StrictConfig
 from czii_kit.coords import nearest_voxel, voxel_to_angstrom
 from czii_kit.errors import DataError
+from czii_kit.infer import export_cache, missing_backend_modules
 from czii_kit.postprocess import nms_3d, sort_candidates
 from czii_kit.volumes import PATCH_SIZE, VolumeReading, extract_patches, run_volumes, standardise
 
@@ -103,12 +106,50 @@ def build_network(n_classes: int = len(CLASSES)):
     )
 
 
-class Rescorer:
-    """A trained rescorer: ``predict_proba(patches) -> (N, 7)`` probabilities (columns :data:`CLASSES`)."""
+RESCORER_ENGINES = ("auto", "openvino", "torch")
+"""How :class:`Rescorer` runs its network: ``"openvino"`` (CPU, fp32: about 7x torch's speed on 2 CPUs,
+probabilities within 1e-6 of torch's), ``"torch"``, or ``"auto"``: torch on a CUDA GPU when there is
+one, else OpenVINO when it is installed, else torch on the CPU."""
 
-    def __init__(self, path: str | Path):
+
+OPENVINO_BATCH = 32
+"""Patches per OpenVINO inference: per-patch logits do not depend on it; its working memory grows with it
+(about 1 MB per patch)."""
+
+
+def _openvino_rescorer(net, patch_size: int, digest: str):
+    """The rescorer network compiled by OpenVINO for the CPU in fp32 (``(N, 1, s, s, s)`` -> logits).
+
+    Converted once and cached as IR in :func:`czii_kit.infer.export_cache` under the rescorer file's
+    SHA-256 (``rescorer_{s}_openvino/``, written atomically), so later processes only compile it.
+    """
+    import openvino as ov
+
+    folder = export_cache() / digest[:16] / f"rescorer_{patch_size}_openvino"
+    xml = folder / "rescorer.xml"
+    if not xml.is_file():
         import torch
 
+        model = ov.convert_model(net, example_input=torch.zeros(2, 1, patch_size, patch_size, patch_size),
+                                 input=[(-1, 1, patch_size, patch_size, patch_size)])
+        with atomic_dir(folder) as tmp:
+            ov.save_model(model, str(tmp / "rescorer.xml"), compress_to_fp16=False)
+    core = ov.Core()
+    return core.compile_model(core.read_model(str(xml)), "CPU",
+                              {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": ov.Type.f32})
+
+
+class Rescorer:
+    """A trained rescorer: ``predict_proba(patches) -> (N, 7)`` probabilities (columns :data:`CLASSES`).
+
+    ``engine``: one of :data:`RESCORER_ENGINES` (the engine used is :attr:`engine`).
+    """
+
+    def __init__(self, path: str | Path, engine: str = "auto"):
+        import torch
+
+        if engine not in RESCORER_ENGINES:
+            raise ValueError(f"engine must be one of {RESCORER_ENGINES}, got {engine!r}")
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(self.path, "no such rescorer file")
@@ -124,6 +165,25 @@ class Rescorer:
         self.meta = dict(meta)
         self.patch_size = int(meta.get("patch_size", PATCH_SIZE))
         self.net.eval()
+        self.device = torch.device("cpu")
+        self._compiled = None
+        if engine == "auto" and torch.cuda.is_available():
+            self.device = torch.device("cuda:0")
+            self.net.to(self.device)
+        elif engine == "openvino" or (engine == "auto" and not missing_backend_modules("openvino")):
+            self._compiled = _openvino_rescorer(self.net, self.patch_size, file_sha256(self.path))
+        self.engine = "openvino" if self._compiled is not None else "torch"
+
+    def logits(self, x: np.ndarray):
+        """Logits (a float32 CPU tensor ``(N, n_classes)``) of standardised patches ``x (N, s, s, s)``."""
+        import torch
+
+        if self._compiled is not None:  # small sub-batches: the same logits, a fraction of the working memory
+            x = np.ascontiguousarray(x[:, None])
+            return torch.from_numpy(np.concatenate(
+                [np.asarray(self._compiled(x[i:i + OPENVINO_BATCH])[0]) for i in range(0, len(x), OPENVINO_BATCH)]))
+        with torch.inference_mode():
+            return self.net(torch.from_numpy(x[:, None]).to(self.device)).float().cpu()
 
     def predict_proba(self, patches: np.ndarray, batch: int = 256, tta: bool = False) -> np.ndarray:
         """Probabilities ``(N, 7)`` of raw (unstandardised) patches ``(N, s, s, s)``."""
@@ -132,12 +192,10 @@ class Rescorer:
         x = standardise(patches)
         views = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)] if tta else [()]
         out = np.zeros((len(x), len(CLASSES)), np.float64)
-        with torch.inference_mode():
-            for axes in views:
-                v = np.ascontiguousarray(np.flip(x, axes)) if axes else x
-                for b in range(0, len(v), batch):
-                    t = torch.from_numpy(v[b:b + batch][:, None])
-                    out[b:b + batch] += torch.softmax(self.net(t), 1).double().numpy()
+        for axes in views:
+            v = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+            for b in range(0, len(v), batch):
+                out[b:b + batch] += torch.softmax(self.logits(v[b:b + batch]), 1).double().numpy()
         return out / len(views)
 
 
@@ -166,7 +224,9 @@ def rescore_volume(candidates: pd.DataFrame, volume: np.ndarray, voxel_size: flo
     vox = nearest_voxel(out[["x", "y", "z"]].to_numpy(float), voxel_size)
     uniq, inverse = np.unique(vox, axis=0, return_inverse=True)  # multi-label candidates share a patch
     inverse = inverse.ravel()
-    probs_u = rescorer.predict_proba(extract_patches(volume, uniq, rescorer.patch_size), config.batch, config.tta)
+    probs_u = np.concatenate([  # one batch of patches at a time: bounded memory
+        rescorer.predict_proba(extract_patches(volume, uniq[b:b + config.batch], rescorer.patch_size), config.batch,
+                               config.tta) for b in range(0, len(uniq), config.batch)])
     margins_u = None
     if templates is not None:
         margins_u = templates.margins(volume, voxel_to_angstrom(uniq, voxel_size), voxel_size)

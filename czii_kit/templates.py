@@ -31,7 +31,9 @@ Arrays are indexed ``[z, y, x]``; points are ``x, y, z`` in Å and converted wit
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from czii_kit.config import StrictConfig
 from czii_kit.coords import angstrom_to_voxel
 from czii_kit.errors import DataError
 from czii_kit.maps import SHIPPED, load_models
+from czii_kit.offline import czii_home
 from czii_kit.rotations import random_rotations
 from czii_kit.wedge import Wedge, apply_wedge, estimate_wedge
 
@@ -233,6 +236,79 @@ def rotated_boxes(template: Template, voxel_size: float, side: int, n_rotations:
     return boxes
 
 
+TEMPLATE_CACHE_ENV = "CZII_KIT_TEMPLATE_CACHE"
+"""Environment variable naming the rotated-template cache folder (default ``$CZII_KIT_HOME/templates``)."""
+
+
+def template_cache() -> Path:
+    """The folder rotated templates are cached in: ``$CZII_KIT_TEMPLATE_CACHE``, else ``templates`` in
+    czii_kit's cache folder (:func:`czii_kit.offline.czii_home`)."""
+    env = os.environ.get(TEMPLATE_CACHE_ENV)
+    return Path(env).expanduser() if env else czii_home() / "templates"
+
+
+def rotation_key(template: Template, voxel_size: float, side: int, n_rotations: int, seed: int, order: int) -> str:
+    """SHA-256 (hex) naming the rotated boxes of ``template`` (its density, centre and voxel size) for these
+    arguments of :func:`rotated_boxes`: the cache key of :func:`cached_rotated_boxes`."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(template.density, np.float32).tobytes())
+    h.update(np.asarray(template.center, np.float64).tobytes())
+    h.update(json.dumps([template.name, float(template.voxel_size), round(float(voxel_size), 6), int(side),
+                         int(n_rotations), int(seed), int(order), "rotated_boxes/1"]).encode())
+    return h.hexdigest()
+
+
+def _cached_array(path: Path, shape: tuple[int, ...], compute) -> np.ndarray:
+    """The float32 array of ``shape`` stored at ``path`` (``.npy``), else ``compute()`` written there atomically
+    (a damaged or mismatched file is computed again; a read-only cache is left alone)."""
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == shape and arr.dtype == np.float32:
+                return arr
+        except (OSError, ValueError):  # a damaged cache file: rebuild it
+            pass
+    arr = compute()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+
+    try:
+        atomic_write(path, write, overwrite=True)
+    except OSError:  # a read-only cache: work without it
+        pass
+    return arr
+
+
+def cached_rotated_boxes(template: Template, voxel_size: float, side: int, n_rotations: int, seed: int = 0,
+                         order: int = 3, cache: str | Path | None = None) -> np.ndarray:
+    """:func:`rotated_boxes`, read from the cache folder (``cache``, default :func:`template_cache`) when this
+    template and these arguments were rotated before (:func:`rotation_key`), else computed and written there
+    atomically (``.npy``, float32); an unreadable cache file is computed again. ``cache=False``: no cache."""
+    if cache is False:
+        return rotated_boxes(template, voxel_size, side, n_rotations, seed, order)
+    key = rotation_key(template, voxel_size, side, n_rotations, seed, order)
+    return _cached_array(Path(cache or template_cache()) / f"{key[:32]}.npy", (n_rotations, side, side, side),
+                         lambda: rotated_boxes(template, voxel_size, side, n_rotations, seed, order))
+
+
+def cached_template_rows(template: Template, voxel_size: float, mask: np.ndarray, n_rotations: int, seed: int = 0,
+                         order: int = 3, wedge=None, cache: str | Path | None = None) -> np.ndarray:
+    """:func:`template_rows` of :func:`cached_rotated_boxes` (side of ``mask``) for the missing ``wedge``, cached
+    too (keyed by the rotation, the mask and the wedge): a process that meets a wedge seen before reads
+    ``(n_rotations, mask.sum())`` floats instead of rotating and Fourier-filtering 2 x 1,500 boxes."""
+    side = mask.shape[0]
+    boxes = lambda: cached_rotated_boxes(template, voxel_size, side, n_rotations, seed, order, cache)  # noqa: E731
+    if cache is False:
+        return template_rows(boxes(), mask, wedge)
+    h = hashlib.sha256(rotation_key(template, voxel_size, side, n_rotations, seed, order).encode())
+    h.update(np.packbits(mask).tobytes())
+    h.update(repr(None if wedge is None else (wedge.lo, wedge.hi, wedge.axis)).encode())
+    return _cached_array(Path(cache or template_cache()) / f"{h.hexdigest()[:32]}.rows.npy",
+                         (n_rotations, int(mask.sum())), lambda: template_rows(boxes(), mask, wedge))
+
+
 def template_rows(boxes: np.ndarray, mask: np.ndarray, wedge=None, chunk: int = 128) -> np.ndarray:
     """``(n, mask.sum())`` float32: rotated ``boxes (n, s, s, s)`` (:func:`rotated_boxes`, ``s`` = the
     side of ``mask``) given the missing ``wedge`` (a :class:`czii_kit.wedge.Wedge`, or None: none),
@@ -255,38 +331,50 @@ class TemplateMatcher:
     templates : path-like or mapping of :class:`Template`
         A file of :func:`save_templates` or the templates themselves.
     config : TemplateConfig, optional
+    cache : path-like or False, optional
+        Folder of the rotated templates (:func:`cached_rotated_boxes`; default :func:`template_cache`),
+        so they are rotated once per template file and configuration, not once per process; ``False``:
+        rotate them in memory only.
     """
 
-    def __init__(self, templates, config: TemplateConfig | None = None):
+    def __init__(self, templates, config: TemplateConfig | None = None, cache: str | Path | None = None):
         self.config = config or TemplateConfig()
+        self.cache = cache
         if isinstance(templates, Mapping):
             self.templates, self.meta = dict(templates), {}
         else:
             self.templates, self.meta = load_templates(templates)
         self.types = tuple(self.templates)
         self._cache: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self._boxes: dict[float, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # rotated densities per voxel size
+        self._boxes: dict[float, dict[str, np.ndarray]] = {}  # rotated densities per voxel size (cache=False)
         self.last_wedge = None  # the wedge of the last tomogram matched
 
     def _matrices(self, binned_voxel: float, wedge=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å with the missing ``wedge`` (or None).
 
-        The rotated densities are kept per voxel size, so another wedge costs only its Fourier filter."""
+        With the disk cache they are read from it (:func:`cached_template_rows`; rotated and filtered the
+        first time only); without one, the rotated densities are kept in memory per voxel size, so
+        another wedge costs only its Fourier filter."""
         vkey = round(float(binned_voxel), 6)
         key = (vkey, wedge)
         if key not in self._cache:
             cfg = self.config
-            if vkey not in self._boxes:
-                boxes = {}
-                for n, t in self.templates.items():
-                    radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
-                    mask = sphere_mask(radius / binned_voxel)
-                    boxes[n] = (mask, rotated_boxes(t, binned_voxel, mask.shape[0], cfg.n_rotations, cfg.seed,
-                                                    cfg.order))
+            kept = self._boxes.get(vkey, {})
+            out = {}
+            for n, t in self.templates.items():
+                radius = cfg.mask_radius if cfg.mask_radius is not None else t.radius + cfg.mask_pad
+                mask = sphere_mask(radius / binned_voxel)
+                if self.cache is not False:
+                    out[n] = (mask, cached_template_rows(t, binned_voxel, mask, cfg.n_rotations, cfg.seed, cfg.order,
+                                                         wedge, self.cache))
+                    continue
+                if n not in kept:
+                    kept[n] = rotated_boxes(t, binned_voxel, mask.shape[0], cfg.n_rotations, cfg.seed, cfg.order)
+                out[n] = (mask, template_rows(kept[n], mask, wedge))
+            if kept and vkey not in self._boxes:
                 if len(self._boxes) >= 2:  # a dataset has one voxel size
                     self._boxes.pop(next(iter(self._boxes)))
-                self._boxes[vkey] = boxes
-            out = {n: (mask, template_rows(b, mask, wedge)) for n, (mask, b) in self._boxes[vkey].items()}
+                self._boxes[vkey] = kept
             if len(self._cache) >= 8:  # a dataset has one voxel size and a few tilt schemes
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = out
@@ -329,20 +417,24 @@ class TemplateMatcher:
                     v = np.zeros(3, int)
                     v[axis] = sign * s
                     shifts.append(v)
-        shape = np.array(binned.shape)
-        offs = np.arange(side)
+        # edge-padded once, so every neighbourhood is a plain slice (the same voxels as clipping the indices)
+        reach = side + 2 * cfg.shift
+        lo_all = centre - h - cfg.shift
+        pad_lo = np.maximum(0, -lo_all.min(0))
+        pad_hi = np.maximum(0, (lo_all + reach).max(0) - np.array(binned.shape))
+        padded = np.pad(binned, list(zip(pad_lo, pad_hi, strict=True)), mode="edge")
+        starts = lo_all + pad_lo
         for i0 in range(0, len(pts), cfg.batch):
-            cc = centre[i0:i0 + cfg.batch]
-            cubes = np.empty((len(shifts), len(cc), side, side, side), np.float32)
-            for j, s in enumerate(shifts):
-                for k, lo in enumerate(cc + s - h):
-                    cubes[j, k] = binned[np.ix_(*(np.clip(lo[a] + offs, 0, shape[a] - 1) for a in range(3)))]
+            cc = starts[i0:i0 + cfg.batch]
+            big = np.stack([padded[a:a + reach, b:b + reach, c:c + reach] for a, b, c in cc])
             for t, name in enumerate(self.types):
                 mask, mat = mats[name]
                 o = (side - mask.shape[0]) // 2
-                sub = cubes[:, :, o:o + mask.shape[0], o:o + mask.shape[0], o:o + mask.shape[0]]
-                p = _normalise_rows(sub[:, :, mask].reshape(-1, int(mask.sum())))
-                best = (p @ mat.T).max(1).reshape(len(shifts), len(cc)).max(0)
+                best = None
+                for dz, dy, dx in np.asarray(shifts) + cfg.shift + o:  # one shift at a time: bounded memory
+                    sub = big[:, dz:dz + mask.shape[0], dy:dy + mask.shape[0], dx:dx + mask.shape[0]]
+                    ncc = (_normalise_rows(sub[:, mask]) @ mat.T).max(1)
+                    best = ncc if best is None else np.maximum(best, ncc)
                 out[i0:i0 + len(cc), t] = best
         return out
 
@@ -362,4 +454,4 @@ class TemplateMatcher:
 
 __all__ = ["TEMPLATES_FILE", "DEFAULT_TYPES", "TemplateConfig", "Template", "TemplateMatcher", "block_mean",
            "build_templates", "save_templates", "load_templates", "templates_for", "sphere_mask",
-           "rotated_boxes", "template_rows"]
+           "rotated_boxes", "template_rows", "template_cache", "cached_rotated_boxes", "cached_template_rows"]

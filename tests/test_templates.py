@@ -276,8 +276,8 @@ def test_templates_given_the_missing_wedge():
 
 
 def test_another_wedge_reuses_the_rotated_templates(monkeypatch):
-    """A matcher rotates each template once per voxel size: a second wedge costs only its filter, and
-    gives the same rows as a matcher built for that wedge alone."""
+    """Without the disk cache a matcher rotates each template once per voxel size: a second wedge costs
+    only its filter, and gives the same rows as a matcher built for that wedge alone."""
     import czii_kit.templates as templates
     from czii_kit.wedge import Wedge
 
@@ -285,13 +285,49 @@ def test_another_wedge_reuses_the_rotated_templates(monkeypatch):
     real = templates.rotated_boxes
     monkeypatch.setattr(templates, "rotated_boxes", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     cfg = TemplateConfig(n_rotations=50, mask_radius=110.0)
-    tm = TemplateMatcher(_templates(), cfg)
+    tm = TemplateMatcher(_templates(), cfg, cache=False)
     none, w1, w2 = tm._matrices(20.0), tm._matrices(20.0, Wedge(35.0, 40.0)), tm._matrices(20.0, Wedge(50.0, 50.0))
     assert calls == [20.0, 20.0]  # the two templates, once
-    fresh = TemplateMatcher(_templates(), cfg)._matrices(20.0, Wedge(50.0, 50.0))
+    fresh = TemplateMatcher(_templates(), cfg, cache=False)._matrices(20.0, Wedge(50.0, 50.0))
     for name in BLOBS:
         np.testing.assert_array_equal(w2[name][1], fresh[name][1])
         assert w2[name][1].shape == none[name][1].shape == (50, int(none[name][0].sum()))
         assert not np.allclose(w1[name][1], none[name][1]) and not np.allclose(w1[name][1], w2[name][1])
     tm._matrices(10.0)  # another voxel size rotates again (the fresh matcher rotated its own)
     assert calls == [20.0] * 4 + [10.0] * 2
+
+
+def test_rotated_templates_cached_on_disk(monkeypatch, tmp_path):
+    """Rotated templates (and their masked rows per wedge) are computed once per template and configuration
+    and read back by later matchers (another process), with the same matches; another configuration or
+    wedge is a new entry, a damaged entry is rebuilt, and the folder comes from CZII_KIT_TEMPLATE_CACHE."""
+    import czii_kit.templates as templates
+    from czii_kit.wedge import Wedge
+
+    calls = []
+    real = templates.rotated_boxes
+    monkeypatch.setattr(templates, "rotated_boxes", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    monkeypatch.setenv(templates.TEMPLATE_CACHE_ENV, str(tmp_path / "rot"))
+    assert templates.template_cache() == tmp_path / "rot"
+    files = lambda: len(list((tmp_path / "rot").glob("*.npy")))  # noqa: E731
+    cfg = TemplateConfig(n_rotations=40, mask_radius=110.0)
+    vol, centres, _ = _volume(seed=5)
+    pts = voxel_to_angstrom(centres, VS)
+    first = TemplateMatcher(_templates(), cfg).match(vol, pts, VS)
+    assert len(calls) == 2 and files() == 4  # each template's rotated boxes and its rows
+    assert not [p for p in (tmp_path / "rot").iterdir() if p.suffix != ".npy"]  # no temporary left behind
+    again = TemplateMatcher(_templates(), cfg)
+    np.testing.assert_array_equal(again.match(vol, pts, VS), first)
+    wedged = again._matrices(VS * cfg.bin, Wedge(40.0, 40.0))  # another wedge: boxes read, not rotated
+    assert len(calls) == 2 and files() == 6
+    plain = TemplateMatcher(_templates(), cfg, cache=False)
+    np.testing.assert_array_equal(plain.match(vol, pts, VS), first)
+    for name, (_mask, rows) in plain._matrices(VS * cfg.bin, Wedge(40.0, 40.0)).items():
+        np.testing.assert_array_equal(wedged[name][1], rows)
+    assert len(calls) == 4  # cache=False: rotated in memory
+    TemplateMatcher(_templates(), TemplateConfig(n_rotations=41, mask_radius=110.0)).match(vol, pts, VS)
+    assert len(calls) == 6 and files() == 10
+    for f in (tmp_path / "rot").glob("*.npy"):
+        f.write_bytes(b"damaged")
+    np.testing.assert_array_equal(TemplateMatcher(_templates(), cfg).match(vol, pts, VS), first)
+    assert len(calls) == 8
