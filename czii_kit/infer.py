@@ -272,14 +272,12 @@ def loaded_detector(weights: str | Path, backend: str = "torch", config: Inferen
     return det
 
 
-def prepare_batch(images: np.ndarray, imgsz: int, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
     """Network input for ``images (B, H, W, 3)`` uint8: ``(B, 3, imgsz, imgsz)`` float32 0..1 and the scale.
 
     Channels are reversed (PNGs written by cv2 as BGR are read by ultralytics' training loader and
     fed to the network as RGB). Images are padded bottom/right with ultralytics' letterbox grey
     (114) without resizing when they fit (scale 1); larger ones are first scaled down to fit.
-    ``out``: a float32 array of that shape to write into (reused between batches: no fresh memory,
-    whose first touch costs as much as the conversion); another shape is ignored.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[3] != 3:
@@ -293,8 +291,7 @@ def prepare_batch(images: np.ndarray, imgsz: int, out: np.ndarray | None = None)
         nh, nw = min(s, int(round(h * scale))), min(s, int(round(w * scale)))
         images = np.stack([cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images])
         h, w = nh, nw
-    reuse = out is not None and out.shape == (b, 3, s, s) and out.dtype == np.float32
-    x = out if reuse else np.empty((b, 3, s, s), np.float32)
+    x = np.empty((b, 3, s, s), np.float32)
     pad = np.float32(114.0 / 255.0)
     x[:, :, h:, :] = pad
     x[:, :, :h, w:] = pad
@@ -409,12 +406,11 @@ class Detector:
             raise DataError(self.weights, f"the model's classes {self.names} are not czii_kit's catalog classes "
                                           f"{class_names()} (train it on a dataset from `czii-kit build-dataset`)")
 
-    def to_tensor(self, images: np.ndarray, out: np.ndarray | None = None):
-        """``(B, H, W, 3)`` uint8 -> ``(B, 3, S, S)`` float tensor on the model's device, and the scale
-        (``out``: as :func:`prepare_batch`)."""
+    def to_tensor(self, images: np.ndarray):
+        """``(B, H, W, 3)`` uint8 -> ``(B, 3, S, S)`` float tensor on the model's device, and the scale."""
         import torch
 
-        x, scale = prepare_batch(images, self.imgsz, out)
+        x, scale = prepare_batch(images, self.imgsz)
         return torch.from_numpy(x).to(self.device), scale
 
     def release_memory(self) -> None:
@@ -551,20 +547,11 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
 
     split = hasattr(detector, "to_tensor") and hasattr(detector, "detect_tensor")  # else any .detect(images)
 
-    # input buffers reused in turn: the queue holds one batch, the model one and the producer makes one
-    ring: list = [None] * (PREFETCH_DEPTH + 2)
-
     def inputs():  # made in a background thread while the model runs on the previous batch
-        for k, (zb, imgs) in enumerate(iter_stacks(seen, window, preprocess, zs, detector.config.batch)):
+        for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
             if imgs.dtype != np.uint8:
                 imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
-            if not split:
-                yield zb, imgs
-                continue
-            x, scale = detector.to_tensor(imgs, ring[k % len(ring)])
-            if x.device.type == "cpu":  # a CPU tensor shares the buffer: keep it for a later batch
-                ring[k % len(ring)] = x.numpy()
-            yield zb, x, scale
+            yield (zb, *detector.to_tensor(imgs)) if split else (zb, imgs)
 
     for zb, *item in prefetch(inputs(), PREFETCH_DEPTH):
         for z, boxes in zip(zb, detector.detect_tensor(*item) if split else detector.detect(*item), strict=True):
