@@ -330,8 +330,13 @@ class OpenVINOStreams:
         self.compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
         n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.requests: queue.Queue = queue.Queue()
+        shape = tuple(self.compiled.input(0).get_shape())
         for _ in range(n):
-            self.requests.put(self.compiled.create_infer_request())
+            req = self.compiled.create_infer_request()
+            # one inference each, here in one thread: the first calls into OpenVINO's Python binding set up
+            # its numpy API once, and two threads doing that at the same time can deadlock (seen once)
+            req.infer(np.zeros(shape, np.float32))
+            self.requests.put(req)
         from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="czii_kit-openvino")
