@@ -315,11 +315,12 @@ def _device(device: str | None, backend: str):
 
 class OpenVINOStreams:
     """An OpenVINO model (batch-1 IR folder ``path``) compiled for throughput on the CPU: one inference request
-    per stream, each image of a batch on the next free one, from a small thread pool.
+    per stream, the images of a batch queued on them with OpenVINO's own ``AsyncInferQueue``.
 
     OpenVINO's latency mode (ultralytics' setting) spreads one image over all cores, which leaves them
     idle between its layers; streams keep each core busy with an image of its own. Each image's output
-    is what the latency-mode model gives it (the same kernels, one image at a time).
+    is what the latency-mode model gives it (the same kernels, one image at a time). The requests run on
+    OpenVINO's threads, not Python's: no two Python threads call into the binding at once.
     """
 
     def __init__(self, path: str | Path):
@@ -329,29 +330,24 @@ class OpenVINOStreams:
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
         n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.requests: queue.Queue = queue.Queue()
+        self.queue = ov.AsyncInferQueue(self.compiled, n)
+        self.queue.set_callback(self._store)
+        self._out: list | None = None
         shape = tuple(self.compiled.input(0).get_shape())
-        for _ in range(n):
-            req = self.compiled.create_infer_request()
-            # one inference each, here in one thread: the first calls into OpenVINO's Python binding set up
-            # its numpy API once, and two threads doing that at the same time can deadlock (seen once)
-            req.infer(np.zeros(shape, np.float32))
-            self.requests.put(req)
-        from concurrent.futures import ThreadPoolExecutor
+        self(np.zeros((n, *shape[1:]), np.float32))  # one pass on every request before real work
 
-        self.pool = ThreadPoolExecutor(n, thread_name_prefix="czii_kit-openvino")
-
-    def _one(self, image: np.ndarray) -> np.ndarray:
-        req = self.requests.get()
-        try:
-            return np.array(req.infer(image[None])[0])  # a copy: the request reuses its output buffer
-        finally:
-            self.requests.put(req)
+    def _store(self, request, index: int) -> None:
+        self._out[index] = np.array(request.get_output_tensor(0).data)  # a copy: the request reuses its buffer
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs ``(B, ...)`` of images ``x (B, 3, S, S)`` float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        return np.concatenate(list(self.pool.map(self._one, x)))
+        self._out = [None] * len(x)
+        for i in range(len(x)):
+            self.queue.start_async({0: x[i:i + 1]}, i)
+        self.queue.wait_all()
+        out, self._out = self._out, None
+        return np.concatenate(out)
 
 
 class Detector:
