@@ -369,10 +369,9 @@ class Detector:
         Cache of the exports (:func:`export_cache`).
     streams : bool
         OpenVINO on the CPU: run the images of a batch on parallel streams (:class:`OpenVINOStreams`, the
-        batch-1 export; the same outputs, image by image, in one process). Off by default: in one full
-        test-suite run a Dask worker's detections differed slightly from the serial run's with streams
-        on (an apo-ferritin centre moved 1.3 Å), which the scale-out promise (the same CSV) cannot allow
-        until understood. ``False``: ultralytics' own setup (latency mode, the batch-``config.batch`` export).
+        batch-1 export; the same outputs, image by image, in one process). Off by default until a whole
+        test-suite run with them on is clean (docs/performance.md). ``False``: ultralytics' own setup
+        (latency mode, the batch-``config.batch`` export).
     """
 
     def __init__(self, weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
