@@ -99,6 +99,7 @@ class ModelBundle:
         if not self.weights.is_file():
             raise DataError(self.weights, "no such weights file")
         self.folder = self.weights.parent
+        self._digests: dict[tuple, str] = {}
         if verify:
             self.check_manifest()
 
@@ -138,9 +139,18 @@ class ModelBundle:
         """The validation runs recorded by training (``[]`` when none)."""
         return list(self.train_record.get("dataset", {}).get("val_runs") or [])
 
-    @cached_property
+    @property
     def weights_sha256(self) -> str:
-        return file_sha256(self.weights)
+        return self.sha256(self.weights)
+
+    def sha256(self, path: Path) -> str:
+        """SHA-256 of a file, read once while it keeps its size and modification time (loading a bundle
+        checks the manifest, the settings' weights and companion records: one read per file)."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
 
     # --- the tuned settings and the files they name ----------------------------------------------
 
@@ -171,7 +181,7 @@ class ModelBundle:
         path = path if path.is_absolute() else self.folder / path
         if not path.is_file():
             return path, "is missing"
-        if record.sha256 and file_sha256(path) != record.sha256:
+        if record.sha256 and self.sha256(path) != record.sha256:
             return path, "differs from the one the thresholds were tuned with"
         return path, None
 
@@ -197,7 +207,7 @@ class ModelBundle:
         return {"czii_kit_version": __version__,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "weights": self.weights.name,
-                "files": {p.name: file_sha256(p) for p in self.files()}}
+                "files": {p.name: self.sha256(p) for p in self.files()}}
 
     def write_manifest(self, overwrite: bool = True) -> Path:
         """Write :meth:`manifest` as ``czii_kit_manifest.json`` beside the weights (atomically)."""
@@ -222,7 +232,7 @@ class ModelBundle:
             p = self.folder / name
             if not p.is_file():
                 raise DataError(path, f"lists {name}, which is missing")
-            if file_sha256(p) != sha:
+            if self.sha256(p) != sha:
                 raise DataError(p, f"differs from {MANIFEST_FILE} (changed after `czii-kit model manifest`; "
                                    "re-run it if the change is wanted)")
         return doc

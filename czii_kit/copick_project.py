@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from czii_kit import __version__
-from czii_kit.atomic import atomic_write_text
+from czii_kit.atomic import atomic_write_text, check_out_path
 from czii_kit.catalog import PARTICLES
-from czii_kit.errors import DataError, FileExistsNoForce
+from czii_kit.errors import DataError
 
 COLOR_ALPHA = 128
 """Opacity of the objects' colours, as in the competition's copick config."""
@@ -99,8 +99,6 @@ def write_copick_config(root: str | Path, out: str | Path, split: str | None = N
     DataError
         As :func:`copick_config`.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsNoForce(f"{out}: already exists (use --force to replace)")
+    out = check_out_path(out, overwrite)  # before reading the dataset
     config = copick_config(root, split, overlay_root, name)
     return atomic_write_text(out, json.dumps(config, indent=2) + "\n", overwrite=overwrite)

@@ -150,9 +150,7 @@ class PipelineSettings:
                 conf.pop("name", None)  # the configuration's name in CANDIDATE_MERGES, for the record
             merge_per_type[name] = MergeConfig.from_dict(conf, where, f"merge_per_type.{name}")
         refine = doc.get("refine")
-        sha = doc.get("weights_sha256")
-        if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
-            raise SettingsError(where, f"weights_sha256: expected a 64-character hex digest, got {sha!r}")
+        sha = _digest(doc.get("weights_sha256"), where, "weights_sha256")
         return cls(
             inference=InferenceConfig.from_dict(doc.get("inference"), where, "inference"),
             merge=MergeConfig.from_dict(doc.get("merge"), where, "merge"),
@@ -239,12 +237,17 @@ def _thresholds(values, where, section: str, fill: bool) -> dict[str, float]:
 
 
 def _companion(doc: Mapping, where, section: str) -> Companion:
-    f, sha = doc.get("file"), doc.get("sha256")
+    f = doc.get("file")
     if not isinstance(f, str) or not f:
         raise SettingsError(where, f"{section}.file: expected a file name, got {f!r}")
-    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
-        raise SettingsError(where, f"{section}.sha256: expected a 64-character hex digest, got {sha!r}")
-    return Companion(f, sha)
+    return Companion(f, _digest(doc.get("sha256"), where, f"{section}.sha256"))
+
+
+def _digest(value, where, key: str) -> str | None:
+    """``value`` if it is a SHA-256 hex digest (or ``None``), else :class:`SettingsError` naming ``key``."""
+    if value is not None and not (isinstance(value, str) and len(value) == 64):
+        raise SettingsError(where, f"{key}: expected a 64-character hex digest, got {value!r}")
+    return value
 
 
 def _rescore(doc, where) -> RescoreSettings | None:

@@ -288,7 +288,7 @@ def tune(model: ModelBundle | str | Path, root: str | Path | Sequence[str | Path
         "czii_kit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights": weights.name,
-        "weights_sha256": file_sha256(weights),
+        "weights_sha256": model.weights_sha256,
         "val_runs": [r.name for r in chosen],
         "backend": backend,
         "inference": config.to_dict(),

@@ -33,8 +33,8 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from czii_kit.atomic import atomic_write_text
-    from czii_kit.errors import CziiKitError, FileExistsNoForce, SettingsError
+    from czii_kit.atomic import atomic_write_text, check_out_path
+    from czii_kit.errors import CziiKitError, SettingsError
     from czii_kit.settings import PipelineSettings, set_setting
 
     path = Path(args.file)
@@ -46,9 +46,7 @@ def run(args) -> int:
         return 0
     if not args.assignments:
         raise CziiKitError("settings set needs at least one KEY=VALUE")
-    out = Path(args.out) if args.out else path
-    if out.exists() and not args.force:
-        raise FileExistsNoForce(f"{out}: already exists (use --force to replace it)")
+    out = check_out_path(args.out or path, args.force)
     PipelineSettings.read(path)  # the input itself must be valid
     doc = json.loads(path.read_text())
     changes = {}
