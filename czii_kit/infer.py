@@ -44,6 +44,8 @@ from czii_kit.preprocess import (
     TILT_AXES,
     PreprocessConfig,
     Window,
+    channel_image,
+    channel_source,
     iter_stacks,
     parse_smooth,
     resampled_shape,
@@ -301,6 +303,55 @@ def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
     return x, scale
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images as the detector reads them: uint8 as they are, float32 0..1 (``PreprocessConfig.dtype``
+    ``"float32"``) rounded to 0..255."""
+    return images if images.dtype == np.uint8 else (images * 255.0 + 0.5).astype(np.uint8)
+
+
+def iter_inputs(volume: np.ndarray, window: Window, preprocess: PreprocessConfig, z_indices: Sequence[int],
+                batch: int, imgsz: int) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    """Network inputs of slices ``z_indices`` of ``volume [z, y, x]``, ``batch`` at a time: ``(z_batch (B,),
+    x (B, 3, imgsz, imgsz) float32, scale)``.
+
+    The values of :func:`prepare_batch` on :func:`czii_kit.preprocess.iter_stacks`' images, but each source
+    slice is windowed, rounded to uint8, scaled to 0..1 and padded once, into a float32 channel image that
+    the (up to three) 2.5D images using it copy; only the channel images of the batch and its neighbours
+    are kept (about 20 MB at 640 px). Slices larger than ``imgsz`` (scaled down) and images of other than
+    three channels go the plain way.
+    """
+    nz, ny, nx = volume.shape
+    s = int(imgsz)
+    if max(ny, nx) > s or len(preprocess.offsets) != 3:
+        for zb, imgs in iter_stacks(volume, window, preprocess, z_indices, batch):
+            yield (zb, *prepare_batch(to_uint8(imgs), s))
+        return
+    pad, inv = np.float32(114.0 / 255.0), np.float32(1.0 / 255.0)
+    reversed_offsets = preprocess.offsets[::-1]  # channel c of the network = image channel 2 - c (prepare_batch)
+    lo = min(preprocess.offsets) - preprocess.slab // 2
+    cache: dict[int, np.ndarray] = {}
+    z_all = np.asarray(z_indices, dtype=int)
+    for i in range(0, len(z_all), batch):
+        zb = z_all[i : i + batch]
+        for k in [k for k in cache if k < int(zb.min()) + lo]:  # channels no later slice needs
+            del cache[k]
+        x = np.empty((len(zb), 3, s, s), np.float32)
+        for b, z in enumerate(zb):
+            if not 0 <= z < nz:
+                raise IndexError(f"slice {z} outside 0..{nz - 1}")
+            for c, off in enumerate(reversed_offsets):
+                zc = channel_source(int(z), off, nz, preprocess)
+                img = cache.get(zc)
+                if img is None:
+                    img = np.empty((s, s), np.float32)
+                    img[ny:] = pad
+                    img[:ny, nx:] = pad
+                    np.multiply(to_uint8(channel_image(volume, zc, window, preprocess)), inv, out=img[:ny, :nx])
+                    cache[zc] = img
+                x[b, c] = img
+        yield zb, x, 1.0
+
+
 def _device(device: str | None, backend: str):
     import torch
 
@@ -414,6 +465,12 @@ class Detector:
 
         x, scale = prepare_batch(images, self.imgsz)
         return torch.from_numpy(x).to(self.device), scale
+
+    def tensor(self, x: np.ndarray):
+        """Network input ``x (B, 3, S, S)`` float32 (:func:`iter_inputs`) as a tensor on the model's device."""
+        import torch
+
+        return torch.from_numpy(x).to(self.device)
 
     def release_memory(self) -> None:
         """Give back the working memory of an OpenVINO model between tomograms (reallocated by the next
@@ -547,13 +604,16 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
     zs = slice_indices(volume.shape[0], z_stride)
     seen = volume.transpose(0, 2, 1) if turn else volume
 
-    split = hasattr(detector, "to_tensor") and hasattr(detector, "detect_tensor")  # else any .detect(images)
+    split = hasattr(detector, "tensor") and hasattr(detector, "detect_tensor")  # else any .detect(images)
 
     def inputs():  # made in a background thread while the model runs on the previous batch
-        for zb, imgs in iter_stacks(seen, window, preprocess, zs, detector.config.batch):
-            if imgs.dtype != np.uint8:
-                imgs = (imgs * 255.0 + 0.5).astype(np.uint8)
-            yield (zb, *detector.to_tensor(imgs)) if split else (zb, imgs)
+        batch = detector.config.batch
+        if split:
+            for zb, x, scale in iter_inputs(seen, window, preprocess, zs, batch, detector.imgsz):
+                yield zb, detector.tensor(x), scale
+        else:
+            for zb, imgs in iter_stacks(seen, window, preprocess, zs, batch):
+                yield zb, to_uint8(imgs)
 
     for zb, *item in prefetch(inputs(), PREFETCH_DEPTH):
         for z, boxes in zip(zb, detector.detect_tensor(*item) if split else detector.detect(*item), strict=True):

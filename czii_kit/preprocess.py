@@ -350,6 +350,24 @@ x (plus half that across y) gives 0.09 and costs the shipped model 0.005 F4, one
 and costs 0.22 (docs/pipeline.md, "Uneven background")."""
 
 
+def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """``volume [z, y, x]`` binned ``factor`` x by block mean, float32 (trailing voxels that fill no block dropped).
+
+    Binned voxel ``i`` covers voxels ``factor*i .. factor*i + factor - 1``. Summed one axis at a time,
+    z first (whole slices added: contiguous, about 3x faster than one reduction over the three block
+    axes; the same means within float32 rounding).
+    """
+    if factor == 1:
+        return np.asarray(volume, np.float32)
+    z, y, x = (n // factor * factor for n in volume.shape)
+    f = factor
+    s = np.asarray(volume[:z, :y, :x]).reshape(z // f, f, y, x).sum(1, dtype=np.float32)
+    s = s.reshape(z // f, y // f, f, x).sum(2, dtype=np.float32)
+    s = s.reshape(z // f, y // f, x // f, f).sum(3, dtype=np.float32)
+    s *= np.float32(1.0 / f**3)
+    return s
+
+
 def coarse_background(volume: np.ndarray, sigma: float = FLATTEN_SIGMA, binning: int = 4) -> np.ndarray:
     """Slowly varying lateral background of ``volume [z, y, x]``, on a grid ``binning`` times coarser.
 
@@ -361,10 +379,7 @@ def coarse_background(volume: np.ndarray, sigma: float = FLATTEN_SIGMA, binning:
 
     vol = np.asarray(volume)
     b = binning if min(vol.shape) >= binning else 1
-    crop = tuple(n - n % b for n in vol.shape)
-    small = vol[: crop[0], : crop[1], : crop[2]].astype(np.float32, copy=False)
-    if b > 1:
-        small = small.reshape(crop[0] // b, b, crop[1] // b, b, crop[2] // b, b).mean((1, 3, 5), dtype=np.float32)
+    small = block_mean(vol, b)
     small = gaussian_filter(small, sigma / b, mode="nearest", output=np.float32)
     small -= small.mean(axis=(1, 2), keepdims=True)
     return small
@@ -545,31 +560,42 @@ def _channel(volume: np.ndarray, z: int, slab: int) -> np.ndarray:
     return volume[idx].mean(axis=0, dtype=np.float32)
 
 
+def channel_source(z: int, offset: int, nz: int, config: PreprocessConfig = PreprocessConfig()) -> int:
+    """The slice a channel of slice ``z``'s image is made from: ``z + offset``, clamped to ``0..nz-1`` for
+    single slices (a slab clamps each of its slices instead: :func:`channel_image`)."""
+    return min(max(z + offset, 0), nz - 1) if config.slab == 1 else z + offset
+
+
+def channel_image(volume: np.ndarray, zc: int, window: Window, config: PreprocessConfig = PreprocessConfig()
+                  ) -> np.ndarray:
+    """One channel of a 2.5D image: slice ``zc`` (slab-averaged, clamped to ``0..nz-1``), optionally
+    Gaussian-smoothed, mapped through ``window``: ``(ny, nx)`` uint8 (or float32 0..1)."""
+    img = _channel(volume, zc, config.slab)
+    if config.denoise_sigma > 0:
+        from scipy.ndimage import gaussian_filter
+
+        img = gaussian_filter(np.asarray(img, dtype=np.float32), config.denoise_sigma)
+    return window.apply(img, config.dtype)
+
+
 def stack_slice(volume: np.ndarray, z: int, window: Window, config: PreprocessConfig = PreprocessConfig(),
                 cache: dict | None = None) -> np.ndarray:
     """The 2.5D image of slice ``z``: ``(ny, nx, len(offsets))`` uint8 (or float32 0..1).
 
-    Channel ``c`` is slice ``z + offsets[c]`` (slab-averaged, clamped to ``0..nz-1``), optionally
-    Gaussian-smoothed, mapped through ``window``. ``cache`` (a dict) keeps channel images by source
-    slice so consecutive calls reuse them (see :func:`iter_stacks`).
+    Channel ``c`` is slice ``z + offsets[c]`` (:func:`channel_image`). ``cache`` (a dict) keeps channel
+    images by source slice so consecutive calls reuse them (see :func:`iter_stacks`).
     """
     nz = volume.shape[0]
     if not 0 <= z < nz:
         raise IndexError(f"slice {z} outside 0..{nz - 1}")
     chans = []
     for off in config.offsets:
-        zc = min(max(z + off, 0), nz - 1) if config.slab == 1 else z + off
-        if cache is not None and zc in cache:
-            chans.append(cache[zc])
-            continue
-        img = _channel(volume, zc, config.slab)
-        if config.denoise_sigma > 0:
-            from scipy.ndimage import gaussian_filter
-
-            img = gaussian_filter(np.asarray(img, dtype=np.float32), config.denoise_sigma)
-        img = window.apply(img, config.dtype)
-        if cache is not None:
-            cache[zc] = img
+        zc = channel_source(z, off, nz, config)
+        img = cache.get(zc) if cache is not None else None
+        if img is None:
+            img = channel_image(volume, zc, window, config)
+            if cache is not None:
+                cache[zc] = img
         chans.append(img)
     return np.stack(chans, axis=-1)
 

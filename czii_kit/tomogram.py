@@ -156,6 +156,21 @@ class Tomogram:
     def __getitem__(self, key) -> np.ndarray:
         return np.asarray(self.array[key], dtype=np.float32)
 
+    def read_into(self, out: np.ndarray, key: tuple[slice, ...]) -> None:
+        """Voxels ``key`` (slices ``[z, y, x]``) written into ``out`` (float32, their shape, may be a view of a
+        larger array): decompressed straight into it when the array is float32 zarr, else read and copied.
+        Errors of the store propagate (see :func:`czii_kit.volumes.read_volume`)."""
+        arr = self.array
+        if getattr(arr, "dtype", None) == np.float32 and hasattr(arr, "get_basic_selection"):
+            if _zarr_major() >= 3:
+                from zarr.core.buffer.cpu import NDBuffer
+
+                arr.get_basic_selection(key, out=NDBuffer.from_numpy_array(out))
+            else:
+                arr.get_basic_selection(key, out=out)
+            return
+        out[...] = arr[key]
+
 
 def _read_attrs(path: Path) -> dict:
     """Group attributes, from ``.zattrs`` (zarr 2 format) or ``zarr.json`` (zarr 3 format)."""

@@ -28,8 +28,9 @@ PATCH_SIZE = 32
 def read_volume(tomo) -> np.ndarray:
     """The whole level of a :class:`~czii_kit.tomogram.Tomogram` as float32 ``(nz, ny, nx)``.
 
-    Reads one chunk column (all z, one y/x chunk) at a time into a preallocated array, so each
-    chunk is decompressed once and the transient memory stays at about one chunk.
+    Reads one chunk column (all z, one y/x chunk) at a time, decompressed straight into a preallocated
+    array (:meth:`~czii_kit.tomogram.Tomogram.read_into`), so each chunk is decompressed once and the
+    transient memory stays at about one chunk.
     """
     arr = tomo.array
     nz, ny, nx = tomo.shape
@@ -40,8 +41,9 @@ def read_volume(tomo) -> np.ndarray:
     try:
         for y0 in range(0, ny, cy):
             for x0 in range(0, nx, cx):
-                out[:, y0 : y0 + cy, x0 : x0 + cx] = arr[:, y0 : y0 + cy, x0 : x0 + cx]
-                check.count(out[:, y0 : y0 + cy, x0 : x0 + cx])
+                key = (slice(None), slice(y0, y0 + cy), slice(x0, x0 + cx))
+                tomo.read_into(out[key], key)
+                check.count(out[key])
     except Exception as exc:  # corrupt chunk, missing codec, ...
         raise DataError(tomo.path / tomo.level, f"cannot read voxels: {exc}") from exc
     return check.settle(out)

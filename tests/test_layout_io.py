@@ -169,6 +169,21 @@ def test_tomogram_round_trip_unequal_sides(tmp_path):
     np.testing.assert_allclose(open_tomogram(path, "2").read(), bin2(expect1), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_read_into_fills_views_of_a_larger_array(tmp_path, dtype):
+    from czii_kit.volumes import read_volume
+
+    vol = (np.random.default_rng(4).normal(size=SMALL_SHAPE) * 100).astype(dtype)
+    path = write_tomogram(tmp_path / "t.zarr", vol, VOXEL_SIZE, n_levels=1, chunks=(16, 20, 20))  # partial edge chunks
+    t = open_tomogram(path)
+    out = np.full((2, *SMALL_SHAPE), -1.0, np.float32)
+    key = (slice(None), slice(20, 32), slice(5, 47))
+    t.read_into(out[1][key], key)
+    np.testing.assert_array_equal(out[1][key], vol[key].astype(np.float32))
+    assert (out[0] == -1).all() and (out[1][:, :20] == -1).all() and (out[1][:, 20:, :5] == -1).all()
+    np.testing.assert_array_equal(read_volume(t), vol.astype(np.float32))
+
+
 def test_tomogram_files_follow_the_kaggle_format(tmp_path):
     vol = np.arange(np.prod(SMALL_SHAPE), dtype=np.float32).reshape(SMALL_SHAPE)
     path = write_tomogram(tmp_path / "denoised.zarr", vol, VOXEL_SIZE, chunks=(8, 16, 16))

@@ -138,6 +138,28 @@ def test_prepare_batch_pads_reverses_channels_and_scales():
         prepare_batch(np.zeros((30, 50, 3), np.uint8), 64)
 
 
+@pytest.mark.parametrize("config, z_stride, turn, imgsz", [
+    (PreprocessConfig(), 1, False, 64),
+    (PreprocessConfig(), 3, True, 64),
+    (PreprocessConfig(offsets=(-3, 0, 3), slab=3), 2, False, 64),
+    (PreprocessConfig(dtype="float32", denoise_sigma=1.0), 1, False, 96),
+    (PreprocessConfig(), 1, False, 32),  # slices larger than the input: scaled down, the plain way
+])
+def test_iter_inputs_equals_prepare_batch_of_iter_stacks(config, z_stride, turn, imgsz):
+    from czii_kit.infer import iter_inputs, prepare_batch, to_uint8
+
+    vol = _volume((13, 37, 50), seed=3)
+    seen = vol.transpose(0, 2, 1) if turn else vol
+    w = robust_window(vol, step=1)
+    zs = slice_indices(len(vol), z_stride)
+    got = list(iter_inputs(seen, w, config, zs, 4, imgsz))
+    ref = [(zb, *prepare_batch(to_uint8(imgs), imgsz)) for zb, imgs in iter_stacks(seen, w, config, zs, 4)]
+    assert len(got) == len(ref) > 1
+    for (zb, x, scale), (zr, xr, sr) in zip(got, ref, strict=True):
+        assert (zb == zr).all() and scale == sr and x.dtype == np.float32 and x.shape == xr.shape
+        assert np.array_equal(x, xr)  # bit for bit: the detector sees the same input
+
+
 def test_contrast_polarity_is_detected_and_undone():
     from pipeline_fixture import place_particles, sphere_volume
 
