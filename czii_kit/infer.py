@@ -364,6 +364,20 @@ def _device(device: str | None, backend: str):
     return select_device(device, verbose=False)
 
 
+def export_metadata(path: str | Path) -> dict:
+    """The ``metadata.yaml`` ultralytics writes into an OpenVINO export folder (class names, ``end2end``, ...);
+    ``{}`` when there is none."""
+    import yaml
+
+    meta = Path(path) / "metadata.yaml"
+    if not meta.is_file():
+        return {}
+    try:
+        return yaml.safe_load(meta.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(meta, f"not readable YAML: {exc}") from exc
+
+
 class OpenVINOStreams:
     """An OpenVINO model (batch-1 IR folder ``path``) compiled for throughput on the CPU: one inference request
     per stream, the images of a batch queued on them with OpenVINO's own ``AsyncInferQueue``.
@@ -420,13 +434,13 @@ class Detector:
         Cache of the exports (:func:`export_cache`).
     streams : bool
         OpenVINO on the CPU: run the images of a batch on parallel streams (:class:`OpenVINOStreams`, the
-        batch-1 export; the same outputs, image by image, in one process). Off by default until a whole
-        test-suite run with them on is clean (docs/performance.md). ``False``: ultralytics' own setup
-        (latency mode, the batch-``config.batch`` export).
+        batch-1 export, compiled once, without ultralytics' ``AutoBackend``; the same outputs, image by
+        image, as the latency-mode model). ``False``: ultralytics' own setup (latency mode, the
+        batch-``config.batch`` export; the bench's forward-pass limit uses it).
     """
 
     def __init__(self, weights: str | Path, backend: str = "torch", config: InferenceConfig | None = None,
-                 imgsz: int = 640, export_dir: str | Path | None = None, streams: bool = False):
+                 imgsz: int = 640, export_dir: str | Path | None = None, streams: bool = True):
         configure_offline()
         if backend not in BACKENDS:
             raise CziiKitError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -447,14 +461,19 @@ class Detector:
         batch = 1 if streamed else self.config.batch  # streams run one image per request
         path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz, batch,
                                                                      export_dir)
-        from ultralytics.nn.autobackend import AutoBackend
-
         self.device = _device(self.config.device, backend)
-        self.model = AutoBackend(str(path), device=self.device, fp16=False, verbose=False)
-        if streamed:
+        if streamed:  # the streams alone: ultralytics' own (latency-mode) compilation of the model is not needed
+            self.model = None
             self.streams = OpenVINOStreams(path)
-        self.model.eval()
-        self.names = {int(k): str(v) for k, v in dict(self.model.names).items()}
+            meta = export_metadata(path)
+            names, self.end2end = meta.get("names") or {}, bool(meta.get("end2end", False))
+        else:
+            from ultralytics.nn.autobackend import AutoBackend
+
+            self.model = AutoBackend(str(path), device=self.device, fp16=False, verbose=False)
+            self.model.eval()
+            names, self.end2end = self.model.names, bool(getattr(self.model, "end2end", False))
+        self.names = {int(k): str(v) for k, v in dict(names).items()}
         if self.names != class_names():
             raise DataError(self.weights, f"the model's classes {self.names} are not czii_kit's catalog classes "
                                           f"{class_names()} (train it on a dataset from `czii-kit build-dataset`)")
@@ -495,7 +514,7 @@ class Detector:
 
         c = self.config
         out = non_max_suppression(y, c.conf, c.iou, max_det=c.max_det, nc=len(self.names), max_time_img=2.0,
-                                  multi_label=c.multi_label, end2end=bool(getattr(self.model, "end2end", False)))
+                                  multi_label=c.multi_label, end2end=self.end2end)
         res = []
         s = float(self.imgsz)
         for d in out:

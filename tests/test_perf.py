@@ -68,6 +68,22 @@ def test_loaded_detector_is_reused_until_its_arguments_or_file_change(tmp_path):
     assert infer.loaded_detector(w, "torch", infer.InferenceConfig(conf=0.1), 96) is not b
 
 
+def test_openvino_streams_give_the_latency_models_outputs(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv(infer.EXPORTS_ENV, str(tmp_path / "exports"))
+    cfg = infer.InferenceConfig(batch=3, conf=0.01)
+    streamed = infer.Detector(default_weights(), "openvino", cfg, 96)  # streams: the default on the CPU
+    plain = infer.Detector(default_weights(), "openvino", cfg, 96, streams=False)
+    assert streamed.streams is not None and streamed.model is None and plain.streams is None
+    assert streamed.names == plain.names and streamed.end2end == plain.end2end
+    images = np.random.default_rng(2).integers(0, 256, (5, 90, 70, 3), dtype=np.uint8)  # a short last batch
+    for i in (0, 3):
+        x, _ = plain.to_tensor(images[i : i + 3])
+        np.testing.assert_array_equal(streamed.forward(x).numpy(), plain.forward(x).numpy())
+    for a, b in zip(streamed.detect(images), plain.detect(images), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_openvino_rescorer_matches_torch_and_caches_its_conversion(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     import torch
