@@ -364,6 +364,18 @@ def _device(device: str | None, backend: str):
     return select_device(device, verbose=False)
 
 
+def uses_streams(backend: str, config: InferenceConfig) -> bool:
+    """Whether a :class:`Detector` runs ``backend`` on parallel OpenVINO streams (:class:`OpenVINOStreams`):
+    OpenVINO on the CPU."""
+    return backend == "openvino" and config.device in (None, "cpu")
+
+
+def export_batch(backend: str, config: InferenceConfig, streams: bool = True) -> int:
+    """The batch size of the export a :class:`Detector` of ``backend`` loads: 1 for the streams (one image per
+    request), else ``config.batch``."""
+    return 1 if streams and uses_streams(backend, config) else config.batch
+
+
 def export_metadata(path: str | Path) -> dict:
     """The ``metadata.yaml`` ultralytics writes into an OpenVINO export folder (class names, ``end2end``, ...);
     ``{}`` when there is none."""
@@ -457,10 +469,9 @@ class Detector:
         if self.imgsz % 32:
             raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
         self.streams = None
-        streamed = backend == "openvino" and streams and self.config.device in (None, "cpu")
-        batch = 1 if streamed else self.config.batch  # streams run one image per request
-        path = self.weights if backend == "torch" else ensure_export(self.weights, backend, self.imgsz, batch,
-                                                                     export_dir)
+        streamed = streams and uses_streams(backend, self.config)
+        path = self.weights if backend == "torch" else ensure_export(
+            self.weights, backend, self.imgsz, export_batch(backend, self.config, streams), export_dir)
         self.device = _device(self.config.device, backend)
         if streamed:  # the streams alone: ultralytics' own (latency-mode) compilation of the model is not needed
             self.model = None

@@ -27,7 +27,7 @@ from czii_kit.atomic import check_out_path
 from czii_kit.bundle import MODELS_DIR, ModelBundle, default_weights  # noqa: F401 (part of this module's API)
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.errors import CziiKitError, DataError
-from czii_kit.infer import ensure_export, iter_detect_runs, native_imgsz
+from czii_kit.infer import ensure_export, export_batch, iter_detect_runs, native_imgsz
 from czii_kit.layout import AUTO_TOMOGRAM, TOMOGRAM_PREFERENCE, select_runs
 from czii_kit.postprocess import apply_thresholds, merge_detections, sort_candidates
 from czii_kit.preprocess import resampled_shape
@@ -231,7 +231,7 @@ def export_once(plan: Plan, runs: Sequence, tomogram: str, backend: str, export_
         shape = resampled_shape(t.shape, t.voxel_size, plan.model.voxel_size or t.voxel_size)
         sizes.add(inference.imgsz or native_imgsz(shape[1:]))
     for size in sorted(sizes):
-        ensure_export(plan.model.weights, backend, size, inference.batch, export_dir)
+        ensure_export(plan.model.weights, backend, size, export_batch(backend, inference), export_dir)
 
 
 def settings_sha256(settings: PipelineSettings) -> str:

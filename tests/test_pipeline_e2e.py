@@ -91,7 +91,7 @@ def test_tiny_pipeline_offline(tmp_path, no_dns, offline_home, capsys):
         for a, b in zip(boxes["torch"], boxes[be], strict=True):
             if len(a) and len(b):
                 np.testing.assert_allclose(a[0, 4], b[0, 4], atol=0.02)
-    exported = infer.export_path(best, "openvino", 96, 8)
+    exported = infer.export_path(best, "openvino", 96, infer.export_batch("openvino", cfg))  # the streams' batch 1
     assert (exported / "czii_kit_export.json").is_file() and exported.parent.parent == infer.export_cache()
     assert not list(best.parent.glob("*openvino_model")) and not list(best.parent.glob("*.onnx"))  # none beside it
     # a tomogram written with the opposite sign is recognised and inverted back (polarity "auto")
