@@ -133,13 +133,32 @@ def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
     """``volume [z, y, x]`` binned ``factor`` x by block mean (trailing voxels that fill no block dropped).
 
     Binned voxel ``i`` covers voxels ``factor*i .. factor*i + factor - 1``, so it sits at
-    ``factor*i + (factor - 1) / 2`` of the original grid.
+    ``factor*i + (factor - 1) / 2`` of the original grid. Float32, bit for bit numpy's
+    ``reshape(z, f, y, f, x, f).mean((1, 3, 5))`` (the same sums in the same order: each row's ``f``
+    x-neighbours, then those row sums in ``(z, y)`` order), but as whole-slab additions a few
+    z-slices at a time, about 8x faster than numpy's reduction over three short axes.
     """
     if factor == 1:
         return np.asarray(volume, np.float32)
-    z, y, x = (s // factor * factor for s in volume.shape)
+    f = factor
+    z, y, x = (s // f * f for s in volume.shape)
     v = np.asarray(volume[:z, :y, :x], np.float32)
-    return v.reshape(z // factor, factor, y // factor, factor, x // factor, factor).mean((1, 3, 5))
+    if f >= 8 or x < 2 * f:  # numpy sums 8 or more neighbours in blocks, and reorders a single x: its own reduction
+        return v.reshape(z // f, f, y // f, f, x // f, f).mean((1, 3, 5))
+    out = np.empty((z // f, y // f, x // f), np.float32)
+    step = f * max(1, 8 // f)  # z-slices per slab: its row sums stay in cache
+    rows = np.empty((step, y, x // f), np.float32)
+    for z0 in range(0, z, step):
+        sl = v[z0:z0 + step]
+        r = rows[:len(sl)]
+        np.add(sl[..., 0::f], sl[..., 1::f], out=r)
+        for c in range(2, f):
+            r += sl[..., c::f]
+        o = out[z0 // f:z0 // f + len(sl) // f]
+        np.add(r[0::f, 0::f], np.float32(0.0), out=o)  # numpy's sum starts at +0.0 (so -0.0 blocks give +0.0)
+        for k in range(1, f * f):
+            o += r[k // f::f, k % f::f]
+    return np.true_divide(out, np.intp(f ** 3), out=out, casting="unsafe")  # as numpy's mean: sum / count
 
 
 def build_templates(maps_dir: str | Path = SHIPPED, types: Sequence[str] = DEFAULT_TYPES,
@@ -404,7 +423,8 @@ class TemplateMatcher:
         out = np.full((len(pts), len(self.types)), np.nan, np.float32)
         if not len(pts):
             return out
-        binned = -block_mean(volume, cfg.bin)  # dense positive, like the templates
+        binned = block_mean(volume, cfg.bin)
+        binned = np.negative(binned, out=binned) if cfg.bin > 1 else -binned  # dense positive, like the templates
         self.last_wedge = self.wedge_of(binned, voxel_size * cfg.bin)
         mats = self._matrices(voxel_size * cfg.bin, self.last_wedge)
         side = max(m.shape[0] for m, _ in mats.values())
@@ -417,25 +437,34 @@ class TemplateMatcher:
                     v = np.zeros(3, int)
                     v[axis] = sign * s
                     shifts.append(v)
+        groups: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = []  # (mask, [(type index, rows)])
+        for t, name in enumerate(self.types):  # templates cut by the same mask share the patches' rows
+            mask, mat = mats[name]
+            same = [g for g in groups if g[0].shape == mask.shape and np.array_equal(g[0], mask)]
+            if same:
+                same[0][1].append((t, mat))
+            else:
+                groups.append((mask, [(t, mat)]))
         # edge-padded once, so every neighbourhood is a plain slice (the same voxels as clipping the indices)
         reach = side + 2 * cfg.shift
         lo_all = centre - h - cfg.shift
         pad_lo = np.maximum(0, -lo_all.min(0))
         pad_hi = np.maximum(0, (lo_all + reach).max(0) - np.array(binned.shape))
         padded = np.pad(binned, list(zip(pad_lo, pad_hi, strict=True)), mode="edge")
+        del binned
         starts = lo_all + pad_lo
         for i0 in range(0, len(pts), cfg.batch):
             cc = starts[i0:i0 + cfg.batch]
             big = np.stack([padded[a:a + reach, b:b + reach, c:c + reach] for a, b, c in cc])
-            for t, name in enumerate(self.types):
-                mask, mat = mats[name]
-                o = (side - mask.shape[0]) // 2
-                best = None
+            best = np.full((len(cc), len(self.types)), -np.inf, np.float32)
+            for mask, members in groups:
+                n = mask.shape[0]
+                o = (side - n) // 2
                 for dz, dy, dx in np.asarray(shifts) + cfg.shift + o:  # one shift at a time: bounded memory
-                    sub = big[:, dz:dz + mask.shape[0], dy:dy + mask.shape[0], dx:dx + mask.shape[0]]
-                    ncc = (_normalise_rows(sub[:, mask]) @ mat.T).max(1)
-                    best = ncc if best is None else np.maximum(best, ncc)
-                out[i0:i0 + len(cc), t] = best
+                    rows = _normalise_rows(big[:, dz:dz + n, dy:dy + n, dx:dx + n][:, mask])
+                    for t, mat in members:
+                        np.maximum(best[:, t], (rows @ mat.T).max(1), out=best[:, t])
+            out[i0:i0 + len(cc)] = best
         return out
 
     def margins(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
