@@ -233,9 +233,14 @@ def sphere_mask(radius_vox: float) -> np.ndarray:
     return (g ** 2).sum(0) <= radius_vox ** 2
 
 
-def _normalise_rows(a: np.ndarray) -> np.ndarray:
+def _normalise_rows(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of ``a (n, m)`` less their mean, divided by their norm (at least 1e-8), float32; into ``out``
+    (an ``(n, m)`` float32 array or view) when given. The float32 sums follow ``a``'s memory order."""
     a = a - a.mean(1, keepdims=True)
-    return (a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+    norm = np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-8)
+    if out is None:
+        return (a / norm).astype(np.float32)
+    return np.divide(a, norm, out=out, casting="same_kind")
 
 
 def rotated_boxes(template: Template, voxel_size: float, side: int, n_rotations: int, seed: int = 0,
@@ -453,18 +458,25 @@ class TemplateMatcher:
         padded = np.pad(binned, list(zip(pad_lo, pad_hi, strict=True)), mode="edge")
         del binned
         starts = lo_all + pad_lo
-        for i0 in range(0, len(pts), cfg.batch):
-            cc = starts[i0:i0 + cfg.batch]
+        k = len(shifts)
+        n_batches = -(-len(pts) // cfg.batch)
+        step = -(-len(pts) // n_batches)  # even batches of at most cfg.batch: no small last one
+        for i0 in range(0, len(pts), step):
+            cc = starts[i0:i0 + step]
+            n_pts = len(cc)
             big = np.stack([padded[a:a + reach, b:b + reach, c:c + reach] for a, b, c in cc])
-            best = np.full((len(cc), len(self.types)), -np.inf, np.float32)
+            best = out[i0:i0 + n_pts]
             for mask, members in groups:
                 n = mask.shape[0]
                 o = (side - n) // 2
-                for dz, dy, dx in np.asarray(shifts) + cfg.shift + o:  # one shift at a time: bounded memory
-                    rows = _normalise_rows(big[:, dz:dz + n, dy:dy + n, dx:dx + n][:, mask])
-                    for t, mat in members:
-                        np.maximum(best[:, t], (rows @ mat.T).max(1), out=best[:, t])
-            out[i0:i0 + len(cc)] = best
+                # every shift's normalised rows stacked (shift-major), so each template takes one matrix
+                # product of k * n_pts rows: far fewer, larger products (the same sums for every element)
+                rows_t = np.empty((int(mask.sum()), k * n_pts), np.float32)  # stacked rows, transposed
+                for j, (dz, dy, dx) in enumerate(np.asarray(shifts) + cfg.shift + o):
+                    sub = big[:, dz:dz + n, dy:dy + n, dx:dx + n]
+                    _normalise_rows(sub[:, mask], out=rows_t[:, j * n_pts:(j + 1) * n_pts].T)
+                for t, mat in members:
+                    best[:, t] = (rows_t.T @ mat.T).max(1).reshape(k, n_pts).max(0)
         return out
 
     def margins(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
