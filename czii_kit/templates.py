@@ -79,7 +79,9 @@ class TemplateConfig(StrictConfig):
     order : int
         Spline order of the rotation's interpolation (3: cubic, sharper than linear on the binned grid).
     batch : int
-        Candidates per matrix product.
+        Most candidates per matrix product (the product has ``1 + 6 * shift`` rows per candidate, one per
+        shift, and working memory of about ``batch * (1 + 6 * shift) * (mask voxels + n_rotations) * 4``
+        bytes: 50 MB for the defaults).
     wedge : None, "auto" or (lo, hi)
         The missing wedge given to the rotated templates (:mod:`czii_kit.wedge`): None, none (the
         templates keep every direction); ``"auto"``, each tomogram's own, estimated from its power
@@ -425,9 +427,8 @@ class TemplateMatcher:
         """
         cfg = self.config
         pts = np.asarray(points_xyz, float).reshape(-1, 3)
-        out = np.full((len(pts), len(self.types)), np.nan, np.float32)
         if not len(pts):
-            return out
+            return np.full((0, len(self.types)), np.nan, np.float32)
         binned = block_mean(volume, cfg.bin)
         binned = np.negative(binned, out=binned) if cfg.bin > 1 else -binned  # dense positive, like the templates
         self.last_wedge = self.wedge_of(binned, voxel_size * cfg.bin)
@@ -435,6 +436,9 @@ class TemplateMatcher:
         side = max(m.shape[0] for m, _ in mats.values())
         h = side // 2
         centre = np.rint((angstrom_to_voxel(pts, voxel_size) - (cfg.bin - 1) / 2) / cfg.bin).astype(np.int64)
+        centre, inverse = np.unique(centre, axis=0, return_inverse=True)  # points in one binned voxel: one match
+        inverse = inverse.ravel()
+        res = np.empty((len(centre), len(self.types)), np.float32)
         shifts = [np.zeros(3, int)]
         for axis in range(3):
             for s in range(1, cfg.shift + 1):
@@ -442,7 +446,7 @@ class TemplateMatcher:
                     v = np.zeros(3, int)
                     v[axis] = sign * s
                     shifts.append(v)
-        groups: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = []  # (mask, [(type index, rows)])
+        groups: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = []  # (mask, [(type index, templates)])
         for t, name in enumerate(self.types):  # templates cut by the same mask share the patches' rows
             mask, mat = mats[name]
             same = [g for g in groups if g[0].shape == mask.shape and np.array_equal(g[0], mask)]
@@ -459,13 +463,13 @@ class TemplateMatcher:
         del binned
         starts = lo_all + pad_lo
         k = len(shifts)
-        n_batches = -(-len(pts) // cfg.batch)
-        step = -(-len(pts) // n_batches)  # even batches of at most cfg.batch: no small last one
-        for i0 in range(0, len(pts), step):
+        n_batches = -(-len(centre) // cfg.batch)
+        step = -(-len(centre) // n_batches)  # even batches of at most cfg.batch: no small last one
+        for i0 in range(0, len(centre), step):
             cc = starts[i0:i0 + step]
             n_pts = len(cc)
             big = np.stack([padded[a:a + reach, b:b + reach, c:c + reach] for a, b, c in cc])
-            best = out[i0:i0 + n_pts]
+            best = res[i0:i0 + n_pts]
             for mask, members in groups:
                 n = mask.shape[0]
                 o = (side - n) // 2
@@ -477,7 +481,7 @@ class TemplateMatcher:
                     _normalise_rows(sub[:, mask], out=rows_t[:, j * n_pts:(j + 1) * n_pts].T)
                 for t, mat in members:
                     best[:, t] = (rows_t.T @ mat.T).max(1).reshape(k, n_pts).max(0)
-        return out
+        return res[inverse]
 
     def margins(self, volume: np.ndarray, points_xyz, voxel_size: float) -> np.ndarray:
         """``(N, n_particle_types)`` over :data:`czii_kit.catalog.PARTICLE_NAMES`: for each template type,

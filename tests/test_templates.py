@@ -137,12 +137,14 @@ def test_match_equals_the_straightforward_computation(mask_radius):
     another kernel, which rounds differently)."""
     vol, centres, _ = _volume(seed=6)
     pts = voxel_to_angstrom(centres, VS)
-    pts = np.concatenate([pts, [[5.0, 5.0, 5.0], [990.0, 700.0, 430.0]]])  # at the corners: clipped / padded
+    pts = np.concatenate([pts, [[5.0, 5.0, 5.0], [990.0, 700.0, 430.0]],  # at the corners: clipped / padded
+                          pts[2:3] + 2.0])  # in the binned voxel of another point: matched once, given to both
     cfg = dict(n_rotations=200, mask_radius=mask_radius)
     tm = TemplateMatcher(_templates(), TemplateConfig(**cfg), cache=False)
     ref = _straightforward_match(tm, vol, pts, VS)
-    assert np.array_equal(tm.match(vol, pts, VS), ref)  # every point in one batch
-    tm.config = TemplateConfig(**cfg, batch=3)  # batches of 3, 3 and 2 points
+    got = tm.match(vol, pts, VS)
+    assert np.array_equal(got, ref) and np.array_equal(got[-1], got[2])  # every point in one batch
+    tm.config = TemplateConfig(**cfg, batch=3)  # batches of 3, 3 and 2 binned voxels
     assert np.array_equal(tm.match(vol, pts, VS), ref)
 
 
