@@ -74,6 +74,80 @@ def test_block_mean_and_mask():
     assert m.shape == (7, 7, 7) and m[3, 3, 3] and not m[0, 0, 0] and m.sum() == m[::-1, ::-1, ::-1].sum()
 
 
+def test_block_mean_is_numpys_reshape_mean_bit_for_bit():
+    """The slab-wise block mean gives numpy's ``reshape(...).mean((1, 3, 5))`` exactly (the same float32
+    sums in the same order, zeros' signs included), for uneven shapes (trailing voxels dropped), every
+    factor, wide-ranging values and volumes of another dtype."""
+    rng = np.random.default_rng(7)
+    shapes = [(20, 33, 47), (9, 10, 11), (16, 17, 3), (5, 40, 9), (14, 14, 14)]
+    for i, shape in enumerate(shapes):
+        v = (rng.standard_normal(shape) * np.exp(rng.uniform(-9, 9, shape))).astype(np.float32)
+        v[rng.random(shape) < 0.3] = (-0.0, 0.0)[i % 2]
+        if i == 4:
+            v[:4, :4, :4] = -0.0  # whole blocks of -0.0: numpy's sum starts at +0.0
+        for f in range(2, 10):
+            if min(shape) < f:
+                continue
+            z, y, x = (n // f * f for n in shape)
+            ref = v[:z, :y, :x].reshape(z // f, f, y // f, f, x // f, f).mean((1, 3, 5))
+            got = block_mean(v, f)
+            assert got.dtype == np.float32 and got.shape == ref.shape, (shape, f)
+            assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (shape, f)
+    d = rng.standard_normal((12, 14, 16))  # float64 in: numpy's mean of its float32 copy
+    np.testing.assert_array_equal(block_mean(d, 2),
+                                  d.astype(np.float32).reshape(6, 2, 7, 2, 8, 2).mean((1, 3, 5)))
+
+
+def _straightforward_match(tm, vol, pts, vs):
+    """Best NCC per point and template computed plainly: numpy's block mean, each neighbourhood by
+    clipped indices, one template and one shift at a time, all points in one matrix product (the rows
+    cut as ``cubes[:, mask]``, whose memory order sets the float32 sums of the normalisation)."""
+    from czii_kit.coords import angstrom_to_voxel
+
+    cfg = tm.config
+    f = cfg.bin
+    z, y, x = (n // f * f for n in vol.shape)
+    binned = -vol[:z, :y, :x].reshape(z // f, f, y // f, f, x // f, f).mean((1, 3, 5))
+    centre = np.rint((angstrom_to_voxel(pts, vs) - (f - 1) / 2) / f).astype(int)
+    out = np.empty((len(pts), len(tm.types)), np.float32)
+    for t, name in enumerate(tm.types):
+        mask, mat = tm._matrices(vs * f, None)[name]
+        r = mask.shape[0] // 2
+        best = None
+        for axis, step in [(0, 0)] + [(a, s) for a in range(3) for s in (1, -1)]:
+            cubes = []
+            for c in centre:
+                c = c.copy()
+                c[axis] += step
+                idx = [np.clip(np.arange(c[a] - r, c[a] + r + 1), 0, binned.shape[a] - 1) for a in range(3)]
+                cubes.append(binned[np.ix_(*idx)])
+            rows = np.array(cubes)[:, mask]  # (points, mask voxels), in numpy's memory order for a mask
+            rows = rows - rows.mean(1, keepdims=True)
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-8)
+            ncc = (rows @ mat.T).max(1)
+            best = ncc if best is None else np.maximum(best, ncc)
+        out[:, t] = best
+    return out
+
+
+@pytest.mark.parametrize("mask_radius", [110.0, None])  # one mask shared by the templates / one each
+def test_match_equals_the_straightforward_computation(mask_radius):
+    """Bit for bit, in one batch and in several (200 orientations x 739+ mask voxels x 8+ rows: OpenBLAS's
+    blocked product, whose sums do not depend on the rows around; below 1e6 multiply-adds it takes
+    another kernel, which rounds differently)."""
+    vol, centres, _ = _volume(seed=6)
+    pts = voxel_to_angstrom(centres, VS)
+    pts = np.concatenate([pts, [[5.0, 5.0, 5.0], [990.0, 700.0, 430.0]],  # at the corners: clipped / padded
+                          pts[2:3] + 2.0])  # in the binned voxel of another point: matched once, given to both
+    cfg = dict(n_rotations=200, mask_radius=mask_radius)
+    tm = TemplateMatcher(_templates(), TemplateConfig(**cfg), cache=False)
+    ref = _straightforward_match(tm, vol, pts, VS)
+    got = tm.match(vol, pts, VS)
+    assert np.array_equal(got, ref) and np.array_equal(got[-1], got[2])  # every point in one batch
+    tm.config = TemplateConfig(**cfg, batch=3)  # batches of 3, 3 and 2 binned voxels
+    assert np.array_equal(tm.match(vol, pts, VS), ref)
+
+
 def test_matcher_tells_the_shapes_apart_at_their_centres():
     vol, centres, kinds = _volume()
     tm = TemplateMatcher(_templates(), TemplateConfig(n_rotations=400, mask_radius=110.0))
