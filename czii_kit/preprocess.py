@@ -353,19 +353,33 @@ and costs 0.22 (docs/pipeline.md, "Uneven background")."""
 def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
     """``volume [z, y, x]`` binned ``factor`` x by block mean, float32 (trailing voxels that fill no block dropped).
 
-    Binned voxel ``i`` covers voxels ``factor*i .. factor*i + factor - 1``. Summed one axis at a time,
-    z first (whole slices added: contiguous, about 3x faster than one reduction over the three block
-    axes; the same means within float32 rounding).
+    Binned voxel ``i`` covers voxels ``factor*i .. factor*i + factor - 1``, so it sits at
+    ``factor*i + (factor - 1) / 2`` of the original grid. Float32, bit for bit numpy's
+    ``reshape(z, f, y, f, x, f).mean((1, 3, 5))`` (the same sums in the same order: each row's ``f``
+    x-neighbours, then those row sums in ``(z, y)`` order), but as whole-slab additions a few
+    z-slices at a time, about 7x faster than numpy's reduction over three short axes.
     """
     if factor == 1:
         return np.asarray(volume, np.float32)
-    z, y, x = (n // factor * factor for n in volume.shape)
     f = factor
-    s = np.asarray(volume[:z, :y, :x]).reshape(z // f, f, y, x).sum(1, dtype=np.float32)
-    s = s.reshape(z // f, y // f, f, x).sum(2, dtype=np.float32)
-    s = s.reshape(z // f, y // f, x // f, f).sum(3, dtype=np.float32)
-    s *= np.float32(1.0 / f**3)
-    return s
+    z, y, x = (s // f * f for s in volume.shape)
+    v = np.asarray(volume[:z, :y, :x], np.float32)
+    if f >= 8 or x < 2 * f:  # numpy sums 8 or more neighbours in blocks, and reorders a single x: its own reduction
+        return v.reshape(z // f, f, y // f, f, x // f, f).mean((1, 3, 5))
+    out = np.empty((z // f, y // f, x // f), np.float32)
+    step = f * max(1, 8 // f)  # z-slices per slab: its row sums stay in cache
+    rows = np.empty((step, y, x // f), np.float32)
+    for z0 in range(0, z, step):
+        sl = v[z0:z0 + step]
+        r = rows[:len(sl)]
+        np.add(sl[..., 0::f], sl[..., 1::f], out=r)
+        for c in range(2, f):
+            r += sl[..., c::f]
+        o = out[z0 // f:z0 // f + len(sl) // f]
+        np.add(r[0::f, 0::f], np.float32(0.0), out=o)  # numpy's sum starts at +0.0 (so -0.0 blocks give +0.0)
+        for k in range(1, f * f):
+            o += r[k // f::f, k % f::f]
+    return np.true_divide(out, np.intp(f ** 3), out=out, casting="unsafe")  # as numpy's mean: sum / count
 
 
 def coarse_background(volume: np.ndarray, sigma: float = FLATTEN_SIGMA, binning: int = 4) -> np.ndarray:

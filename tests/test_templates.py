@@ -11,11 +11,11 @@ import pytest
 from czii_kit.catalog import PARTICLE_NAMES
 from czii_kit.coords import voxel_to_angstrom
 from czii_kit.errors import DataError, FileExistsNoForce, SettingsError
+from czii_kit.preprocess import block_mean
 from czii_kit.templates import (
     Template,
     TemplateConfig,
     TemplateMatcher,
-    block_mean,
     load_templates,
     save_templates,
     sphere_mask,
