@@ -216,16 +216,18 @@ def neighbour_correlation(volume: np.ndarray) -> float:
     return float(np.mean(v[:, :, 1:] * v[:, :, :-1]) / var)
 
 
-def smoothing_sigma(volume: np.ndarray, target: float = SMOOTH_TARGET, sigmas=SMOOTH_SIGMAS) -> float:
+def smoothing_sigma(volume: np.ndarray, target: float = SMOOTH_TARGET, sigmas=SMOOTH_SIGMAS,
+                    correlation: float | None = None) -> float:
     """Smallest Gaussian sigma (voxels) that brings :func:`neighbour_correlation` up to ``target``.
 
     0 when ``volume [z, y, x]`` is already that smooth (denoised tomograms); the largest of ``sigmas``
-    when none reaches it. Measured on the central block, filtered once per sigma.
+    when none reaches it. Measured on the central block, filtered once per sigma. ``correlation``:
+    the unfiltered block's, when the caller has it already.
     """
     from scipy.ndimage import gaussian_filter
 
     block = central_block(volume)
-    if neighbour_correlation(block) >= target:
+    if (neighbour_correlation(block) if correlation is None else correlation) >= target:
         return 0.0
     for s in sigmas:
         if neighbour_correlation(gaussian_filter(block, s)) >= target:
@@ -276,8 +278,9 @@ def auto_smoothing(volume: np.ndarray) -> tuple[float, float]:
     a noisy tomogram (:func:`smoothing_sigma`) or the unsharp-mask amount of an over-smoothed one
     (:func:`sharpening_amount`); at most one is non-zero. Measured on the central block."""
     block = central_block(volume)
-    sigma = smoothing_sigma(block)
-    return sigma, (sharpening_amount(block) if sigma == 0 else 0.0)
+    c = neighbour_correlation(block)  # once: both decisions read it
+    sigma = smoothing_sigma(block, correlation=c)
+    return sigma, (SHARPEN_AMOUNT if sigma == 0 and c > SHARPEN_LIMIT else 0.0)
 
 
 def parse_smooth(smooth: str | float) -> str | float:
