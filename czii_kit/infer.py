@@ -543,17 +543,27 @@ class Detector:
         in pixel coordinates of the input image."""
         return self.detect_tensor(*self.to_tensor(np.asarray(images)))
 
-    def detect_tensor(self, x, scale: float = 1.0) -> list[np.ndarray]:
-        """:meth:`detect` of images already made a tensor by :meth:`to_tensor` (``x`` and its ``scale``)."""
-        res = self._boxes(self.forward(x))
+    def outputs(self, x) -> list[tuple]:
+        """Raw outputs of a prepared tensor ``x``: ``[(output, flip)]``, the images' own (flip ``None``), and with
+        TTA the left-right and up-down flipped images' (``"lr"``, ``"ud"``); :meth:`boxes` makes them boxes."""
+        out = [(self.forward(x), None)]
         if self.config.tta:
-            lr = self._boxes(self.forward(x.flip(3)), "lr")
-            ud = self._boxes(self.forward(x.flip(2)), "ud")
-            res = [np.concatenate(t) for t in zip(res, lr, ud, strict=True)]
+            out += [(self.forward(x.flip(3)), "lr"), (self.forward(x.flip(2)), "ud")]
+        return out
+
+    def boxes(self, outputs: list[tuple], scale: float = 1.0) -> list[np.ndarray]:
+        """Boxes per image (as :meth:`detect`) of :meth:`outputs`' raw outputs: NMS, flipped boxes turned back
+        and pooled, coordinates divided by the input's ``scale``."""
+        res = [self._boxes(y, flip) for y, flip in outputs]
+        res = res[0] if len(res) == 1 else [np.concatenate(t) for t in zip(*res, strict=True)]
         if scale != 1.0:
             for r in res:
                 r[:, :4] /= scale
         return res
+
+    def detect_tensor(self, x, scale: float = 1.0) -> list[np.ndarray]:
+        """:meth:`detect` of images already made a tensor by :meth:`to_tensor` (``x`` and its ``scale``)."""
+        return self.boxes(self.outputs(x), scale)
 
 
 PREFETCH_DEPTH = 1
@@ -634,7 +644,7 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
     zs = slice_indices(volume.shape[0], z_stride)
     seen = volume.transpose(0, 2, 1) if turn else volume
 
-    split = hasattr(detector, "tensor") and hasattr(detector, "detect_tensor")  # else any .detect(images)
+    split = all(hasattr(detector, m) for m in ("tensor", "outputs", "boxes"))  # else any .detect(images)
 
     def inputs():  # made in a background thread while the model runs on the previous batch
         batch = detector.config.batch
@@ -645,12 +655,28 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
             for zb, imgs in iter_stacks(seen, window, preprocess, zs, batch):
                 yield zb, to_uint8(imgs)
 
-    for zb, *item in prefetch(inputs(), PREFETCH_DEPTH):
-        for z, boxes in zip(zb, detector.detect_tensor(*item) if split else detector.detect(*item), strict=True):
+    def add(zb, boxes_per_image) -> None:
+        for z, boxes in zip(zb, boxes_per_image, strict=True):
             if len(boxes):
                 rows.append(np.column_stack([np.full(len(boxes), z, np.float32), boxes]))
         if progress is not None:
             progress.update(len(zb))
+
+    if not split:
+        for zb, imgs in prefetch(inputs(), PREFETCH_DEPTH):
+            add(zb, detector.detect(imgs))
+    else:  # NMS of a batch in a second thread while the model runs on the next one
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="czii_kit-nms") as post:
+            pending = None
+            for zb, x, scale in prefetch(inputs(), PREFETCH_DEPTH):
+                outputs = detector.outputs(x)
+                if pending is not None:
+                    add(pending[0], pending[1].result())
+                pending = (zb, post.submit(detector.boxes, outputs, scale))
+            if pending is not None:
+                add(pending[0], pending[1].result())
     if not rows:
         return empty_detections()
     a = np.concatenate(rows)

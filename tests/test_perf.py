@@ -84,6 +84,28 @@ def test_openvino_streams_give_the_latency_models_outputs(tmp_path, monkeypatch)
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_pipelined_detection_equals_image_by_image_detection(tta):
+    from czii_kit.preprocess import PreprocessConfig, robust_window
+
+    det = infer.loaded_detector(default_weights(), "torch", infer.InferenceConfig(batch=3, conf=0.01, tta=tta), 96)
+    vol = np.random.default_rng(5).normal(size=(11, 70, 90)).astype(np.float32)
+    vol[:, 20:40, 30:50] -= 2.0  # something dark to detect
+
+    class Plain:  # only .detect: detect_prepared's sequential path, no prefetched tensors, no NMS thread
+        config, imgsz = det.config, det.imgsz
+        detect = staticmethod(det.detect)
+
+    w, prep = robust_window(vol), PreprocessConfig()
+    got = infer.detect_prepared(det, vol, w, "r", prep)
+    ref = infer.detect_prepared(Plain(), vol, w, "r", prep)
+    assert len(got) and got.equals(ref)
+    if tta:  # the images' own boxes come first, then the flipped images'
+        one = infer.detect_prepared(infer.loaded_detector(default_weights(), "torch", infer.InferenceConfig(
+            batch=3, conf=0.01), 96), vol, w, "r", prep)
+        assert len(got) > len(one)
+
+
 def test_openvino_rescorer_matches_torch_and_caches_its_conversion(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     import torch
