@@ -133,6 +133,11 @@ def synthetic_tomogram(path: str | Path, shape=FULL_SHAPE, n_per_type: int = 25,
     return write_tomogram(path, vol, VOXEL_SIZE, n_levels=1, chunks=(256, 256, 256), overwrite=True)
 
 
+ROUNDS = 3
+"""Rounds of the pipeline measurement (end to end, the forward-pass limit, detection alone, interleaved);
+each figure is the best of its rounds: on a shared machine whose speed drifts within seconds, two were
+not enough to catch both sides of a ratio in a quiet moment."""
+
 BENCH_RUN, WARMUP_RUN = "bench", "warmup"
 WARMUP_SHAPE = (40, FULL_SHAPE[1], FULL_SHAPE[2])
 """A short tomogram of the same slice size, predicted first (untimed): compiles the models and fills the
@@ -246,7 +251,7 @@ STAGES = {
     "tilt_axis": ("preprocess.py", "settle_tilt_axis"),
     "input_wait": ("infer.py", "prefetch"),
     "forward": ("infer.py", "forward"),
-    "nms": ("infer.py", "_boxes"),
+    "nms_wait": ("infer.py", "nms_result"),
     "merge": ("postprocess.py", "merge_detections"),
     "normalise": ("infer.py", "normalised"),
     "refine": ("refine.py", "refine_volume"),
@@ -257,7 +262,8 @@ STAGES = {
 }
 """Stages of the end-to-end breakdown: the czii_kit function (file, name) whose cumulative time (cProfile)
 each is. ``input_wait``: the detector waiting for its next batch from the prefetch thread (whose own
-work, the 2.5D images, overlaps the forward passes); ``rescore`` includes ``rescorer_network`` and
+work, the 2.5D images, overlaps the forward passes); ``nms_wait``: waiting for the NMS thread's boxes of
+the previous batch (NMS itself runs beside the next batch's forward pass, outside the profile); ``rescore`` includes ``rescorer_network`` and
 ``templates``."""
 
 
@@ -292,8 +298,8 @@ def _pipeline_worker(args) -> dict:
     """The whole predict (all the bundle's stages) on one full-size tomogram, against the forward-pass limit.
 
     After a warm-up tomogram: end to end (peak RSS taken right after it, before anything else is loaded),
-    the limit, detection alone, then all three again; each figure is the better of its two, so a burst of
-    load from elsewhere on a shared machine spoils neither side of a ratio alone.
+    the limit, detection alone, then all three again, ``args.rounds`` rounds in all; each figure is the best
+    of its rounds, so a burst of load from elsewhere on a shared machine spoils neither side of a ratio alone.
     """
     backend = args.backend
     t0 = time.perf_counter()
@@ -329,7 +335,7 @@ def _pipeline_worker(args) -> dict:
 
     times: dict[str, list[float]] = {"e2e": [e2e()], "forward_limit": [], "detect": []}
     out["peak_rss_mb"] = _peak_rss_mb()
-    for _ in range(2):
+    for _ in range(max(1, args.rounds)):
         if _:
             times["e2e"].append(e2e())
         times["forward_limit"].append(limit())
@@ -375,9 +381,12 @@ def _rss_mb() -> float:
 
 
 def _run_worker(tomogram: Path | None, weights: Path | None, backend: str, mode: str, batch: int = 8,
-                z_stride: int = 1, imgsz: int | None = None, root: Path | None = None, profile: bool = False) -> dict:
+                z_stride: int = 1, imgsz: int | None = None, root: Path | None = None, profile: bool = False,
+                rounds: int = 0) -> dict:
     cmd = [sys.executable, "-m", "czii_kit.bench", "--worker", "--backend", backend, "--mode", mode, "--batch",
            str(batch), "--z-stride", str(z_stride)]
+    if rounds:
+        cmd += ["--rounds", str(rounds)]
     for flag, value in (("--tomogram", tomogram), ("--weights", weights), ("--imgsz", imgsz), ("--root", root)):
         if value:
             cmd += [flag, str(value)]
@@ -393,10 +402,10 @@ def _run_worker(tomogram: Path | None, weights: Path | None, backend: str, mode:
 
 
 def run_pipeline(root: Path, weights: Path | None, backend: str, naive_s: float | None, progress=print,
-                 profile: bool = True) -> dict:
+                 profile: bool = True, rounds: int = 0) -> dict:
     """The end-to-end figures (:func:`_pipeline_worker`) plus startup, each in a fresh process; with the
     naive loop's seconds ``naive_s``, the speed-up over it."""
-    r = _run_worker(None, weights, backend, "pipeline", root=root, profile=profile)
+    r = _run_worker(None, weights, backend, "pipeline", root=root, profile=profile, rounds=rounds)
     progress(f"pipeline ({backend}, all stages: {r['stages_run'] or 'detection only'}): forward-pass limit "
              f"{r['forward_limit_s']:.2f} s ({r['slices']} passes, batch 1), detection {r['detect_s']:.2f} s "
              f"({r['detect_ratio']:.2f}x), end to end {r['e2e_s']:.2f} s ({r['e2e_ratio']:.2f}x), peak RSS "
@@ -431,7 +440,7 @@ def machine() -> dict:
 def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "torch"), batch: int = 8,
               z_strides=(1, 2), imgsz: int | None = 640, naive: bool = True, workdir: str | Path | None = None,
               progress=print, rescore: bool = True, pipeline: bool = True, noisy: bool = False,
-              profile: bool = True) -> dict:
+              profile: bool = True, rounds: int = 0) -> dict:
     """Run the benchmark; return ``{"setup", "pipeline", "results", "naive", "rescore"}``.
 
     ``weights``: the model (default: the shipped one, :func:`czii_kit.bundle.default_weights`; timing does
@@ -439,6 +448,7 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
     whole predict against the forward-pass limit (:func:`run_pipeline`, on the first of ``backends``
     unless OpenVINO is among them). ``noisy``: a white-noise tomogram (low-passed by ``smooth="auto"``)
     instead of a denoised-looking one. ``profile``: the stage breakdown (one more, profiled, pass).
+    ``rounds``: rounds of end to end, limit and detection in the pipeline measurement (0: :data:`ROUNDS`).
     """
     tmp = tempfile.TemporaryDirectory(prefix="czii_bench_") if workdir is None else None
     work = Path(workdir or tmp.name)
@@ -465,7 +475,7 @@ def run_bench(weights: str | Path | None = None, backends=("openvino", "onnx", "
         pipe = None
         if pipeline:
             be = "openvino" if "openvino" in backends else backends[0]
-            pipe = run_pipeline(root, weights, be, naive_r and naive_r["naive_s"], progress, profile)
+            pipe = run_pipeline(root, weights, be, naive_r and naive_r["naive_s"], progress, profile, rounds)
         rescore_r = None
         if rescore:
             shipped = ModelBundle.load(weights).weights.parent / RESCORER_FILE
@@ -497,6 +507,7 @@ def main(argv=None) -> int:  # the worker entry point (the user-facing command i
     p.add_argument("--weights")
     p.add_argument("--root", help="the bench dataset (pipeline and startup modes)")
     p.add_argument("--profile", action="store_true", help="pipeline mode: also a profiled pass (stage breakdown)")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="pipeline mode: rounds of end to end, limit, detection")
     p.add_argument("--backend", default="openvino")
     p.add_argument("--mode", default="predict", choices=["predict", "naive", "rescore", "pipeline", "startup"])
     p.add_argument("--batch", type=int, default=8)

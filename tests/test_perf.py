@@ -152,7 +152,7 @@ def test_wedge_ratio_of_the_half_spectrum_is_the_full_spectrum_s():
 
 def test_bench_pipeline_worker_reports_the_limit_ratios_stages_and_startup(tmp_path):
     """The bench's whole-predict measurement on a small dataset (runs ``bench`` and ``warmup``): each figure
-    the better of its two runs, the ratios to the limit, the profiled stages, and a startup breakdown."""
+    the best of its rounds, the ratios to the limit, the profiled stages, and a startup breakdown."""
     import argparse
 
     from czii_kit import bench
@@ -161,7 +161,7 @@ def test_bench_pipeline_worker_reports_the_limit_ratios_stages_and_startup(tmp_p
     static = tmp_path / "static"
     bench.synthetic_tomogram(tomogram_location(static, bench.WARMUP_RUN), (32, 64, 64), n_per_type=1, seed=1)
     bench.synthetic_tomogram(tomogram_location(static, bench.BENCH_RUN), (40, 64, 80), n_per_type=1)
-    args = argparse.Namespace(weights=None, backend="openvino", root=str(tmp_path), profile=True, imgsz=None)
+    args = argparse.Namespace(weights=None, backend="openvino", root=str(tmp_path), profile=True, imgsz=None, rounds=2)
     out = bench._pipeline_worker(args)
     assert out["slices"] == 40 and out["imgsz"] == 96 and out["stages_run"] == "refine, rescore"
     for name in ("e2e", "detect", "forward_limit"):

@@ -38,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a white-noise tomogram (low-passed by smooth=auto) instead of a denoised-looking one")
     p.add_argument("--no-scaleout", action="store_true",
                    help="skip timing `predict --workers 1` against `--workers 2` (a few small synthetic runs)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="rounds of end to end, limit and detection in the whole-predict measurement, each figure the "
+                        "best of its rounds (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     return p
 
@@ -48,7 +51,8 @@ def run(args) -> int:
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     out = run_bench(args.weights, tuple(args.backends), args.batch, tuple(args.z_strides), args.imgsz,
                     naive=not args.no_naive, progress=log, rescore=not args.no_rescore,
-                    pipeline=not args.no_pipeline, noisy=args.noisy, profile=not args.no_profile)
+                    pipeline=not args.no_pipeline, noisy=args.noisy, profile=not args.no_profile,
+                    rounds=args.rounds)
     if not args.no_scaleout and importlib.util.find_spec("distributed"):
         from czii_kit.bench import bench_scaleout
 
