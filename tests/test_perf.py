@@ -122,6 +122,9 @@ def test_openvino_rescorer_matches_torch_and_caches_its_conversion(tmp_path, mon
     assert Rescorer(path, engine="openvino").engine == "openvino" and ir.stat().st_mtime_ns == stamp  # reused
     with pytest.raises(ValueError, match="engine"):
         Rescorer(path, engine="tpu")
+    first = ov.logits(patches[:40]).numpy()
+    ov.release_memory()  # its working memory given back; the next call allocates it again
+    np.testing.assert_array_equal(ov.logits(np.ascontiguousarray(patches[:40])).numpy(), first)
 
 
 def test_wedge_ratio_of_the_half_spectrum_is_the_full_spectrum_s():
