@@ -170,6 +170,7 @@ def predict_runs(plan: Plan, runs: Iterable, tomogram: str = "auto", backend: st
             if plan.rescorer is not None:
                 cands = rescore_volume(cands, vol, done.voxel_size, plan.rescorer, plan.rescore, raw=True,
                                        templates=plan.templates)
+                plan.rescorer.release_memory()  # its working memory, through the next tomogram's detection
             del vol
         del done  # its volume, before the next tomogram is read
         yield cands

@@ -179,11 +179,18 @@ class Rescorer:
         import torch
 
         if self._compiled is not None:  # small sub-batches: the same logits, a fraction of the working memory
-            x = np.ascontiguousarray(x[:, None])
+            x = np.ascontiguousarray(x[:, None])  # copied into the request's own input (shared: RSS crept up)
             return torch.from_numpy(np.concatenate(
-                [np.asarray(self._compiled(x[i:i + OPENVINO_BATCH])[0]) for i in range(0, len(x), OPENVINO_BATCH)]))
+                [np.asarray(self._compiled(x[i:i + OPENVINO_BATCH], share_inputs=False)[0])
+                 for i in range(0, len(x), OPENVINO_BATCH)]))
         with torch.inference_mode():
             return self.net(torch.from_numpy(x[:, None]).to(self.device)).float().cpu()
+
+    def release_memory(self) -> None:
+        """Give back OpenVINO's working memory of the network (allocated again by the next call): a process
+        predicting run after run does not hold it through the next tomogram's detection."""
+        if self._compiled is not None:
+            self._compiled.release_memory()
 
     def predict_proba(self, patches: np.ndarray, batch: int = 256, tta: bool = False) -> np.ndarray:
         """Probabilities ``(N, 7)`` of raw (unstandardised) patches ``(N, s, s, s)``."""

@@ -330,6 +330,13 @@ class TemplateMatcher:
         Folder of the rotated templates (:func:`cached_rotated_boxes`; default :func:`template_cache`),
         so they are rotated once per template file and configuration, not once per process; ``False``:
         rotate them in memory only.
+
+    Notes
+    -----
+    The matrices of one (voxel size, wedge) take 2 x 18 MB for the shipped templates (1,500 rotations).
+    With the disk cache only the last tomogram's are kept in memory: an estimated wedge differs from
+    tomogram to tomogram, and keeping each would grow the process by 36 MB a run; another is read back
+    from the disk cache (a fraction of a second). Without it, those of up to 8 wedges are kept.
     """
 
     def __init__(self, templates, config: TemplateConfig | None = None, cache: str | Path | None = None):
@@ -343,6 +350,7 @@ class TemplateMatcher:
         self._cache: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self._boxes: dict[float, dict[str, np.ndarray]] = {}  # rotated densities per voxel size (cache=False)
         self.last_wedge = None  # the wedge of the last tomogram matched
+        self.kept_wedges = 8 if cache is False else 1  # matrices kept in memory, per (voxel size, wedge)
 
     def _matrices(self, binned_voxel: float, wedge=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{type: (mask, rotated templates)}`` at ``binned_voxel`` Å with the missing ``wedge`` (or None).
@@ -353,6 +361,8 @@ class TemplateMatcher:
         vkey = round(float(binned_voxel), 6)
         key = (vkey, wedge)
         if key not in self._cache:
+            while self._cache and len(self._cache) >= self.kept_wedges:  # the oldest go before the new are read
+                self._cache.pop(next(iter(self._cache)))
             cfg = self.config
             kept = self._boxes.get(vkey, {})
             out = {}
@@ -370,8 +380,6 @@ class TemplateMatcher:
                 if len(self._boxes) >= 2:  # a dataset has one voxel size
                     self._boxes.pop(next(iter(self._boxes)))
                 self._boxes[vkey] = kept
-            if len(self._cache) >= 8:  # a dataset has one voxel size and a few tilt schemes
-                self._cache.pop(next(iter(self._cache)))
             self._cache[key] = out
         return self._cache[key]
 

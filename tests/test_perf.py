@@ -1,6 +1,9 @@
 """Issue 28 (performance): what the faster paths keep the same, and what they reuse."""
 
 import os
+import platform
+import subprocess
+import sys
 import threading
 import time
 
@@ -40,6 +43,38 @@ def test_prefetch_keeps_order_overlaps_and_raises_the_producers_error():
 
     with pytest.raises(ValueError, match="bad slice"):
         list(infer.prefetch(broken()))
+
+
+MMAP_PROBE = """
+import ctypes, sys
+import numpy as np
+from czii_kit import infer
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo.restype = Info
+applied = infer.fix_mmap_threshold() if sys.argv[1] == "fix" else False
+big = np.ones(24 << 20, np.uint8)  # a mapped block; freed, glibc's own threshold rises to its size
+del big
+before = libc.mallinfo().hblks
+slice_ = np.ones((630, 630), np.float32)  # one slice of a full-size tomogram
+print(int(applied), libc.mallinfo().hblks - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_slices_stay_mapped_after_a_large_block_is_freed():
+    def probe(mode: str, **env) -> tuple[int, int]:
+        clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_" and k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], env={**clean, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return int(out[0]), int(out[1])
+
+    assert probe("plain") == (0, 0)  # glibc's default: the slice comes from the heap (and stays resident)
+    assert probe("fix") == (1, 1)  # its own mapping, unmapped when freed
+    assert probe("fix", MALLOC_MMAP_THRESHOLD_="33554432") == (0, 0)  # the user's setting is left alone
 
 
 def test_window_in_place_gives_the_same_values():
@@ -125,6 +160,9 @@ def test_openvino_rescorer_matches_torch_and_caches_its_conversion(tmp_path, mon
     assert Rescorer(path, engine="openvino").engine == "openvino" and ir.stat().st_mtime_ns == stamp  # reused
     with pytest.raises(ValueError, match="engine"):
         Rescorer(path, engine="tpu")
+    first = ov.logits(patches[:40]).numpy()
+    ov.release_memory()  # its working memory given back; the next call allocates it again
+    np.testing.assert_array_equal(ov.logits(np.ascontiguousarray(patches[:40])).numpy(), first)
 
 
 def test_wedge_ratio_of_the_half_spectrum_is_the_full_spectrum_s():

@@ -405,3 +405,29 @@ def test_rotated_templates_cached_on_disk(monkeypatch, tmp_path):
         f.write_bytes(b"damaged")
     np.testing.assert_array_equal(TemplateMatcher(_templates(), cfg).match(vol, pts, VS), first)
     assert len(calls) == 8
+
+
+def test_a_matcher_with_the_disk_cache_keeps_one_wedge_in_memory(monkeypatch, tmp_path):
+    """Each tomogram's estimated wedge is a new key: with the disk cache a matcher holds only the last
+    one's matrices (a process predicting run after run does not grow), and a wedge met again is read
+    back from the disk, the same rows, not rotated again."""
+    import czii_kit.templates as templates
+    from czii_kit.wedge import Wedge
+
+    calls = []
+    real = templates.rotated_boxes
+    monkeypatch.setattr(templates, "rotated_boxes", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    cfg = TemplateConfig(n_rotations=30, mask_radius=110.0)
+    tm = TemplateMatcher(_templates(), cfg, cache=tmp_path / "rot")
+    first = {n: rows.copy() for n, (_m, rows) in tm._matrices(20.0, Wedge(35.0, 40.0)).items()}
+    for w in (Wedge(50.0, 50.0), Wedge(60.0, 60.0), None):
+        tm._matrices(20.0, w)
+        assert len(tm._cache) == 1
+    again = tm._matrices(20.0, Wedge(35.0, 40.0))
+    assert list(tm._cache) == [(20.0, Wedge(35.0, 40.0))] and len(calls) == 2  # rotated once, read back since
+    for name in BLOBS:
+        np.testing.assert_array_equal(again[name][1], first[name])
+    plain = TemplateMatcher(_templates(), cfg, cache=False)
+    for w in (Wedge(35.0, 40.0), Wedge(50.0, 50.0), None):
+        plain._matrices(20.0, w)
+    assert len(plain._cache) == 3  # in memory only: kept, each costs its filter again otherwise
