@@ -617,17 +617,18 @@ def prefetch(items: Iterable, depth: int = PREFETCH_DEPTH) -> Iterator:
 
 
 def prepare_volume(volume: np.ndarray, preprocess: PreprocessConfig, config: InferenceConfig | None = None,
-                   source=None) -> tuple[np.ndarray, Window, float]:
+                   source=None, in_place: bool = False) -> tuple[np.ndarray, Window, float]:
     """``volume [z, y, x]`` flattened and low-passed as ``config`` asks, its intensity window and the sigma used.
 
     Returns ``(volume, window, sigma)``: the (possibly) low-passed volume, the :class:`Window` that maps
     it to 0..1 with dense matter dark (polarity settled as ``config.polarity`` asks), and the Gaussian
     sigma in voxels (0: not filtered). The detector and the 3D stages (refinement, rescoring) use the
-    same volume and window, so a tomogram is prepared once per pass over it.
+    same volume and window, so a tomogram is prepared once per pass over it. ``in_place``: a low-pass
+    may overwrite ``volume`` (:func:`czii_kit.preprocess.settle_smoothing`; the caller holds no other use of it).
     """
     config = config or InferenceConfig()
     volume, _ = settle_flatten(volume, config.flatten, source=source)
-    volume, sigma = settle_smoothing(volume, config.smooth, source=source)
+    volume, sigma = settle_smoothing(volume, config.smooth, source=source, in_place=in_place)
     window, _ = window_for(volume, preprocess, config.polarity, source=source)
     return volume, window, sigma
 
@@ -785,12 +786,12 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
 
 def _read_prepared(tomo, voxel_size: float | None, preprocess: PreprocessConfig, config: InferenceConfig):
     """``(volume, voxel size, window, sigma)``: ``tomo`` read (:func:`czii_kit.volumes.load_volume`) and prepared
-    (:func:`prepare_volume`), the raw volume held by nothing else, so that it is freed as soon as a filtered
-    copy replaces it (one volume, not two, at the peak)."""
+    (:func:`prepare_volume`), the raw volume held by nothing else and low-passed in place (one volume, not
+    two, at the peak)."""
     vol, vs = load_volume(tomo, voxel_size)
     held = [vol]
     del vol  # from here the only reference travels into prepare_volume (popped from ``held``)
-    prepared, window, sigma = prepare_volume(held.pop(), preprocess, config, tomo.path)
+    prepared, window, sigma = prepare_volume(held.pop(), preprocess, config, tomo.path, in_place=True)
     return prepared, vs, window, sigma
 
 

@@ -300,7 +300,7 @@ def parse_smooth(smooth: str | float) -> str | float:
 
 
 def settle_smoothing(volume: np.ndarray, smooth: str | float = "auto", source=None,
-                     warn: bool = True) -> tuple[np.ndarray, float]:
+                     warn: bool = True, in_place: bool = False) -> tuple[np.ndarray, float]:
     """``volume [z, y, x]`` low-passed (or sharpened) as ``smooth`` asks; returns ``(volume, sigma)``.
 
     ``smooth``: ``"auto"`` brings the smoothness into the range of the denoised tomograms the models
@@ -308,7 +308,9 @@ def settle_smoothing(volume: np.ndarray, smooth: str | float = "auto", source=No
     (x-neighbour correlation above :data:`SHARPEN_LIMIT`) is sharpened (:func:`sharpen`; sigma
     returned as 0), anything between is returned as is; a warning names ``source`` when it acts. A
     number is the Gaussian sigma in voxels (0 or ``"off"`` = never filter, nor sharpen; see
-    :func:`parse_smooth`). A filtered volume is float32.
+    :func:`parse_smooth`). A filtered volume is float32. ``in_place=True``: a float32 ``volume`` is
+    low-passed where it lies (the same values; no second volume at the peak), so the caller must not
+    need the unfiltered one.
     """
     from scipy.ndimage import gaussian_filter
 
@@ -337,6 +339,8 @@ def settle_smoothing(volume: np.ndarray, smooth: str | float = "auto", source=No
         sigma = smooth
     if sigma == 0:
         return volume, 0.0
+    if in_place and isinstance(volume, np.ndarray) and volume.dtype == np.float32 and volume.flags.writeable:
+        return gaussian_filter(volume, sigma, output=volume), sigma  # line by line through a buffer: same values
     return gaussian_filter(np.asarray(volume, dtype=np.float32), sigma, output=np.float32), sigma
 
 

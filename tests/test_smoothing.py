@@ -71,3 +71,17 @@ def test_predict_cli_rejects_a_bad_smooth_value(capsys):
         main(["predict", "root", "--out", "x.csv", "--smooth", "strong"])
     assert exc.value.code == 2
     assert "smooth must be 'auto', 'off' or a sigma in voxels, got 'strong'" in capsys.readouterr().err
+
+
+def test_low_pass_in_place_gives_the_same_volume_without_a_copy():
+    from czii_kit.preprocess import settle_smoothing
+
+    noisy = np.random.default_rng(7).normal(size=(20, 40, 56)).astype(np.float32)  # white noise: low-passed
+    ref, sigma = settle_smoothing(noisy, "auto", warn=False)
+    assert sigma > 0 and not np.shares_memory(ref, noisy)
+    work = noisy.copy()
+    got, sigma2 = settle_smoothing(work, "auto", warn=False, in_place=True)
+    assert got is work and sigma2 == sigma and np.array_equal(got, ref)
+    ints = (noisy * 100).astype(np.int16)  # not float32: filtered into a new array even when asked in place
+    out, _ = settle_smoothing(ints, 1.0, in_place=True)
+    assert out.dtype == np.float32 and ints.dtype == np.int16
