@@ -11,6 +11,7 @@ Arrays are indexed ``[z, y, x]``; patch centres are integer voxel indices ``(z, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -25,25 +26,38 @@ PATCH_SIZE = 32
 """Side (voxels) of the rescorer's patches: 320 Å, just wider than the largest particle."""
 
 
-def read_volume(tomo) -> np.ndarray:
+READ_THREADS = 2
+"""Chunk columns :func:`read_volume` decompresses at once (zarr decompresses each chunk on one core): 0.48 ->
+0.31 s for a full-size tomogram of 9 columns on 2 cores, for about one more column of transient memory."""
+
+
+def read_volume(tomo, threads: int | None = None) -> np.ndarray:
     """The whole level of a :class:`~czii_kit.tomogram.Tomogram` as float32 ``(nz, ny, nx)``.
 
-    Reads one chunk column (all z, one y/x chunk) at a time, decompressed straight into a preallocated
-    array (:meth:`~czii_kit.tomogram.Tomogram.read_into`), so each chunk is decompressed once and the
-    transient memory stays at about one chunk.
+    Reads chunk columns (all z, one y/x chunk), ``threads`` at a time (default :data:`READ_THREADS`, at most
+    the CPUs), each decompressed straight into a preallocated array
+    (:meth:`~czii_kit.tomogram.Tomogram.read_into`), so each chunk is decompressed once and the transient
+    memory stays at about ``threads`` chunks.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     arr = tomo.array
     nz, ny, nx = tomo.shape
     chunks = getattr(arr, "chunks", None) or (nz, ny, nx)
     cy, cx = int(chunks[1]), int(chunks[2])
     out = np.empty((nz, ny, nx), np.float32)
     check = VoxelCheck(tomo.path / tomo.level)  # NaN / inf voxels, counted per chunk column
+    keys = [(slice(None), slice(y0, y0 + cy), slice(x0, x0 + cx)) for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
+
+    def read(key) -> np.ndarray:
+        tomo.read_into(out[key], key)
+        return out[key]
+
+    n = max(1, min(threads or READ_THREADS, os.cpu_count() or 1, len(keys)))
     try:
-        for y0 in range(0, ny, cy):
-            for x0 in range(0, nx, cx):
-                key = (slice(None), slice(y0, y0 + cy), slice(x0, x0 + cx))
-                tomo.read_into(out[key], key)
-                check.count(out[key])
+        with ThreadPoolExecutor(n, thread_name_prefix="czii_kit-read") as pool:
+            for block in pool.map(read, keys):
+                check.count(block)
     except Exception as exc:  # corrupt chunk, missing codec, ...
         raise DataError(tomo.path / tomo.level, f"cannot read voxels: {exc}") from exc
     return check.settle(out)
