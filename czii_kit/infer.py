@@ -420,8 +420,8 @@ class OpenVINOStreams:
         """Raw outputs ``(B, ...)`` of images ``x (B, 3, S, S)`` float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         self._out = [None] * len(x)
-        for i in range(len(x)):
-            self.queue.start_async({0: x[i:i + 1]}, i)
+        for i in range(len(x)):  # zero-copy: the requests read x itself (alive until wait_all returns)
+            self.queue.start_async({0: x[i:i + 1]}, i, share_inputs=True)
         self.queue.wait_all()
         out, self._out = self._out, None
         return np.concatenate(out)
