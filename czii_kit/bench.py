@@ -247,8 +247,7 @@ def _worker(args) -> dict:
 
 STAGES = {
     "read": ("volumes.py", "read_volume"),
-    "prepare": ("infer.py", "prepare_volume"),
-    "tilt_axis": ("preprocess.py", "settle_tilt_axis"),
+    "prepare": ("infer.py", "prepare_for_detection"),
     "input_wait": ("infer.py", "prefetch"),
     "forward": ("infer.py", "forward"),
     "nms_wait": ("infer.py", "nms_result"),

@@ -160,17 +160,21 @@ def contrast_skew(volume: np.ndarray, step: int = 2, sigma: float = 1.0) -> floa
 
 
 def window_for(volume: np.ndarray, config: PreprocessConfig = PreprocessConfig(), polarity: str = "auto",
-               source=None) -> tuple[Window, float | None]:
+               source=None, skew: float | None = None) -> tuple[Window, float | None]:
     """The intensity window of ``volume`` with its contrast polarity settled; returns ``(window, skew)``.
 
     ``polarity``: ``"dark"`` keeps the data as is (particles dark, as the models are trained),
     ``"bright"`` inverts it, ``"auto"`` inverts only when :func:`contrast_skew` exceeds
     :data:`BRIGHT_SKEW` (clear evidence of bright dense matter; a warning names ``source``; ``skew``
-    is ``None`` for the other polarities). ``config.invert`` is applied on top.
+    is ``None`` for the other polarities). ``config.invert`` is applied on top. ``skew``: the volume's
+    :func:`contrast_skew`, when the caller has measured it already (``"auto"`` only).
     """
     if polarity not in ("auto", "dark", "bright"):
         raise ValueError(f"polarity must be 'auto', 'dark' or 'bright', got {polarity!r}")
-    skew = contrast_skew(volume) if polarity == "auto" else None
+    if polarity != "auto":
+        skew = None
+    elif skew is None:
+        skew = contrast_skew(volume)
     looks_bright = skew is not None and skew > BRIGHT_SKEW
     if looks_bright:
         import warnings
@@ -502,17 +506,19 @@ def tilt_axis_of(ratio: float) -> str:
     return "x" if ratio > TILT_AXIS_LIMIT else "y"
 
 
-def settle_tilt_axis(volume: np.ndarray, tilt_axis: str = "auto", source=None, warn: bool = True) -> bool:
+def settle_tilt_axis(volume: np.ndarray, tilt_axis: str = "auto", source=None, warn: bool = True,
+                     ratio: float | None = None) -> bool:
     """Whether to turn slices a quarter (x and y exchanged) for a detector trained with the tilt axis along y.
 
     ``tilt_axis``: ``"y"`` never, ``"x"`` always, ``"auto"`` when :func:`wedge_ratio` is above
-    :data:`TILT_AXIS_LIMIT` (a warning names ``source``).
+    :data:`TILT_AXIS_LIMIT` (a warning names ``source``). ``ratio``: the volume's wedge ratio, when the
+    caller has measured it already.
     """
     if tilt_axis not in TILT_AXES:
         raise ValueError(f"tilt_axis must be one of {TILT_AXES}, got {tilt_axis!r}")
     if tilt_axis != "auto":
         return tilt_axis == "x"
-    ratio = wedge_ratio(volume)
+    ratio = wedge_ratio(volume) if ratio is None else ratio
     turn = tilt_axis_of(ratio) == "x"
     if turn and warn:
         import warnings

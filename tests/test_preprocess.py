@@ -440,3 +440,43 @@ def test_settle_smoothing_sharpens_over_smoothed_volumes_only():
     np.testing.assert_allclose(sharpen(over, 0.5, 1.0), over + 0.5 * (over - gaussian_filter(over, 1.0)), atol=1e-5)
     with pytest.raises(ValueError, match="sharpen"):
         sharpen(over, -1.0)
+
+
+@pytest.mark.parametrize("case", ["smooth", "noisy", "turned", "uneven", "bright", "fixed"])
+def test_prepare_for_detection_equals_the_sequential_settling(case):
+    """The wedge ratio and contrast skew measured in a second thread give what the calls one after the other give,
+    also when flattening or a low-pass (in place) changes the volume first."""
+    import warnings
+
+    from scipy.ndimage import gaussian_filter
+
+    from czii_kit.infer import InferenceConfig, prepare_for_detection
+    from czii_kit.preprocess import settle_flatten, settle_smoothing, settle_tilt_axis, window_for
+
+    shape = (40, 72, 88)
+    vol = gaussian_filter(_wedged(shape), 2.0).astype(np.float32)  # denoised-looking, tilt axis along y
+    cfg = InferenceConfig()
+    if case == "noisy":
+        vol = _wedged(shape)  # white-ish: low-passed
+    elif case == "turned":
+        vol = np.ascontiguousarray(vol.transpose(0, 2, 1))
+    elif case == "uneven":
+        vol = vol + np.linspace(0, 3 * float(vol.std()) * 8, shape[2], dtype=np.float32)  # a strong lateral ramp
+    elif case == "bright":
+        vol = -vol
+        vol[:, 30:40, 30:40] += 20 * float(vol.std())  # bright dense matter
+    elif case == "fixed":
+        cfg = InferenceConfig(smooth=1.0, flatten="off", polarity="dark", tilt_axis="x")
+    prep = PreprocessConfig()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f, _ = settle_flatten(vol, cfg.flatten)
+        ref, sigma = settle_smoothing(f, cfg.smooth)
+        window, _ = window_for(ref, prep, cfg.polarity)
+        turn = settle_tilt_axis(ref, cfg.tilt_axis)
+        work = vol.copy()
+        got, w2, sigma2, turn2 = prepare_for_detection(work, prep, cfg, in_place=True)
+    assert np.array_equal(got, ref) and sigma2 == sigma and turn2 == turn
+    assert (w2.vmin, w2.vmax, w2.invert) == (window.vmin, window.vmax, window.invert)
+    assert {"noisy": sigma > 0, "turned": turn, "uneven": not np.array_equal(f, vol),
+            "bright": window.invert, "fixed": sigma == 1.0 and turn}.get(case, sigma == 0 and not turn)
