@@ -3,7 +3,9 @@ own forward passes, each backend's detection, the naive loop, the 3D stages, sta
 
 Each measurement runs in a fresh Python process (``python -m czii_kit.bench --worker ...``) so that
 its peak RSS (``ru_maxrss``) is that of one job alone, with nothing else loaded. The machine's speed
-drifts (shared CPUs), so the pipeline is measured against a limit timed in the same process.
+drifts (shared CPUs), so the pipeline is measured against a limit timed in the same run, in rounds
+interleaved with it (the limit in a process of its own while the pipeline's waits: see
+:func:`_pipeline_worker`).
 
 Figures
 -------

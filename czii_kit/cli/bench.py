@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Write a synthetic full-size tomogram, then, each in a fresh process: the whole predict with all the "
             "model bundle's stages against the forward-pass limit (184 plain forward passes of the same model, "
-            "batch 1, same backend, timed in the same process), with detection alone, the ratios, peak RSS, a "
+            "batch 1, same backend, timed in rounds interleaved with it), with detection alone, the ratios, peak RSS, a "
             "profiled stage breakdown and startup; czii_kit's detection per backend and z-stride with the "
             "model-only time; the naive per-slice `model.predict` loop; the 3D stages on 1,000 candidates. "
             "Exports are made once and cached (not timed)."
