@@ -54,6 +54,7 @@ from czii_kit.preprocess import (
     settle_smoothing,
     settle_tilt_axis,
     slice_indices,
+    to_uint8,
     wedge_ratio,
     window_for,
 )
@@ -303,12 +304,6 @@ def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
     for c in range(3):
         np.multiply(images[..., 2 - c], inv, out=x[:, c, :h, :w])
     return x, scale
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Images as the detector reads them: uint8 as they are, float32 0..1 (``PreprocessConfig.dtype``
-    ``"float32"``) rounded to 0..255."""
-    return images if images.dtype == np.uint8 else (images * 255.0 + 0.5).astype(np.uint8)
 
 
 def iter_inputs(volume: np.ndarray, window: Window, preprocess: PreprocessConfig, z_indices: Sequence[int],

@@ -627,6 +627,12 @@ def stack_slice(volume: np.ndarray, z: int, window: Window, config: PreprocessCo
     return np.stack(chans, axis=-1)
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """2.5D images as the detector reads them, in training and inference alike: uint8 as they are, float32
+    0..1 (``PreprocessConfig.dtype`` ``"float32"``) rounded to 0..255."""
+    return images if images.dtype == np.uint8 else (images * 255.0 + 0.5).astype(np.uint8)
+
+
 def slice_indices(nz: int, z_stride: int = 1, z_start: int | None = None) -> np.ndarray:
     """Slices visited with stride ``z_stride``, centred in the volume (``0..nz-1``)."""
     if z_stride < 1:

@@ -42,6 +42,7 @@ from czii_kit.preprocess import (
     robust_window,
     slice_indices,
     stack_slice,
+    to_uint8,
 )
 from czii_kit.tomogram import open_tomogram
 
@@ -142,8 +143,7 @@ def _imwrite(path: Path, img: np.ndarray) -> None:
 def _image(stacks: dict, i: int, vols: list, windows: list, z: int, cfg: PreprocessConfig) -> np.ndarray:
     """The uint8 2.5D image of slice ``z`` of tomogram ``i``, made once per slice (kept in ``stacks``)."""
     if i not in stacks:
-        img = stack_slice(vols[i], z, windows[i], cfg)
-        stacks[i] = img if cfg.dtype == "uint8" else (img * 255.0 + 0.5).astype(np.uint8)
+        stacks[i] = to_uint8(stack_slice(vols[i], z, windows[i], cfg))
     return stacks[i]
 
 

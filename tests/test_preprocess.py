@@ -146,7 +146,8 @@ def test_prepare_batch_pads_reverses_channels_and_scales():
     (PreprocessConfig(), 1, False, 32),  # slices larger than the input: scaled down, the plain way
 ])
 def test_iter_inputs_equals_prepare_batch_of_iter_stacks(config, z_stride, turn, imgsz):
-    from czii_kit.infer import iter_inputs, prepare_batch, to_uint8
+    from czii_kit.infer import iter_inputs, prepare_batch
+    from czii_kit.preprocess import to_uint8
 
     vol = _volume((13, 37, 50), seed=3)
     seen = vol.transpose(0, 2, 1) if turn else vol
