@@ -176,7 +176,6 @@ def _worker(args) -> dict:
     if args.mode == "rescore":
         import pandas as pd
 
-
         rng = np.random.default_rng(0)
         zyx = rng.uniform(0, np.array(tomo.shape) - 1, (RESCORE_CANDIDATES, 3))
         xyz = voxel_to_angstrom(zyx, tomo.voxel_size)
@@ -209,7 +208,6 @@ def _worker(args) -> dict:
             matcher.margins(vol, xyz, tomo.voxel_size)
             out.update(templates_setup_s=t1 - t0, templates_s=time.perf_counter() - t1)
     elif args.mode == "naive":
-
         configure_offline()
         from ultralytics import YOLO
 
