@@ -128,7 +128,7 @@ def make_plan(model: ModelBundle | str | Path | None = None, settings: PipelineS
             warnings.warn(f"{path}: rescorer {problem}; using the detector-only thresholds", stacklevel=2)
             section = None
     if section is not None:
-        rescorer = Rescorer(path)
+        rescorer = Rescorer(path, digest=model.sha256(path))  # read once already for the manifest / record check
         thresholds.update(section.thresholds)
         matcher, rcfg = _template_stage(model, section, templates)
     return Plan(model, settings, refine_cfg, rescorer, rcfg, matcher, thresholds)

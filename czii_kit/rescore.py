@@ -142,10 +142,12 @@ def _openvino_rescorer(net, patch_size: int, digest: str):
 class Rescorer:
     """A trained rescorer: ``predict_proba(patches) -> (N, 7)`` probabilities (columns :data:`CLASSES`).
 
-    ``engine``: one of :data:`RESCORER_ENGINES` (the engine used is :attr:`engine`).
+    ``engine``: one of :data:`RESCORER_ENGINES` (the engine used is :attr:`engine`). ``digest``: the file's
+    SHA-256 when the caller has it (a :class:`~czii_kit.bundle.ModelBundle` does), the key of the OpenVINO
+    conversion's cache; else it is computed.
     """
 
-    def __init__(self, path: str | Path, engine: str = "auto"):
+    def __init__(self, path: str | Path, engine: str = "auto", digest: str | None = None):
         import torch
 
         if engine not in RESCORER_ENGINES:
@@ -171,7 +173,7 @@ class Rescorer:
             self.device = torch.device("cuda:0")
             self.net.to(self.device)
         elif engine == "openvino" or (engine == "auto" and not missing_backend_modules("openvino")):
-            self._compiled = _openvino_rescorer(self.net, self.patch_size, file_sha256(self.path))
+            self._compiled = _openvino_rescorer(self.net, self.patch_size, digest or file_sha256(self.path))
         self.engine = "openvino" if self._compiled is not None else "torch"
 
     def logits(self, x: np.ndarray):
