@@ -75,16 +75,29 @@ class Window:
     invert: bool = False
     extra: dict = field(default_factory=dict)
 
+    def _affine(self) -> tuple[float, float]:
+        """``(s, o)``: the window maps ``x`` to ``x * s + o`` (clipped to 0..1)."""
+        s = 1.0 / (self.vmax - self.vmin)
+        o = -self.vmin * s
+        return (-s, 1.0 - o) if self.invert else (s, o)
+
+    def uint8_into(self, x: np.ndarray, out: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """``apply(x, "uint8")`` written into ``work`` (uint8, ``x``'s shape), ``out`` (float32, ``x``'s shape; a
+        view may do) holding the float32 rounding on the way: the same values, no temporary arrays."""
+        s, o = self._affine()
+        np.multiply(x, np.float32(255.0 * s), out=out)
+        out += np.float32(255.0 * o + 0.5)
+        np.clip(out, 0.5, 255.5, out=out)
+        np.copyto(work, out, casting="unsafe")
+        return work
+
     def apply(self, x: np.ndarray, dtype: str = "uint8", in_place: bool = False) -> np.ndarray:
         """Map ``x`` (any shape) through the window to uint8 0..255 (rounded) or float32 0..1.
 
         ``in_place=True`` (float32 only) writes the result over ``x`` itself when it is a float32
         array (no second copy of a whole volume); the values are the same.
         """
-        s = 1.0 / (self.vmax - self.vmin)
-        o = -self.vmin * s
-        if self.invert:
-            s, o = -s, 1.0 - o
+        s, o = self._affine()
         if dtype == "uint8":  # round(255 * clip(x * s + o, 0, 1)) in one fused pass
             y = np.asarray(x, dtype=np.float32) * np.float32(255.0 * s)
             y += np.float32(255.0 * o + 0.5)
@@ -603,6 +616,24 @@ def channel_image(volume: np.ndarray, zc: int, window: Window, config: Preproces
 
         img = gaussian_filter(np.asarray(img, dtype=np.float32), config.denoise_sigma)
     return window.apply(img, config.dtype)
+
+
+INPUT_SCALE = np.float32(1.0 / 255.0)
+"""The network reads uint8 images scaled to 0..1: ``image * INPUT_SCALE`` (float32)."""
+
+
+def channel_input(volume: np.ndarray, zc: int, window: Window, config: PreprocessConfig, out: np.ndarray,
+                  work: np.ndarray) -> np.ndarray:
+    """One channel of the network's input: :func:`channel_image` rounded to uint8 (:func:`to_uint8`) and scaled
+    to 0..1 (:data:`INPUT_SCALE`), written into ``out`` (float32 ``(ny, nx)``; a view may do), the same
+    values bit for bit. ``work``: a uint8 ``(ny, nx)`` scratch array. Single slices of a float32 volume made
+    uint8 images (no slab, no denoising) take no temporary arrays, so a detector's inputs are made without
+    fresh memory for each slice."""
+    if config.slab == 1 and config.denoise_sigma <= 0 and config.dtype == "uint8" and volume.dtype == np.float32:
+        window.uint8_into(_channel(volume, zc, 1), out, work)
+    else:
+        np.copyto(work, to_uint8(channel_image(volume, zc, window, config)))
+    return np.multiply(work, INPUT_SCALE, out=out)
 
 
 def stack_slice(volume: np.ndarray, z: int, window: Window, config: PreprocessConfig = PreprocessConfig(),

@@ -138,24 +138,35 @@ def test_prepare_batch_pads_reverses_channels_and_scales():
         prepare_batch(np.zeros((30, 50, 3), np.uint8), 64)
 
 
-@pytest.mark.parametrize("config, z_stride, turn, imgsz", [
-    (PreprocessConfig(), 1, False, 64),
-    (PreprocessConfig(), 3, True, 64),
-    (PreprocessConfig(offsets=(-3, 0, 3), slab=3), 2, False, 64),
-    (PreprocessConfig(dtype="float32", denoise_sigma=1.0), 1, False, 96),
-    (PreprocessConfig(), 1, False, 32),  # slices larger than the input: scaled down, the plain way
+@pytest.mark.parametrize("config, z_stride, turn, imgsz, dtype", [
+    (PreprocessConfig(), 1, False, 64, "float32"),
+    (PreprocessConfig(), 3, True, 64, "float32"),
+    (PreprocessConfig(), 1, False, 64, "int16"),
+    (PreprocessConfig(offsets=(-3, 0, 3), slab=3), 2, False, 64, "float32"),
+    (PreprocessConfig(dtype="float32", denoise_sigma=1.0), 1, False, 96, "float32"),
+    (PreprocessConfig(invert=True), 2, True, 64, "float32"),
+    (PreprocessConfig(), 1, False, 32, "float32"),  # slices larger than the input: scaled down, the plain way
 ])
-def test_iter_inputs_equals_prepare_batch_of_iter_stacks(config, z_stride, turn, imgsz):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_iter_inputs_equals_prepare_batch_of_iter_stacks(config, z_stride, turn, imgsz, dtype, pooled):
     from czii_kit.infer import iter_inputs, prepare_batch
     from czii_kit.preprocess import to_uint8
 
-    vol = _volume((13, 37, 50), seed=3)
+    vol = (_volume((13, 37, 50), seed=3) * 50).astype(dtype)
     seen = vol.transpose(0, 2, 1) if turn else vol
-    w = robust_window(vol, step=1)
+    w = robust_window(vol, step=1, invert=config.invert)
     zs = slice_indices(len(vol), z_stride)
-    got = list(iter_inputs(seen, w, config, zs, 4, imgsz))
-    ref = [(zb, *prepare_batch(to_uint8(imgs), imgsz)) for zb, imgs in iter_stacks(seen, w, config, zs, 4)]
-    assert len(got) == len(ref) > 1
+    free: list | None = [] if pooled else None
+    got, made = [], set()
+    for zb, x, scale in iter_inputs(seen, w, config, zs, 2, imgsz, free):
+        got.append((zb, x.copy(), scale))
+        made.add(id(x))
+        if pooled:
+            free.append(x)  # done with it: the next batches are written into it
+    ref = [(zb, *prepare_batch(to_uint8(imgs), imgsz)) for zb, imgs in iter_stacks(seen, w, config, zs, 2)]
+    assert len(got) == len(ref) > 2
+    if pooled and imgsz >= 64:
+        assert len(made) < len(got)  # arrays given back were filled again
     for (zb, x, scale), (zr, xr, sr) in zip(got, ref, strict=True):
         assert (zb == zr).all() and scale == sr and x.dtype == np.float32 and x.shape == xr.shape
         assert np.array_equal(x, xr)  # bit for bit: the detector sees the same input
