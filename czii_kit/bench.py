@@ -252,7 +252,8 @@ STAGES = {
     "read": ("volumes.py", "read_volume"),
     "prepare": ("infer.py", "prepare_for_detection"),
     "input_wait": ("infer.py", "prefetch"),
-    "forward": ("infer.py", "forward"),
+    "forward": ("infer.py", "start"),
+    "forward_wait": ("infer.py", "model_outputs"),
     "nms_wait": ("infer.py", "nms_result"),
     "merge": ("postprocess.py", "merge_detections"),
     "normalise": ("infer.py", "normalised"),
@@ -264,9 +265,11 @@ STAGES = {
 }
 """Stages of the end-to-end breakdown: the czii_kit function (file, name) whose cumulative time (cProfile)
 each is. ``input_wait``: the detector waiting for its next batch from the prefetch thread (whose own
-work, the 2.5D images, overlaps the forward passes); ``nms_wait``: waiting for the NMS thread's boxes of
-the previous batch (NMS itself runs beside the next batch's forward pass, outside the profile); ``rescore`` includes ``rescorer_network`` and
-``templates``."""
+work, the 2.5D images, overlaps the forward passes); ``forward``: handing a batch to the model (OpenVINO
+streams: queuing its images, which waits while the streams run earlier ones; other backends: the whole
+forward pass); ``forward_wait``: waiting for the last images of the previous batch, while the next are
+queued; ``nms_wait``: waiting for the NMS thread's boxes of a batch (NMS itself runs beside the next
+batch's forward pass, outside the profile); ``rescore`` includes ``rescorer_network`` and ``templates``."""
 
 
 def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:

@@ -424,23 +424,79 @@ class OpenVINOStreams:
         self.compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
         n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.queue = ov.AsyncInferQueue(self.compiled, n)
-        self.queue.set_callback(self._store)
-        self._out: list | None = None
+        self.queue.set_callback(_StreamedOutputs.store)
         shape = tuple(self.compiled.input(0).get_shape())
         self(np.zeros((n, *shape[1:]), np.float32))  # one pass on every request before real work
 
-    def _store(self, request, index: int) -> None:
-        self._out[index] = np.array(request.get_output_tensor(0).data)  # a copy: the request reuses its buffer
+    def queue_images(self, x: np.ndarray) -> _StreamedOutputs:
+        """Queue the images ``x (B, 3, S, S)`` (float32) on the streams; returns once the last is queued, which
+        may be before the first has run (``.result()`` waits for them). Queuing the next batch before taking
+        this one's outputs keeps every stream busy: no stream waits at the end of a batch for the others."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        pending = _StreamedOutputs(self.queue, x)
+        for i in range(len(x)):  # zero-copy: the requests read x itself (kept by ``pending`` until it has run)
+            self.queue.start_async({0: x[i:i + 1]}, (pending, i), share_inputs=True)
+        return pending
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs ``(B, ...)`` of images ``x (B, 3, S, S)`` float32."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        self._out = [None] * len(x)
-        for i in range(len(x)):  # zero-copy: the requests read x itself (alive until wait_all returns)
-            self.queue.start_async({0: x[i:i + 1]}, i, share_inputs=True)
-        self.queue.wait_all()
-        out, self._out = self._out, None
-        return np.concatenate(out)
+        return self.queue_images(x).result()
+
+
+class _StreamedOutputs:
+    """The outputs of one batch of images queued on :class:`OpenVINOStreams`, filled in as its requests end."""
+
+    WAIT_S = 5.0
+    """Seconds :meth:`result` waits before asking the queue itself (which raises a failed request's error)."""
+
+    def __init__(self, queue, x: np.ndarray):
+        self.queue, self.x = queue, x  # x: the requests read it until they have run
+        self.outputs: list = [None] * len(x)
+        self.left = len(x)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if not len(x):
+            self.done.set()
+
+    @staticmethod
+    def store(request, userdata) -> None:  # the queue's callback, on OpenVINO's thread
+        pending, i = userdata
+        pending.outputs[i] = np.array(request.get_output_tensor(0).data)  # a copy: the request reuses its buffer
+        with pending.lock:
+            pending.left -= 1
+            if not pending.left:
+                pending.done.set()
+
+    def result(self) -> np.ndarray:
+        """``(B, ...)`` outputs, once every image has run."""
+        if not self.done.wait(self.WAIT_S):
+            self.queue.wait_all()  # a failed request calls no callback; the queue raises its error here
+            if not self.done.is_set():
+                raise RuntimeError("OpenVINO ran the images but returned no output for some of them")
+        self.x = None
+        return np.concatenate(self.outputs)
+
+
+class _Finished:
+    """Outputs already computed, with the ``result()`` of a pending batch."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _Started:
+    """:meth:`Detector.start`'s pending outputs: ``result()`` gives :meth:`Detector.outputs`' list."""
+
+    def __init__(self, parts: list):
+        self.parts = parts  # [(pending raw output, flip)]
+
+    def result(self) -> list[tuple]:
+        import torch
+
+        return [(torch.from_numpy(p.result()), flip) for p, flip in self.parts]
 
 
 class Detector:
@@ -562,10 +618,15 @@ class Detector:
     def outputs(self, x) -> list[tuple]:
         """Raw outputs of a prepared tensor ``x``: ``[(output, flip)]``, the images' own (flip ``None``), and with
         TTA the left-right and up-down flipped images' (``"lr"``, ``"ud"``); :meth:`boxes` makes them boxes."""
-        out = [(self.forward(x), None)]
-        if self.config.tta:
-            out += [(self.forward(x.flip(3)), "lr"), (self.forward(x.flip(2)), "ud")]
-        return out
+        return self.start(x).result()
+
+    def start(self, x):
+        """:meth:`outputs` of ``x`` begun; ``.result()`` of what it returns gives them. OpenVINO streams queue
+        the images and return at once (see :meth:`OpenVINOStreams.queue_images`); the other backends run now."""
+        flips = [(x, None)] + ([(x.flip(3), "lr"), (x.flip(2), "ud")] if self.config.tta else [])
+        if self.streams is not None:
+            return _Started([(self.streams.queue_images(t.numpy()), flip) for t, flip in flips])
+        return _Finished([(self.forward(t), flip) for t, flip in flips])
 
     def boxes(self, outputs: list[tuple], scale: float = 1.0) -> list[np.ndarray]:
         """Boxes per image (as :meth:`detect`) of :meth:`outputs`' raw outputs: NMS, flipped boxes turned back
@@ -669,6 +730,12 @@ def prepare_for_detection(volume: np.ndarray, preprocess: PreprocessConfig, conf
     return out, window, sigma, settle_tilt_axis(out, config.tilt_axis, source, ratio=ratio)
 
 
+def model_outputs(started) -> list[tuple]:
+    """The outputs of a batch :meth:`Detector.start` began, once the model has them (a function of its own, so
+    that profiles show the time :func:`detect_prepared` waits for the model's last images of a batch)."""
+    return started.result()
+
+
 def nms_result(future):
     """The boxes an NMS thread's ``future`` holds, once it has them (a function of its own, so that profiles
     show the time :func:`detect_prepared` waits for them)."""
@@ -687,7 +754,7 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
     zs = slice_indices(volume.shape[0], z_stride)
     seen = volume.transpose(0, 2, 1) if turn else volume
 
-    split = all(hasattr(detector, m) for m in ("tensor", "outputs", "boxes"))  # else any .detect(images)
+    split = all(hasattr(detector, m) for m in ("tensor", "start", "boxes"))  # else any .detect(images)
 
     free: list[np.ndarray] = []  # input arrays the model is done with, filled again by iter_inputs
 
@@ -714,15 +781,25 @@ def detect_prepared(detector: Detector, volume: np.ndarray, window: Window, run:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, thread_name_prefix="czii_kit-nms") as post:
-            pending = None
+            running, boxing = None, []  # the batch the model is on; batches in NMS, in order
+
+            def finish(zb, x, started, scale) -> None:
+                outputs = model_outputs(started)
+                free.append(x)  # the model has read it
+                boxing.append((zb, post.submit(detector.boxes, outputs, scale)))
+
             for zb, x, tensor, scale in prefetch(inputs(), PREFETCH_DEPTH):
-                outputs = detector.outputs(tensor)
-                free.append(x)  # the forward passes have read it (they return when done)
-                if pending is not None:
-                    add(pending[0], nms_result(pending[1]))
-                pending = (zb, post.submit(detector.boxes, outputs, scale))
-            if pending is not None:
-                add(pending[0], nms_result(pending[1]))
+                started = detector.start(tensor)  # queued before the last batch's outputs are taken: no pause
+                if running is not None:
+                    finish(*running)
+                running = (zb, x, started, scale)
+                while len(boxing) > 1:
+                    zp, future = boxing.pop(0)
+                    add(zp, nms_result(future))
+            if running is not None:
+                finish(*running)
+            for zp, future in boxing:
+                add(zp, nms_result(future))
     if not rows:
         return empty_detections()
     a = np.concatenate(rows)

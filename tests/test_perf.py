@@ -117,6 +117,32 @@ def test_openvino_streams_give_the_latency_models_outputs(tmp_path, monkeypatch)
         np.testing.assert_array_equal(streamed.forward(x).numpy(), plain.forward(x).numpy())
     for a, b in zip(streamed.detect(images), plain.detect(images), strict=True):
         np.testing.assert_array_equal(a, b)
+    x, _ = plain.to_tensor(images[:3])
+    monkeypatch.setattr(infer._StreamedOutputs, "WAIT_S", 0.0)  # result() asks the queue itself at once
+    np.testing.assert_array_equal(streamed.forward(x).numpy(), plain.forward(x).numpy())
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_streamed_batches_queued_back_to_back_give_the_plain_detections(tmp_path, monkeypatch, tta):
+    """detect_prepared queues each batch's images on the OpenVINO streams before taking the previous batch's
+    outputs: the same detections as the latency-mode model run image by image."""
+    pytest.importorskip("openvino")
+    from czii_kit.preprocess import PreprocessConfig, robust_window
+
+    monkeypatch.setenv(infer.EXPORTS_ENV, str(tmp_path / "exports"))
+    cfg = infer.InferenceConfig(batch=3, conf=0.01, tta=tta)
+    streamed = infer.Detector(default_weights(), "openvino", cfg, 96)
+    plain = infer.Detector(default_weights(), "openvino", cfg, 96, streams=False)
+    vol = np.random.default_rng(5).normal(size=(11, 70, 90)).astype(np.float32)
+    vol[:, 20:40, 30:50] -= 2.0  # something dark to detect
+
+    class Plain:  # only .detect: detect_prepared's sequential path
+        config, imgsz = plain.config, plain.imgsz
+        detect = staticmethod(plain.detect)
+
+    w, prep = robust_window(vol), PreprocessConfig()
+    got = infer.detect_prepared(streamed, vol, w, "r", prep)
+    assert len(got) and got.equals(infer.detect_prepared(Plain(), vol, w, "r", prep))
 
 
 @pytest.mark.parametrize("tta", [False, True])
