@@ -510,3 +510,72 @@ def test_find_runs_pools_several_folders(make_dataset, tmp_path):
     with pytest.raises(DataError) as info:
         find_runs([r1, tmp_path / "missing"], "train")
     assert "missing" in str(info.value) and "no such file" in str(info.value)
+
+
+def _write_v2_array(folder, vol, chunks, codec_config, separator="/", **meta):
+    """A zarr-v2 float32 array written by hand (``.zarray`` and full-size chunk files, numcodecs): the layout
+    of any zarr version's v2 writer, without depending on its API."""
+    from numcodecs import get_codec
+
+    folder.mkdir(parents=True)
+    codec = get_codec(dict(codec_config)) if codec_config else None
+    grid = [-(-n // c) for n, c in zip(vol.shape, chunks, strict=True)]
+    for idx in np.ndindex(*grid):
+        chunk = np.zeros(chunks, np.float32)  # edge chunks are stored whole, padded with the fill value
+        part = vol[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks, strict=True))]
+        chunk[tuple(slice(0, n) for n in part.shape)] = part
+        file = folder / separator.join(map(str, idx))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(bytes(codec.encode(chunk)) if codec else chunk.tobytes())
+    doc = {"zarr_format": 2, "shape": list(vol.shape), "chunks": list(chunks), "dtype": "<f4", "order": "C",
+           "fill_value": 0.0, "filters": None, "compressor": codec_config, "dimension_separator": separator, **meta}
+    (folder / ".zarray").write_text(json.dumps(doc))
+    return folder
+
+
+@pytest.mark.parametrize("compressor, separator", [
+    ({"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}, "/"),
+    ({"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2, "blocksize": 0}, "."),
+    ({"id": "zstd", "level": 1}, "/"),
+    (None, "."),
+])
+def test_chunk_files_read_what_zarr_reads(tmp_path, compressor, separator):
+    from czii_kit.tomogram import ChunkFiles, Tomogram
+    from czii_kit.volumes import read_volume
+
+    vol = np.random.default_rng(6).normal(size=(13, 37, 50)).astype(np.float32)
+    folder = _write_v2_array(tmp_path / "a.zarr", vol, (5, 16, 20), compressor, separator)
+    files = ChunkFiles.of(folder, vol.shape)
+    assert files is not None and files.chunks == (5, 16, 20)
+    arr = zarr.open_array(str(folder), mode="r")
+    np.testing.assert_array_equal(arr[:], vol)  # zarr reads the hand-written array as written
+    own, by_zarr = Tomogram(folder, "", 10.0, arr, files=files), Tomogram(folder, "", 10.0, arr)
+    np.testing.assert_array_equal(read_volume(own), vol)
+    for key in [(slice(None), slice(16, 32), slice(40, 50)), (slice(3, 11), slice(7, 30), slice(1, 49)),
+                (slice(12, 13), slice(0, 37), slice(19, 21)), (slice(2, 2), slice(None), slice(None))]:
+        out = np.full(vol[key].shape, np.nan, np.float32)
+        assert files.read_into(out, key)
+        np.testing.assert_array_equal(out, vol[key])
+    # a missing chunk: left to zarr, which fills it with the fill value
+    (folder / separator.join(["1", "1", "1"])).unlink()
+    expect = vol.copy()
+    expect[5:10, 16:32, 20:40] = 0.0
+    np.testing.assert_array_equal(read_volume(own), expect)
+    np.testing.assert_array_equal(read_volume(by_zarr), expect)
+
+
+def test_chunk_files_leave_everything_but_the_plain_case_to_zarr(tmp_path):
+    from czii_kit.tomogram import ChunkFiles
+
+    vol = np.zeros((4, 6, 8), np.float32)
+    blosc = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}
+    assert ChunkFiles.of(_write_v2_array(tmp_path / "ok", vol, (2, 6, 8), blosc), vol.shape) is not None
+    assert ChunkFiles.of(tmp_path / "ok", (4, 6, 9)) is None  # not the array's shape
+    for name, meta in {"f": {"order": "F"}, "i2": {"dtype": "<i2"}, "be": {"dtype": ">f4"},
+                       "filters": {"filters": [{"id": "delta", "dtype": "<f4"}]},
+                       "codec": {"compressor": {"id": "no-such-codec"}}, "v3": {"zarr_format": 3}}.items():
+        assert ChunkFiles.of(_write_v2_array(tmp_path / name, vol, (2, 6, 8), blosc, **meta), vol.shape) is None
+    assert ChunkFiles.of(tmp_path / "nothing-here", vol.shape) is None
+    # what czii_kit writes, and opens, is read its own way
+    path = write_tomogram(tmp_path / "t.zarr", np.ones((4, 6, 8), np.float32), 10.0, n_levels=1)
+    assert open_tomogram(path).files is not None
