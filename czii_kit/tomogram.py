@@ -139,7 +139,7 @@ class ChunkFiles:
         local = self._local
         if getattr(local, "chunk", None) is None:
             local.chunk = np.empty(self.chunks, np.float32)
-            local.raw = bytearray(local.chunk.nbytes)
+            local.raw = bytearray()  # grown to the largest file read
         return local.chunk, local.raw
 
     def read_into(self, out: np.ndarray, key: tuple[slice, ...]) -> bool:
