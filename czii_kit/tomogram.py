@@ -135,12 +135,14 @@ class ChunkFiles:
         return cls(folder, tuple(int(n) for n in shape), tuple(int(c) for c in meta["chunks"]),
                    meta.get("dimension_separator", "."), codec)
 
-    def _buffers(self) -> tuple[np.ndarray, bytearray]:
+    def _buffers(self, nbytes: int) -> tuple[np.ndarray, memoryview]:
+        """This thread's chunk buffer and a view of ``nbytes`` of its file buffer (grown as needed)."""
         local = self._local
         if getattr(local, "chunk", None) is None:
-            local.chunk = np.empty(self.chunks, np.float32)
-            local.raw = bytearray()  # grown to the largest file read
-        return local.chunk, local.raw
+            local.chunk, local.raw = np.empty(self.chunks, np.float32), bytearray()
+        if nbytes > len(local.raw):
+            local.raw = bytearray(nbytes)
+        return local.chunk, memoryview(local.raw)[:nbytes]
 
     def read_into(self, out: np.ndarray, key: tuple[slice, ...]) -> bool:
         """Voxels ``key`` (unit-step slices ``[z, y, x]``) written into ``out`` (float32, their shape); ``False``,
@@ -149,7 +151,6 @@ class ChunkFiles:
         ranges = [range(*k.indices(n)) for k, n in zip(key, self.shape, strict=True)]
         if any(r.step != 1 for r in ranges):
             raise ValueError(f"{self.folder}: unit-step slices only, got {key}")
-        chunk, raw = self._buffers()
         per_axis = [range(r.start // c, -(-r.stop // c)) if len(r) else range(0) for r, c in
                     zip(ranges, self.chunks, strict=True)]
         for iz in per_axis[0]:
@@ -160,9 +161,7 @@ class ChunkFiles:
                     try:
                         with open(file, "rb") as fh:
                             n = os.fstat(fh.fileno()).st_size
-                            if n > len(raw):
-                                raw.extend(bytes(n - len(raw)))
-                            view = memoryview(raw)[:n]
+                            chunk, view = self._buffers(n)
                             if fh.readinto(view) != n:
                                 raise OSError(f"{file}: short read")
                     except FileNotFoundError:
