@@ -325,6 +325,12 @@ def test_corrupt_chunk_is_a_data_error(tmp_path):
     (path / "0" / "0" / "0" / "0").write_bytes(b"garbage, not blosc")
     with pytest.raises(DataError, match="cannot read voxels"):
         open_tomogram(path).read()
+    from czii_kit.volumes import read_volume
+
+    t = open_tomogram(path)
+    assert t.files is not None  # czii_kit's own chunk reader: its codec's error, named the same way
+    with pytest.raises(DataError, match="cannot read voxels"):
+        read_volume(t)
 
 
 def test_angstrom_voxel_convention_end_to_end(make_dataset):
@@ -576,6 +582,15 @@ def test_chunk_files_leave_everything_but_the_plain_case_to_zarr(tmp_path):
                        "codec": {"compressor": {"id": "no-such-codec"}}, "v3": {"zarr_format": 3}}.items():
         assert ChunkFiles.of(_write_v2_array(tmp_path / name, vol, (2, 6, 8), blosc, **meta), vol.shape) is None
     assert ChunkFiles.of(tmp_path / "nothing-here", vol.shape) is None
+    # an uncompressed chunk file of the wrong size is an error naming the store
+    from czii_kit.tomogram import Tomogram
+    from czii_kit.volumes import read_volume
+
+    raw = _write_v2_array(tmp_path / "raw", vol, (2, 6, 8), None, ".")
+    (raw / "1.0.0").write_bytes(b"\0" * 100)
+    t = Tomogram(raw, "", 10.0, zarr.open_array(str(raw), mode="r"), files=ChunkFiles.of(raw, vol.shape))
+    with pytest.raises(DataError, match="cannot read voxels: chunk 1.0.0 holds 100 bytes"):
+        read_volume(t)
     # what czii_kit writes, and opens, is read its own way
     path = write_tomogram(tmp_path / "t.zarr", np.ones((4, 6, 8), np.float32), 10.0, n_levels=1)
     assert open_tomogram(path).files is not None
