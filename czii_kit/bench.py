@@ -307,7 +307,10 @@ def _pipeline_worker(args) -> dict:
     of its rounds, so a burst of load from elsewhere on a shared machine spoils neither side of a ratio alone.
     The limit runs in a fresh process of its own (``--mode limit``) while this one waits: a second,
     latency-mode compilation of the model in this process slowed the next detection here by 0.6-0.7 s
-    (side by side, after ``gc`` and a pause too), which no ``predict`` ever does.
+    (side by side, after ``gc`` and a pause too), which no ``predict`` ever does. After that wait each
+    round first predicts the tomogram once untimed: on a VM that takes back memory a process has left
+    free for a few seconds, the next tomogram would otherwise pay for touching it again (0.5-0.7 s here,
+    docs/performance.md), which a ``predict`` over many tomograms does not, tomogram after tomogram.
     """
     backend = args.backend
     t0 = time.perf_counter()
@@ -342,12 +345,14 @@ def _pipeline_worker(args) -> dict:
         r = _run_worker(None, plan.model.weights, backend, "limit", imgsz=imgsz, slices=shape[0], device=inf.device)
         return r["forward_limit_s"]
 
-    times: dict[str, list[float]] = {"e2e": [e2e()], "forward_limit": [], "detect": []}
-    out["peak_rss_mb"] = _peak_rss_mb()
-    for _ in range(max(1, args.rounds)):
+    times: dict[str, list[float]] = {"e2e": [], "forward_limit": [], "detect": []}
+    for r in range(max(1, args.rounds)):
+        if r:
+            e2e()  # untimed, after the limit's process: see the docstring
+        times["e2e"].append(e2e())
+        if not r:
+            out["peak_rss_mb"] = _peak_rss_mb()
         times["detect"].append(detect())
-        if _:
-            times["e2e"].append(e2e())
         times["forward_limit"].append(limit())
     best = {k: min(v) for k, v in times.items()}
     out.update(forward_limit_s=best["forward_limit"], detect_s=best["detect"], e2e_s=best["e2e"],
