@@ -400,10 +400,8 @@ def _run_worker(tomogram: Path | None, weights: Path | None, backend: str, mode:
                 rounds: int = 0, slices: int = 0, device: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "czii_kit.bench", "--worker", "--backend", backend, "--mode", mode, "--batch",
            str(batch), "--z-stride", str(z_stride)]
-    for flag, value in (("--rounds", rounds), ("--slices", slices), ("--device", device)):
-        if value:
-            cmd += [flag, str(value)]
-    for flag, value in (("--tomogram", tomogram), ("--weights", weights), ("--imgsz", imgsz), ("--root", root)):
+    for flag, value in (("--tomogram", tomogram), ("--weights", weights), ("--imgsz", imgsz), ("--root", root),
+                        ("--rounds", rounds), ("--slices", slices), ("--device", device)):
         if value:
             cmd += [flag, str(value)]
     if profile:

@@ -17,6 +17,7 @@ box centred at pixel coordinate ``c`` gives index ``c - 0.5``); ``w, h`` are the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -278,6 +279,10 @@ def loaded_detector(weights: str | Path, backend: str = "torch", config: Inferen
     return det
 
 
+LETTERBOX_PAD = np.float32(114.0 / 255.0)
+"""Network input value of the padding below and right of an image (ultralytics' letterbox grey 114)."""
+
+
 def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
     """Network input for ``images (B, H, W, 3)`` uint8: ``(B, 3, imgsz, imgsz)`` float32 0..1 and the scale.
 
@@ -298,9 +303,8 @@ def prepare_batch(images: np.ndarray, imgsz: int) -> tuple[np.ndarray, float]:
         images = np.stack([cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images])
         h, w = nh, nw
     x = np.empty((b, 3, s, s), np.float32)
-    pad = np.float32(114.0 / 255.0)
-    x[:, :, h:, :] = pad
-    x[:, :, :h, w:] = pad
+    x[:, :, h:, :] = LETTERBOX_PAD
+    x[:, :, :h, w:] = LETTERBOX_PAD
     for c in range(3):
         np.multiply(images[..., 2 - c], INPUT_SCALE, out=x[:, c, :h, :w])
     return x, scale
@@ -329,7 +333,6 @@ def iter_inputs(volume: np.ndarray, window: Window, preprocess: PreprocessConfig
         for zb, imgs in iter_stacks(volume, window, preprocess, z_indices, batch):
             yield (zb, *prepare_batch(to_uint8(imgs), s))
         return
-    pad = np.float32(114.0 / 255.0)
     reversed_offsets = preprocess.offsets[::-1]  # channel c of the network = image channel 2 - c (prepare_batch)
     lo = min(preprocess.offsets) - preprocess.slab // 2
     cache: dict[int, np.ndarray] = {}  # channel images (s, s) by source slice
@@ -352,8 +355,8 @@ def iter_inputs(volume: np.ndarray, window: Window, preprocess: PreprocessConfig
                         img = spare.pop()
                     else:
                         img = np.empty((s, s), np.float32)
-                        img[ny:] = pad
-                        img[:ny, nx:] = pad
+                        img[ny:] = LETTERBOX_PAD
+                        img[:ny, nx:] = LETTERBOX_PAD
                     channel_input(volume, zc, window, preprocess, img[:ny, :nx], work)
                     cache[zc] = img
                 x[b, c] = img
@@ -570,10 +573,8 @@ class Detector:
 
     def to_tensor(self, images: np.ndarray):
         """``(B, H, W, 3)`` uint8 -> ``(B, 3, S, S)`` float tensor on the model's device, and the scale."""
-        import torch
-
         x, scale = prepare_batch(images, self.imgsz)
-        return torch.from_numpy(x).to(self.device), scale
+        return self.tensor(x), scale
 
     def tensor(self, x: np.ndarray):
         """Network input ``x (B, 3, S, S)`` float32 (:func:`iter_inputs`) as a tensor on the model's device."""
@@ -868,18 +869,29 @@ class DetectedRun:
         return out
 
 
+@functools.cache
+def _glibc():
+    """The C library when it is glibc (whose ``malloc`` :func:`trim_heap` and :func:`fix_mmap_threshold` tune),
+    else ``None``; looked up once per process (``find_library`` runs ``ldconfig``)."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # mallopt of other C libraries differs
+
+
 def trim_heap() -> None:
     """Hand memory the C heap holds but no longer uses back to the system (glibc's ``malloc_trim``; nothing
     elsewhere): the many slice-sized arrays of detection leave it fragmented, which would otherwise stay
     in the resident size for the rest of the process."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 MMAP_THRESHOLD = 1 << 20
@@ -900,19 +912,10 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     where the user set ``MALLOC_MMAP_THRESHOLD_`` or a ``glibc.malloc.mmap_threshold`` tunable, or
     where the C library is not glibc.
     """
-    import ctypes
-    import ctypes.util
-
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    try:
-        libc = ctypes.CDLL(name)
-        if not hasattr(libc, "gnu_get_libc_version"):  # mallopt of other C libraries differs or does nothing
-            return False
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError, TypeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def _read_prepared(tomo, voxel_size: float | None, preprocess: PreprocessConfig, config: InferenceConfig):

@@ -82,8 +82,9 @@ class Window:
         return (-s, 1.0 - o) if self.invert else (s, o)
 
     def uint8_into(self, x: np.ndarray, out: np.ndarray, work: np.ndarray) -> np.ndarray:
-        """``apply(x, "uint8")`` written into ``work`` (uint8, ``x``'s shape), ``out`` (float32, ``x``'s shape; a
-        view may do) holding the float32 rounding on the way: the same values, no temporary arrays."""
+        """The window's uint8 mapping, ``round(255 * clip(x * s + o, 0, 1))`` (:meth:`apply`'s), written into
+        ``work`` (uint8, ``x``'s shape), ``out`` (float32, ``x``'s shape; a view may do) holding the float32
+        rounding on the way: no temporary arrays."""
         s, o = self._affine()
         np.multiply(x, np.float32(255.0 * s), out=out)
         out += np.float32(255.0 * o + 0.5)
@@ -97,12 +98,10 @@ class Window:
         ``in_place=True`` (float32 only) writes the result over ``x`` itself when it is a float32
         array (no second copy of a whole volume); the values are the same.
         """
-        s, o = self._affine()
         if dtype == "uint8":  # round(255 * clip(x * s + o, 0, 1)) in one fused pass
-            y = np.asarray(x, dtype=np.float32) * np.float32(255.0 * s)
-            y += np.float32(255.0 * o + 0.5)
-            np.clip(y, 0.5, 255.5, out=y)
-            return y.astype(np.uint8)
+            x = np.asarray(x, dtype=np.float32)
+            return self.uint8_into(x, np.empty(x.shape, np.float32), np.empty(x.shape, np.uint8))
+        s, o = self._affine()
         if in_place and isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.writeable:
             y = np.multiply(x, np.float32(s), out=x)
         else:
