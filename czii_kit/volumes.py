@@ -27,7 +27,7 @@ PATCH_SIZE = 32
 
 
 READ_THREADS = 2
-"""Chunk columns :func:`read_volume` decompresses at once (zarr decompresses each chunk on one core): 0.48 ->
+"""Chunk columns :func:`read_volume` decompresses at once (each chunk is decompressed on one core): 0.48 ->
 0.31 s for a full-size tomogram of 9 columns on 2 cores, for about one more column of transient memory."""
 
 
